@@ -1,0 +1,118 @@
+"""Rank selection from Hankel singular values and the balanced-truncation error bound."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from . import _xp
+from ._typing import Array, Namespace
+from ._validation import check_int
+from .errors import ShapeError
+
+__all__ = ["hankel_error_bound", "select_rank"]
+
+
+def select_rank(
+    hsv: Array,
+    *,
+    tau: float,
+    energy: Literal["sum", "squared"] = "sum",
+) -> int:
+    """Smallest rank that keeps a fraction ``1 - tau`` of the Hankel "energy" (paper Eq. 8).
+
+    .. math::
+
+        r = \\min \\Big\\{ k \\ge 1 : \\sum_{i \\le k} e_i \\ge (1 - \\tau) \\sum_{i \\le n} e_i
+        \\Big\\}, \\qquad e_i = \\sigma_i \\ (\\text{"sum"}) \\text{ or } \\sigma_i^2
+        \\ (\\text{"squared"}).
+
+    ``tau`` is the fraction that may be *discarded*: larger ``tau`` means a smaller model. The
+    paper (and its code) uses the plain sum, which matches the :math:`2 \\sum \\sigma` error
+    bound.
+
+    Parameters
+    ----------
+    hsv : (n,) array
+        Hankel singular values (any order; they are sorted in descending order here).
+    tau : float
+        Discarded fraction, in ``[0, 1)``.
+    energy : {"sum", "squared"}, optional
+        Energy of a state: its HSV (default, the paper's rule) or its square.
+
+    Returns
+    -------
+    int
+        The rank, in ``[1, n]``; ``1`` when every HSV is zero. A host-side decision: the HSVs
+        are copied to host memory (``n`` numbers), never traced.
+
+    Raises
+    ------
+    ValueError
+        If ``tau`` is outside ``[0, 1)``, ``energy`` is unknown, or ``hsv`` has negative or
+        non-finite entries.
+    ShapeError
+        If ``hsv`` is not a non-empty 1-D array.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from compressm_core import select_rank
+    >>> select_rank(np.array([4.0, 3.0, 2.0, 1.0]), tau=0.3)   # keep 7/10 >= 0.7
+    2
+    """
+    if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and 0 <= tau < 1):
+        msg = f"`tau` must be a number in [0, 1); received {tau!r}."
+        raise ValueError(msg)
+    if energy not in ("sum", "squared"):
+        msg = f"`energy` must be 'sum' or 'squared'; received {energy!r}."
+        raise ValueError(msg)
+    values = np.asarray(_xp.to_host(hsv, allow_transfer=True), dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        msg = f"`hsv` must be a non-empty 1-D array; received shape {values.shape}."
+        raise ShapeError(msg)
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        msg = "`hsv` must be finite and non-negative; received negative or non-finite entries."
+        raise ValueError(msg)
+    e = -np.sort(-values)
+    if energy == "squared":
+        e = e * e
+    cumulative = np.cumsum(e)
+    total = cumulative[-1]
+    if total == 0:
+        return 1
+    k = int(np.searchsorted(cumulative, (1.0 - tau) * total, side="left"))
+    return min(max(k + 1, 1), values.size)
+
+
+def hankel_error_bound(hsv: Array, rank: int, *, xp: Namespace | None = None) -> Array:
+    """A-priori bound on the balanced-truncation error, twice the discarded HSVs.
+
+    .. math::
+
+        \\| G - G_r \\|_{\\mathcal{H}_\\infty} \\le 2 \\sum_{i > r} \\sigma_i .
+
+    It holds for infinite-horizon Gramians of a stable system and both the square-root and the
+    balancing-free methods. It does not hold for time-limited (finite ``horizon``) Gramians.
+
+    Parameters
+    ----------
+    hsv : (..., n) array
+        Hankel singular values in descending order.
+    rank : int
+        Kept states, in ``[0, n]``.
+    xp : array_namespace, optional
+        Namespace override.
+
+    Returns
+    -------
+    (...) array
+        The bound, batched like ``hsv``.
+    """
+    xp = _xp.namespace(hsv, xp=xp)
+    if hsv.ndim < 1:
+        msg = f"`hsv` must have shape (..., n); received shape {tuple(hsv.shape)}."
+        raise ShapeError(msg)
+    rank = check_int(rank, "rank", low=0, high=int(hsv.shape[-1]))
+    return 2 * xp.sum(hsv[..., rank:], axis=-1)

@@ -1,0 +1,3 @@
+"""compressm_jax: JAX / Flax layers and adapters for in-training state reduction (in progress)."""
+
+__all__: list[str] = []
