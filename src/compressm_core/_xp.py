@@ -147,6 +147,8 @@ def finite_max(x: Array, xp: Namespace) -> float:
     """``max(|x|)`` as a Python float (eager only); ``0.0`` for empty arrays."""
     if compat.size(x) == 0:
         return 0.0
+    if compat.is_torch_array(x):
+        x = x.detach()
     return float(xp.max(xp.abs(x)))
 
 

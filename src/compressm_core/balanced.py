@@ -87,6 +87,20 @@ def _project(
     return StateSpace(a_r, t_inv @ b, c @ t, d)
 
 
+def _check_numerical_rank(s: Array, rank: int, xp: Namespace) -> None:
+    """Refuse a rank whose last kept HSV is zero to working precision (no projection exists)."""
+    n = s.shape[-1]
+    eps = float(xp.finfo(s.dtype).eps)
+    ratio = xp.min(s[..., rank - 1] / xp.where(s[..., 0] > 0, s[..., 0], xp.ones_like(s[..., 0])))
+    if not float(ratio) > n * eps:
+        msg = (
+            f"The balancing projection for rank {rank} does not exist: the system is "
+            f"(numerically) non-minimal, sigma_{rank} / sigma_1 = {float(ratio):.2e} <= n * eps. "
+            "Choose a smaller `rank` (e.g. with select_rank)."
+        )
+        raise ConditioningError(msg)
+
+
 def _truncate(
     sys: StateSpace | DiagonalStateSpace,
     rank: int | None,
@@ -104,9 +118,10 @@ def _truncate(
     r = info.n if rank is None else check_int(rank, "rank", low=1, high=info.n)
     lc, lo = psd_factor(p, xp), psd_factor(q, xp)
     u, s, vh = xp.linalg.svd(_xp.conj_transpose(lo, xp) @ lc, full_matrices=False)
-    u_r, v_r = _normalize_phases(
-        u[..., :, :r], _xp.conj_transpose(vh, xp)[..., :, :r], xp
-    )
+    traced = _xp.is_traced(s)
+    if not traced:
+        _check_numerical_rank(s, r, xp)
+    u_r, v_r = _normalize_phases(u[..., :, :r], _xp.conj_transpose(vh, xp)[..., :, :r], xp)
     if method == "sqrt":
         scale = xp.astype(1 / xp.sqrt(s[..., :r]), lc.dtype)
         t = (lc @ v_r) * scale[..., None, :]
@@ -118,13 +133,6 @@ def _truncate(
         t = x_basis
         t_inv = xp.linalg.solve(y_h @ x_basis, y_h)
     reduced = _project(system, t, t_inv, xp)
-    if not (_xp.is_traced(t) or bool(xp.all(xp.isfinite(t)) and xp.all(xp.isfinite(t_inv)))):
-        msg = (
-            f"The balancing projection for rank {r} is singular: the system is (numerically) "
-            "non-minimal, with zero Hankel singular values among the kept ones. Choose a "
-            "smaller `rank` (e.g. with select_rank)."
-        )
-        raise ConditioningError(msg)
     real = _xp.real_dtype_of(result, xp)
     return (
         StateSpace(*(None if f is None else xp.astype(f, result) for f in reduced)),

@@ -15,6 +15,8 @@ __all__ = [
     "controllability_gramian",
     "gramian_factors",
     "observability_gramian",
+    "prepared_gramians",
+    "psd_factor",
 ]
 
 

@@ -113,8 +113,9 @@ def _gain(
         per_freq *= sys.b.shape[-2]
     step = max(1, _CHUNK_ELEMENTS // per_freq)
     out = []
-    for start in range(0, int(omega.shape[-1]), step):
-        w = omega[..., start : start + step]
+    total = int(omega.shape[-1])
+    for start in range(0, total, step):
+        w = omega[..., start : min(start + step, total)]
 
         def resp(s: StateSpace | DiagonalStateSpace, w: Array = w) -> Array:
             if real_output:

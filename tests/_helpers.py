@@ -1,0 +1,148 @@
+"""Builders and assertions shared by the tests.
+
+Hypothesis draws the *structure* of a system (sizes, spectral radius, real or complex, diagonal or
+dense, seed); the builders here turn it deterministically into a well-conditioned stable system
+with NumPy, which the tests then move to the backend under test.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import numpy as np
+from hypothesis import strategies as st
+
+from compressm_core import DiagonalStateSpace, StateSpace
+from compressm_core._xp import to_host
+
+
+class Spec(NamedTuple):
+    n: int
+    m: int
+    p: int
+    radius: float
+    complex_: bool
+    diagonal: bool
+    batch: tuple[int, ...]
+    seed: int
+
+
+@st.composite
+def specs(
+    draw: Any,
+    *,
+    max_n: int = 8,
+    max_io: int = 3,
+    diagonal: bool | None = None,
+    complex_: bool | None = None,
+    batch: bool = True,
+    min_radius: float = 0.05,
+    max_radius: float = 0.999,
+) -> Spec:
+    return Spec(
+        n=draw(st.integers(1, max_n)),
+        m=draw(st.integers(1, max_io)),
+        p=draw(st.integers(1, max_io)),
+        radius=draw(st.floats(min_radius, max_radius)),
+        complex_=draw(st.booleans()) if complex_ is None else complex_,
+        diagonal=draw(st.booleans()) if diagonal is None else diagonal,
+        batch=draw(st.sampled_from([(), (2,)])) if batch else (),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+def _poles(rng: np.random.Generator, spec: Spec) -> np.ndarray:
+    size = (*spec.batch, spec.n)
+    moduli = rng.uniform(0.0, spec.radius, size=size)
+    moduli[..., 0] = spec.radius
+    if spec.complex_:
+        return moduli * np.exp(1j * rng.uniform(-np.pi, np.pi, size=size))
+    return moduli * rng.choice([-1.0, 1.0], size=size)
+
+
+def _real_block(rng: np.random.Generator, spec: Spec) -> np.ndarray:
+    """Real matrix with spectral radius ``spec.radius``: 2x2 rotation blocks and real poles."""
+    a = np.zeros((*spec.batch, spec.n, spec.n))
+    k = 0
+    first = True
+    while k < spec.n:
+        r = spec.radius if first else rng.uniform(0.0, spec.radius, size=spec.batch)
+        first = False
+        if k + 1 < spec.n and rng.random() < 0.6:
+            th = rng.uniform(0.05, np.pi - 0.05, size=spec.batch)
+            c, s = r * np.cos(th), r * np.sin(th)
+            a[..., k, k], a[..., k, k + 1], a[..., k + 1, k], a[..., k + 1, k + 1] = c, -s, s, c
+            k += 2
+        else:
+            a[..., k, k] = r * rng.choice([-1.0, 1.0], size=spec.batch)
+            k += 1
+    return a
+
+
+def build(spec: Spec) -> DiagonalStateSpace | StateSpace:
+    """A NumPy system of the given structure (stable, generically minimal)."""
+    rng = np.random.default_rng(spec.seed)
+    cdt = complex if spec.complex_ else float
+
+    def mat(*shape: int) -> np.ndarray:
+        x = rng.normal(size=(*spec.batch, *shape))
+        if spec.complex_:
+            x = x + 1j * rng.normal(size=(*spec.batch, *shape))
+        return x.astype(cdt)
+
+    b, c, d = mat(spec.n, spec.m), mat(spec.p, spec.n), mat(spec.p, spec.m)
+    if spec.diagonal:
+        return DiagonalStateSpace(_poles(rng, spec), b, c, d)
+    core = np.zeros((*spec.batch, spec.n, spec.n), dtype=cdt)
+    if spec.complex_:
+        core = core + _poles(rng, spec)[..., None, :] * np.eye(spec.n)
+        core = core + np.triu(mat(spec.n, spec.n), 1) * 0.2 / np.sqrt(spec.n)
+    else:
+        core = _real_block(rng, spec)
+    v = np.eye(spec.n) + 0.3 * mat(spec.n, spec.n) / np.sqrt(spec.n)
+    a = v @ core @ np.linalg.inv(v)
+    return StateSpace(a.astype(cdt), b, c, d)
+
+
+def to_xp(sys: Any, xp: ModuleType) -> Any:
+    """Move every field of a NumPy system (or an array) to ``xp``."""
+    if isinstance(sys, np.ndarray):
+        return xp.asarray(sys)
+    return type(sys)(*(None if f is None else xp.asarray(f) for f in sys))
+
+
+def to_np(x: Any) -> Any:
+    """A backend array (or system) as NumPy."""
+    if isinstance(x, tuple):
+        return type(x)(*(None if f is None else to_np(f) for f in x))
+    return to_host(x, allow_transfer=True)
+
+
+def dense_np(sys: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(A, B, C, D)`` of a NumPy system."""
+    sys = to_np(sys)
+    if isinstance(sys, DiagonalStateSpace):
+        return sys.poles[..., None, :] * np.eye(sys.poles.shape[-1]), sys.b, sys.c, sys.d
+    return sys.a, sys.b, sys.c, sys.d
+
+
+def markov(sys: Any, k: int, *, real_output: bool = False) -> np.ndarray:
+    """Markov parameters ``[D, CB, CAB, ..., C A^{k-2} B]`` (real part for real output)."""
+    a, b, c, d = dense_np(sys)
+    out = [np.zeros(c.shape[:-1] + b.shape[-1:]) if d is None else d]
+    x = b
+    for _ in range(k - 1):
+        out.append(c @ x)
+        x = a @ x
+    res = np.stack(out, axis=-3)
+    return res.real if real_output else res
+
+
+def assert_rel(actual: Any, desired: Any, rtol: float, *, scale: float | None = None) -> None:
+    """``max|actual - desired| <= rtol * scale`` with ``scale = max|desired|`` by default."""
+    actual, desired = np.asarray(to_np(actual)), np.asarray(to_np(desired))
+    assert actual.shape == desired.shape, (actual.shape, desired.shape)
+    ref = np.max(np.abs(desired), initial=0.0) if scale is None else scale
+    err = np.max(np.abs(actual - desired), initial=0.0)
+    assert err <= rtol * max(ref, 1e-300), f"max error {err:.3e} > {rtol:.1e} * {ref:.3e}"

@@ -1,0 +1,145 @@
+"""select_rank, hankel_error_bound and rediagonalize."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from compressm_core import (
+    ConditioningError,
+    DiagonalStateSpace,
+    StabilityError,
+    StateSpace,
+    balanced_truncation,
+    frequency_response,
+    hankel_singular_values,
+    hankel_error_bound,
+    rediagonalize,
+    select_rank,
+)
+from tests._helpers import Spec, assert_rel, build, markov, specs, to_np, to_xp
+
+hsv_lists = st.lists(st.floats(0, 1e3), min_size=1, max_size=40).map(
+    lambda v: np.sort(np.asarray(v))[::-1]
+)
+
+
+@given(hsv_lists, st.floats(0, 0.999))
+def test_select_rank_is_the_smallest_rank_keeping_the_energy(hsv: np.ndarray, tau: float) -> None:
+    for energy, e in (("sum", hsv), ("squared", hsv**2)):
+        r = select_rank(hsv, tau=tau, energy=energy)
+        assert isinstance(r, int)
+        assert 1 <= r <= hsv.size
+        total = e.sum()
+        if total == 0:
+            assert r == 1
+            continue
+        kept = np.cumsum(e)
+        assert kept[r - 1] >= (1 - tau) * kept[-1]
+        if r > 1:
+            assert kept[r - 2] < (1 - tau) * kept[-1]
+
+
+def test_select_rank_paper_rule_differs_from_squared() -> None:
+    hsv = np.array([8.0, 4.0, 2.0, 1.0, 1.0])
+    assert select_rank(hsv, tau=0.2) == 3  # 14/16 >= 0.8
+    assert select_rank(hsv, tau=0.2, energy="squared") == 2  # 80/86 >= 0.8
+
+
+def test_select_rank_monotone_in_tau(xp) -> None:
+    hsv = xp.asarray(np.geomspace(1, 1e-6, 30))
+    ranks = [select_rank(hsv, tau=t) for t in (0.0, 0.01, 0.05, 0.1, 0.5, 0.9)]
+    assert ranks == sorted(ranks, reverse=True)
+    assert ranks[0] == 30
+
+
+@pytest.mark.parametrize("tau", [-0.1, 1.0, 1.5, float("nan"), True])
+def test_select_rank_rejects_tau(tau: float) -> None:
+    with pytest.raises(ValueError, match=r"`tau` must be a number in \[0, 1\)"):
+        select_rank(np.ones(3), tau=tau)
+
+
+def test_select_rank_rejects_bad_hsv() -> None:
+    with pytest.raises(ValueError, match="non-negative"):
+        select_rank(np.array([1.0, -1.0]), tau=0.1)
+    with pytest.raises(ValueError, match="1-D"):
+        select_rank(np.ones((2, 2)), tau=0.1)
+    with pytest.raises(ValueError, match="`energy` must be"):
+        select_rank(np.ones(2), tau=0.1, energy="cubed")  # type: ignore[arg-type]
+
+
+def test_hankel_error_bound(xp) -> None:
+    hsv = xp.asarray([[4.0, 2.0, 1.0], [3.0, 0.5, 0.25]])
+    assert_rel(hankel_error_bound(hsv, 1), np.array([6.0, 1.5]), 1e-15)
+    assert_rel(hankel_error_bound(hsv, 3), np.array([0.0, 0.0]), 0, scale=1.0)
+    with pytest.raises(ValueError, match=r"`rank` must be in \[0, 3\]"):
+        hankel_error_bound(hsv, 4)
+
+
+def _numerical_rank(hsv: object) -> int:
+    h = to_np(hsv)
+    return int(np.min(np.sum(h > 1e-8 * h[..., :1], axis=-1)))
+
+
+@given(specs(max_n=6))
+def test_rediagonalize_preserves_the_transfer_function(xp, spec: Spec) -> None:
+    sys = to_xp(build(spec), xp)
+    reduced = balanced_truncation(sys, _numerical_rank(hankel_singular_values(sys))).system
+    diag = rediagonalize(reduced)
+    assert isinstance(diag, DiagonalStateSpace)
+    assert_rel(markov(diag, 8), markov(reduced, 8), 1e-8)
+    radius = np.abs(to_np(diag.poles))
+    assert np.all(np.diff(radius, axis=-1) <= 1e-12)
+
+
+@given(specs(complex_=True, max_n=4, batch=False))
+def test_rediagonalize_real_output_folds_conjugate_pairs(xp, spec: Spec) -> None:
+    sys = to_xp(build(spec), xp)
+    hsv = hankel_singular_values(sys, real_output=True)
+    reduced = balanced_truncation(sys, _numerical_rank(hsv), real_output=True).system
+    diag = rediagonalize(reduced, real_output=True)
+    poles = to_np(diag.poles)
+    assert poles.shape[-1] <= 2 * spec.n
+    assert np.all(poles.imag >= 0)
+    omega = xp.asarray(np.linspace(0.0, np.pi, 7))
+    assert_rel(
+        frequency_response(diag, omega, real_output=True),
+        frequency_response(reduced, omega),
+        1e-7,
+    )
+
+
+def test_rediagonalize_is_deterministic_and_balances_modes(xp) -> None:
+    rng = np.random.default_rng(3)
+    a = np.diag([0.9, 0.5j, -0.5j, 0.2])
+    v = np.eye(4) + 0.2 * rng.normal(size=(4, 4))
+    sys = StateSpace(v @ a @ np.linalg.inv(v), rng.normal(size=(4, 2)), rng.normal(size=(1, 4)))
+    d1 = to_np(rediagonalize(to_xp(sys, xp)))
+    np.testing.assert_allclose(d1.poles, [0.9, 0.5j, -0.5j, 0.2], atol=1e-12)
+    np.testing.assert_allclose(
+        np.linalg.norm(d1.b, axis=-1), np.linalg.norm(d1.c, axis=-2), rtol=1e-10
+    )
+    pivots = d1.b[np.arange(4), np.argmax(np.abs(d1.b), axis=-1)]
+    np.testing.assert_allclose(pivots.imag, 0, atol=1e-12)
+    assert np.all(pivots.real > 0)
+
+
+def test_rediagonalize_checks(xp) -> None:
+    b, c = np.ones((2, 1)), np.ones((1, 2))
+    unstable = to_xp(StateSpace(np.array([[1.2, 0.0], [0.0, 0.5]]), b, c), xp)
+    with pytest.raises(StabilityError, match="modulus 1.2"):
+        rediagonalize(unstable)
+    with pytest.warns(RuntimeWarning, match="clipped 1 pole"):
+        clipped = rediagonalize(unstable, on_unstable="clip", max_radius=0.99)
+    assert np.abs(to_np(clipped.poles)).max() == pytest.approx(0.99)
+    defective = to_xp(StateSpace(np.array([[0.5, 1.0], [0.0, 0.5]]), b, c), xp)
+    with pytest.raises(ConditioningError, match="condition number"):
+        rediagonalize(defective)
+    real_pos = to_xp(StateSpace(np.array([[0.5, 0.0], [0.0, 0.3]]), b, c), xp)
+    with pytest.warns(RuntimeWarning, match="rotated 2 pole"):
+        rotated = rediagonalize(real_pos, min_phase=1e-3)
+    np.testing.assert_allclose(np.angle(to_np(rotated.poles)), 1e-3, rtol=1e-9)
+    with pytest.raises(TypeError, match="dense StateSpace"):
+        rediagonalize(DiagonalStateSpace(xp.asarray([0.5]), xp.ones((1, 1)), xp.ones((1, 1))))

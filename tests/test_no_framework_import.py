@@ -1,0 +1,28 @@
+"""Importing and using the core on NumPy arrays imports neither torch nor JAX."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_core_imports_no_framework() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        import compressm_core as cc
+        sys_ = cc.DiagonalStateSpace(np.array([0.5, 0.2j]), np.ones((2, 1)), np.ones((1, 2)))
+        res = cc.balanced_truncation(sys_, 1)
+        cc.rediagonalize(res.system)
+        cc.solve_discrete_lyapunov(np.eye(2) * 3.0, np.eye(2))
+        cc.h_infinity_norm(sys_, res.system)
+        bad = [m for m in ("torch", "jax", "flax", "cupy") if m in sys.modules]
+        assert not bad, bad
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
