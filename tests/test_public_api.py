@@ -28,7 +28,7 @@ def test_all_matches_public_members(name: str) -> None:
         if not n.startswith("_")
         and (inspect.isfunction(obj) or inspect.isclass(obj))
         and (name == "compressm_core" or getattr(obj, "__module__", "") == name)
-        and not (name == "compressm_core._typing")
+        and name != "compressm_core._typing"
     }
     declared = set(module.__all__)
     missing, extra = public - declared, declared - set(vars(module))

@@ -87,7 +87,7 @@ def check_int(value: object, name: str, *, low: int, high: int) -> int:
         msg = f"`{name}` must be an integer; received {value!r}."
         raise TypeError(msg)
     try:
-        out = operator.index(value)  # type: ignore[call-overload]
+        out = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         msg = f"`{name}` must be an integer; received {type(value).__name__} {value!r}."
         raise TypeError(msg) from None
@@ -125,8 +125,7 @@ def check_system(
     """
     if not isinstance(sys, (StateSpace, DiagonalStateSpace)):
         msg = (
-            f"`{name}` must be a StateSpace or DiagonalStateSpace; received "
-            f"{type(sys).__name__}."
+            f"`{name}` must be a StateSpace or DiagonalStateSpace; received {type(sys).__name__}."
         )
         raise TypeError(msg)
     first, b, c, d = sys
@@ -162,7 +161,9 @@ def check_system(
     shapes = [batch_a, _shape(b)[:-2], _shape(c)[:-2]]
     if d is not None:
         if d.ndim < 2 or (int(d.shape[-2]), int(d.shape[-1])) != (p, m):
-            msg = f"`{name}.d` must have shape (..., p, m) = (..., {p}, {m}); received {_shape(d)}."
+            msg = (
+                f"`{name}.d` must have shape (..., p, m) = (..., {p}, {m}); received {_shape(d)}."
+            )
             raise ShapeError(msg)
         shapes.append(_shape(d)[:-2])
     batch = broadcast_shapes(shapes, f"the fields of `{name}`")

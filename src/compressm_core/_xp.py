@@ -51,7 +51,7 @@ def namespace(*arrays: Array | None, xp: Namespace | None = None) -> Namespace:
             kinds = sorted({type(a).__module__ + "." + type(a).__name__ for a in present})
             msg = f"Expected arrays from one array library; received a mix of {kinds}."
             raise BackendMismatchError(msg) from exc
-    devices = []
+    devices: list[object] = []
     for a in present:
         d = compat.device(a)
         if all(d != other for other in devices):
@@ -86,7 +86,7 @@ def conj(x: Array, xp: Namespace) -> Array:
 
 
 def conj_transpose(x: Array, xp: Namespace) -> Array:
-    """Conjugate transpose ``x^H`` of the last two axes (``matrix_transpose`` does not conjugate)."""
+    """Conjugate transpose ``x^H`` of the last two axes (``matrix_transpose`` only transposes)."""
     return conj(xp.matrix_transpose(x), xp)
 
 
@@ -135,7 +135,9 @@ def promote(*arrays: Array | None, xp: Namespace) -> tuple[list[Array | None], D
     dev = compat.device(present[0])
     any_complex = any(xp.isdtype(a.dtype, "complex floating") for a in present)
     work = working_dtype(xp, dev, complex_=any_complex)
-    floating = [a.dtype for a in present if xp.isdtype(a.dtype, ("real floating", "complex floating"))]
+    floating = [
+        a.dtype for a in present if xp.isdtype(a.dtype, ("real floating", "complex floating"))
+    ]
     result = xp.result_type(*floating) if floating else work
     if any_complex and not xp.isdtype(result, "complex floating"):
         result = work

@@ -173,7 +173,7 @@ def balanced_truncation(
     .. math::
 
         \\| G - G_r \\|_{\\mathcal{H}_\\infty} \\le 2 \\sum_{i > r} \\sigma_i
-        \\quad (\\text{``error\\_bound``}).
+        \\quad (\\texttt{error\\_bound}).
 
     Parameters
     ----------
@@ -236,9 +236,7 @@ def balanced_truncation(
     >>> res.system.a.shape, bool(res.error_bound >= 0)
     ((3, 3), True)
     """
-    reduced, hsv, t, t_inv, s, xp, real, r = _truncate(
-        sys, rank, method, horizon, real_output, xp
-    )
+    reduced, hsv, t, t_inv, s, xp, real, r = _truncate(sys, rank, method, horizon, real_output, xp)
     bound = xp.astype(2 * xp.sum(s[..., r:], axis=-1), real)
     return BalancedTruncation(reduced, hsv, bound, t, t_inv)
 

@@ -19,9 +19,14 @@ __all__ = ["rediagonalize"]
 def _sort_modes(w: Array, v: Array, xp: Namespace) -> tuple[Array, Array]:
     """Deterministic order: descending modulus, ties by descending imaginary part."""
     order = xp.argsort(-xp.imag(w), axis=-1, stable=True)
-    w, v = xp.take_along_axis(w, order, axis=-1), xp.take_along_axis(v, order[..., None, :], axis=-1)
+    w, v = (
+        xp.take_along_axis(w, order, axis=-1),
+        xp.take_along_axis(v, order[..., None, :], axis=-1),
+    )
     order = xp.argsort(-xp.abs(w), axis=-1, stable=True)
-    return xp.take_along_axis(w, order, axis=-1), xp.take_along_axis(v, order[..., None, :], axis=-1)
+    return xp.take_along_axis(w, order, axis=-1), xp.take_along_axis(
+        v, order[..., None, :], axis=-1
+    )
 
 
 def _balance_modes(b: Array, c: Array, xp: Namespace) -> tuple[Array, Array]:
@@ -38,7 +43,9 @@ def _balance_modes(b: Array, c: Array, xp: Namespace) -> tuple[Array, Array]:
     pivot = xp.take_along_axis(b, idx, axis=-1)[..., 0]
     pmag = xp.abs(pivot)
     phase = xp.where(
-        pmag > 0, pivot / xp.astype(xp.where(pmag > 0, pmag, one), b.dtype), xp.astype(one, b.dtype)
+        pmag > 0,
+        pivot / xp.astype(xp.where(pmag > 0, pmag, one), b.dtype),
+        xp.astype(one, b.dtype),
     )
     s = xp.astype(mag, b.dtype) * phase
     return b / s[..., :, None], c * s[..., None, :]
@@ -155,7 +162,9 @@ def rediagonalize(
 def _collapse_pairs(w: Array, b: Array, c: Array, xp: Namespace) -> tuple[Array, Array, Array]:
     """Keep one pole of each conjugate pair (``Im > 0``) with doubled residue, and real poles."""
     n = w.shape[-1]
-    tol = 1e3 * float(xp.finfo(_xp.real_dtype_of(w.dtype, xp)).eps) * max(1.0, _xp.finite_max(w, xp))
+    tol = (
+        1e3 * float(xp.finfo(_xp.real_dtype_of(w.dtype, xp)).eps) * max(1.0, _xp.finite_max(w, xp))
+    )
     imag = xp.imag(w)
     pos = imag > tol
     neg = imag < -tol

@@ -296,10 +296,10 @@ def gramian_factors(
     """Square-root factors ``Lc``, ``Lo`` with :math:`P = L_c L_c^H`, :math:`Q = L_o L_o^H`.
 
     The factors come from a Hermitian eigendecomposition with the eigenvalues clamped at zero,
-    :math:`P = V \\operatorname{diag}(w) V^H \\Rightarrow L_c = V \\operatorname{diag}(\\sqrt{\\max(w,
-    0)})`. Unlike a Cholesky factorisation (plus jitter) this never fails and never produces NaN
-    when a Gramian is only semi-definite, as it is numerically whenever B or C has far fewer
-    columns or rows than there are states.
+    :math:`P = V \\operatorname{diag}(w) V^H \\Rightarrow
+    L_c = V \\operatorname{diag}(\\sqrt{\\max(w, 0)})`. Unlike a Cholesky factorisation (plus
+    jitter) this never fails and never produces NaN when a Gramian is only semi-definite, as it
+    is numerically whenever B or C has far fewer columns or rows than there are states.
 
     Parameters
     ----------

@@ -48,7 +48,9 @@ def _smith(a: Array, q: Array, xp: Namespace, max_iter: int, *, eager: bool) -> 
 def _kronecker(a: Array, q: Array, xp: Namespace) -> Array:
     """Solve ``(I - A (x) conj(A)) vec(X) = vec(Q)`` (row-major ``vec``); O(n^6)."""
     n = a.shape[-1]
-    batch = tuple(int(s) for s in xp.broadcast_arrays(a[..., :1, :1], q[..., :1, :1])[0].shape[:-2])
+    batch = tuple(
+        int(s) for s in xp.broadcast_arrays(a[..., :1, :1], q[..., :1, :1])[0].shape[:-2]
+    )
     a = xp.broadcast_to(a, (*batch, n, n))
     q = xp.broadcast_to(q, (*batch, n, n))
     kron = a[..., :, None, :, None] * _xp.conj(a, xp)[..., None, :, None, :]
@@ -81,7 +83,9 @@ def _residual_ok(a: Array, x: Array, q: Array, xp: Namespace) -> tuple[bool, flo
     eps = _eps(a.dtype, xp)
     # a small residual relative to |A|^2 |X| also accepts X ~ 1/eps for singular equations:
     # cap the amplification |X| / |Q| at 1 / (10 n eps) as well.
-    ok = r <= 1e3 * n * eps * scale and _xp.finite_max(x, xp) * 10 * n * eps <= _xp.finite_max(q, xp)
+    ok = r <= 1e3 * n * eps * scale and _xp.finite_max(x, xp) * 10 * n * eps <= _xp.finite_max(
+        q, xp
+    )
     return bool(ok), r / scale if scale > 0 else r
 
 
@@ -148,8 +152,11 @@ def solve_discrete_lyapunov(
     -----
     Squared Smith needs ``O(log(log(eps) / log(rho(A))))`` doublings of cost ``O(n^3)`` each.
     Eagerly, every result is checked through its residual
-    :math:`\\|A X A^H - X + Q\\|_{\\max} \\le 10^3 n \\epsilon (n \\|A\\|_{\\max}^2 \\|X\\|_{\\max} +
-    \\|Q\\|_{\\max})`. Under ``jax.jit`` only ``"smith"`` and ``"kronecker"`` apply and no check runs.
+    :math:`\\|A X A^H - X + Q\\|_{\\max} \\le 10^3 n \\epsilon
+    (n \\|A\\|_{\\max}^2 \\|X\\|_{\\max} + \\|Q\\|_{\\max})`, and the amplification
+    :math:`\\|X\\|_{\\max} \\le \\|Q\\|_{\\max} / (10 n \\epsilon)` (beyond it the equation is
+    numerically singular). Under ``jax.jit`` only ``"smith"`` and ``"kronecker"`` apply and no
+    check runs.
 
     Examples
     --------

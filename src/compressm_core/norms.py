@@ -17,10 +17,8 @@ __all__ = ["frequency_response", "h2_norm", "h_infinity_norm"]
 _CHUNK_ELEMENTS = 2**23
 
 
-def _response(
-    sys: StateSpace | DiagonalStateSpace, omega: Array, xp: Namespace
-) -> Array:
-    """``G(e^{i w})`` of a promoted system for ``omega`` of shape ``(..., F)``: ``(..., F, p, m)``."""
+def _response(sys: StateSpace | DiagonalStateSpace, omega: Array, xp: Namespace) -> Array:
+    """``G(e^{i w})`` of a promoted system at ``omega (..., F)``, shape ``(..., F, p, m)``."""
     first, b, c, d = sys
     cplx = xp.complex128 if first.dtype in (xp.float64, xp.complex128) else xp.complex64
     z = xp.exp(1j * xp.astype(omega, _xp.real_dtype_of(cplx, xp)))
@@ -35,7 +33,9 @@ def _response(
         n = first.shape[-1]
         eye = xp.eye(n, dtype=cplx, device=_xp.device_of(first))
         zi_a = z[..., :, None, None] * eye - xp.astype(first, cplx)[..., None, :, :]
-        g = c[..., None, :, :] @ xp.linalg.solve(zi_a, xp.broadcast_to(b[..., None, :, :], (*zi_a.shape[:-1], b.shape[-1])))
+        g = c[..., None, :, :] @ xp.linalg.solve(
+            zi_a, xp.broadcast_to(b[..., None, :, :], (*zi_a.shape[:-1], b.shape[-1]))
+        )
     if d is not None:
         g = g + xp.astype(d, cplx)[..., None, :, :]
     return g
@@ -107,7 +107,11 @@ def _gain(
     xp: Namespace,
 ) -> Array:
     """Largest singular value of the (error) response at ``omega (..., F)``, chunked over F."""
-    sizes = [int(s) for s in sys.b.shape[:-2]] + [sys.b.shape[-2], sys.b.shape[-1], sys.c.shape[-2]]
+    sizes = [int(s) for s in sys.b.shape[:-2]] + [
+        sys.b.shape[-2],
+        sys.b.shape[-1],
+        sys.c.shape[-2],
+    ]
     per_freq = max(1, math.prod(sizes) // max(1, max(sys.b.shape[-1], sys.c.shape[-2])))
     if isinstance(sys, StateSpace):
         per_freq *= sys.b.shape[-2]
@@ -129,8 +133,10 @@ def _gain(
 
 def _pole_angles(sys: StateSpace | DiagonalStateSpace, xp: Namespace) -> Array:
     poles = sys.poles if isinstance(sys, DiagonalStateSpace) else eig(sys.a, xp=xp)[0]
-    return xp.atan2(xp.imag(poles), xp.real(poles)) if _xp.is_complex(poles, xp) else xp.where(
-        poles < 0, xp.full_like(poles, math.pi), xp.zeros_like(poles)
+    return (
+        xp.atan2(xp.imag(poles), xp.real(poles))
+        if _xp.is_complex(poles, xp)
+        else xp.where(poles < 0, xp.full_like(poles, math.pi), xp.zeros_like(poles))
     )
 
 
@@ -196,8 +202,12 @@ def h_infinity_norm(
     angles = [xp.astype(a, real) for a in angles]
     batch = tuple(int(s) for s in system.b.shape[:-2])
     if other_sys is not None:
-        batch = tuple(int(s) for s in xp.broadcast_arrays(
-            system.b[..., :1, :1], other_sys.b[..., :1, :1])[0].shape[:-2])
+        batch = tuple(
+            int(s)
+            for s in xp.broadcast_arrays(system.b[..., :1, :1], other_sys.b[..., :1, :1])[0].shape[
+                :-2
+            ]
+        )
     grid = xp.concat(
         [xp.broadcast_to(base, (*batch, n_grid))]
         + [xp.broadcast_to(a, (*batch, a.shape[-1])) for a in angles],
@@ -267,7 +277,7 @@ def _difference(
 ) -> StateSpace | DiagonalStateSpace:
     """Parallel connection ``G1 - G2`` (block-diagonal state)."""
     d = s1.d if s2.d is None else (-s2.d if s1.d is None else s1.d - s2.d)
-    b1, b2 = xp.broadcast_arrays(s1.b[..., :1, :1], s2.b[..., :1, :1])
+    b1, _ = xp.broadcast_arrays(s1.b[..., :1, :1], s2.b[..., :1, :1])
     batch = tuple(int(s) for s in b1.shape[:-2])
 
     def bc(x: Array, core: int) -> Array:

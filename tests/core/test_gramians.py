@@ -8,9 +8,9 @@ from hypothesis import given
 
 from compressm_core import (
     DiagonalStateSpace,
-    hankel_singular_values,
     controllability_gramian,
     gramian_factors,
+    hankel_singular_values,
     observability_gramian,
     real_output_realization,
     to_dense,

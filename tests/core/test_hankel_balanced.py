@@ -150,8 +150,13 @@ def test_finite_horizon_truncation_matches_first_steps(xp) -> None:
     sys_np = build(Spec(1, 1, 1, 0.5, True, True, (), 0))._replace(poles=poles, b=b, c=c, d=None)
     sys = to_xp(sys_np, xp)
     horizon, rank = 10, 4  # P_L has rank <= L m = 10
-    err_l = np.abs(markov(balanced_truncation(sys, rank, horizon=horizon).system, horizon) - markov(sys_np, horizon)).max()
-    err_inf = np.abs(markov(balanced_truncation(sys, rank).system, horizon) - markov(sys_np, horizon)).max()
+    err_l = np.abs(
+        markov(balanced_truncation(sys, rank, horizon=horizon).system, horizon)
+        - markov(sys_np, horizon)
+    ).max()
+    err_inf = np.abs(
+        markov(balanced_truncation(sys, rank).system, horizon) - markov(sys_np, horizon)
+    ).max()
     assert err_l < err_inf
 
 

@@ -14,8 +14,8 @@ from compressm_core import (
     StateSpace,
     balanced_truncation,
     frequency_response,
-    hankel_singular_values,
     hankel_error_bound,
+    hankel_singular_values,
     rediagonalize,
     select_rank,
 )

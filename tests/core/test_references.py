@@ -324,6 +324,7 @@ SINGULAR_CASES = {
     "rotation": np.array([[np.cos(_THETA), -np.sin(_THETA)], [np.sin(_THETA), np.cos(_THETA)]]),
 }
 
+
 # Exactly singular cases (identity, reciprocal pair) make the direct solves fail; the other two
 # are singular only up to round-off in A, so a direct solve "succeeds" with X ~ 1/eps, which the
 # amplification check |X| / |Q| <= 1 / (10 n eps) must catch.

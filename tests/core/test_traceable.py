@@ -10,6 +10,7 @@ from compressm_core import (
     DiagonalStateSpace,
     ShapeError,
     StabilityError,
+    StateSpace,
     balanced_truncation,
     controllability_gramian,
     gramian_factors,
@@ -84,8 +85,10 @@ def test_mixed_backends_and_devices_are_refused() -> None:
     with pytest.raises(BackendMismatchError, match="one array library"):
         hankel_singular_values(sys._replace(b=torch.asarray(sys.b)))
     mixed = DiagonalStateSpace(
-        xps.asarray(sys.poles), xps.asarray(sys.b, device=xps.Device("device1")),
-        xps.asarray(sys.c), xps.asarray(sys.d),
+        xps.asarray(sys.poles),
+        xps.asarray(sys.b, device=xps.Device("device1")),
+        xps.asarray(sys.c),
+        xps.asarray(sys.d),
     )
     with pytest.raises(BackendMismatchError, match="one device"):
         hankel_singular_values(mixed)
@@ -107,7 +110,6 @@ def test_bad_systems_name_the_argument(xp) -> None:
         hankel_singular_values(sys._replace(b=xp.asarray(np.full((3, 2), np.inf))))
     with pytest.raises(TypeError, match="StateSpace or DiagonalStateSpace; received tuple"):
         hankel_singular_values((sys.poles, sys.b, sys.c))  # type: ignore[arg-type]
+    not_square = StateSpace(xp.ones((3, 2)), sys.b, sys.c)
     with pytest.raises(ShapeError, match="`sys.a` must be a"):
-        from compressm_core import StateSpace
-
-        hankel_singular_values(StateSpace(xp.ones((3, 2)), sys.b, sys.c))
+        hankel_singular_values(not_square)

@@ -83,9 +83,7 @@ def solve_discrete_lyapunov_host(
     n = a_np.shape[-1]
     a_b = np.broadcast_to(a_np, (*batch, n, n)).reshape(-1, n, n)
     q_b = np.broadcast_to(q_np, (*batch, n, n)).reshape(-1, n, n)
-    out: np.ndarray[Any, Any] = np.empty(
-        a_b.shape, dtype=np.result_type(a_b.dtype, q_b.dtype)
-    )
+    out: np.ndarray[Any, Any] = np.empty(a_b.shape, dtype=np.result_type(a_b.dtype, q_b.dtype))
     for i in range(a_b.shape[0]):
         out[i] = scipy.linalg.solve_discrete_lyapunov(a_b[i], q_b[i])
     return xp.astype(_xp.from_host(out.reshape((*batch, n, n)), like=a, xp=xp), a.dtype)
