@@ -7,6 +7,8 @@ from typing import NamedTuple
 from . import _xp
 from ._typing import Array, Namespace
 from ._validation import SystemInfo, check_int, check_system
+from .errors import ConditioningError, StabilityError
+from .linalg import eig
 from .lyapunov import solve_discrete_lyapunov
 from .systems import DiagonalStateSpace, StateSpace, real_output_realization
 
@@ -79,6 +81,23 @@ def _finite_sum(a: Array, q: Array, horizon: int, xp: Namespace) -> Array:
     return total
 
 
+def _stable_lyapunov(a: Array, q: Array, xp: Namespace) -> Array:
+    """Infinite-horizon Gramian of a dense system; refuses an ``A`` that is not Schur stable.
+
+    Squared Smith converges iff ``rho(A) < 1`` (to within ``max_iter`` doublings), so its
+    failure is the stability test; the spectral radius is computed only for the message.
+    """
+    try:
+        return solve_discrete_lyapunov(a, q, method="smith", xp=xp)
+    except ConditioningError:
+        radius = _xp.finite_max(eig(a, xp=xp, allow_host_fallback=True)[0], xp)
+        msg = (
+            "`sys.a` must be Schur stable (every |pole| < 1) for infinite-horizon Gramians; "
+            f"received spectral radius {radius:.17g}."
+        )
+        raise StabilityError(msg) from None
+
+
 def _real_coordinates(x: Array, xp: Namespace) -> Array:
     """Map a Gramian of the conjugate-augmented state ``[x; conj(x)]`` to ``[Re x; Im x]``.
 
@@ -131,8 +150,8 @@ def _pair(
     bb = b @ _xp.conj_transpose(b, xp)
     cc = _xp.conj_transpose(c, xp) @ c
     if horizon is None:
-        p = solve_discrete_lyapunov(a, bb, method=None, xp=xp) if want[0] else None
-        q = solve_discrete_lyapunov(a_h, cc, method=None, xp=xp) if want[1] else None
+        p = _stable_lyapunov(a, bb, xp) if want[0] else None
+        q = _stable_lyapunov(a_h, cc, xp) if want[1] else None
     else:
         p = _finite_sum(a, bb, horizon, xp) if want[0] else None
         q = _finite_sum(a_h, cc, horizon, xp) if want[1] else None

@@ -106,6 +106,9 @@ def test_bad_systems_name_the_argument(xp) -> None:
         hankel_singular_values(sys._replace(b=xp.ones((2, 3, 2)), c=xp.ones((5, 1, 3)), d=None))
     with pytest.raises(StabilityError, match=r"every \|pole\| < 1.*modulus 1.5"):
         hankel_singular_values(sys._replace(poles=xp.asarray([0.5, -1.5, 0.1])))
+    unstable = StateSpace(xp.asarray([[0.5, 1.0], [0.0, 1.01]]), xp.ones((2, 1)), xp.ones((1, 2)))
+    with pytest.raises(StabilityError, match=r"`sys.a` must be Schur stable.*radius 1\.0(1|099)"):
+        hankel_singular_values(unstable)
     with pytest.raises(StabilityError, match="`sys.b` must contain only finite values"):
         hankel_singular_values(sys._replace(b=xp.asarray(np.full((3, 2), np.inf))))
     with pytest.raises(TypeError, match="StateSpace or DiagonalStateSpace; received tuple"):
