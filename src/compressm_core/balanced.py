@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
+import numpy as np
+
 from . import _xp
 from ._typing import Array, Namespace
 from ._validation import check_int
 from .errors import ConditioningError
 from .gramians import prepared_gramians, psd_factor
+from .rank import select_rank
 from .systems import DiagonalStateSpace, StateSpace
 
 __all__ = [
@@ -64,16 +67,22 @@ class BalancedRealization(NamedTuple):
     T_inv: Array
 
 
-def _normalize_phases(u: Array, v: Array, xp: Namespace) -> tuple[Array, Array]:
-    """Fix the phase of singular-vector pairs: largest-modulus entry of each ``v`` column > 0."""
-    idx = xp.argmax(xp.abs(v), axis=-2, keepdims=True)
-    pivot = xp.take_along_axis(v, idx, axis=-2)
+def _normalize_phases(u: Array, x: Array, xp: Namespace) -> tuple[Array, Array]:
+    """Fix the phases of singular-vector pairs ``(u_k, v_k)``, given ``u`` and ``x = Lc v``.
+
+    Each pair is multiplied by the unit scalar that makes the largest-modulus entry of
+    ``x_k`` real positive; ``(u, x)`` are returned rephased. ``Lc v`` lives in the original
+    state coordinates, so the result does not depend on which square-root factor ``Lc`` was
+    used, nor on the backend's SVD.
+    """
+    idx = xp.argmax(xp.abs(x), axis=-2, keepdims=True)
+    pivot = xp.take_along_axis(x, idx, axis=-2)
     mag = xp.abs(pivot)
     one = xp.ones_like(mag)
     safe = xp.where(mag > 0, mag, one)
     phase = xp.where(mag > 0, pivot / xp.astype(safe, pivot.dtype), xp.astype(one, pivot.dtype))
     phase = _xp.conj(phase, xp)
-    return u * phase, v * phase
+    return u * phase, x * phase
 
 
 def _project(
@@ -101,9 +110,17 @@ def _check_numerical_rank(s: Array, rank: int, xp: Namespace) -> None:
         raise ConditioningError(msg)
 
 
+def _rank_for_batch(s: Array, tau: float, energy: Literal["sum", "squared"]) -> int:
+    """``select_rank`` per system; a batch keeps the largest of its members' ranks."""
+    hsv = np.reshape(_xp.to_host(s, allow_transfer=True), (-1, s.shape[-1]))
+    return max(select_rank(row, tau=tau, energy=energy) for row in hsv)
+
+
 def _truncate(
     sys: StateSpace | DiagonalStateSpace,
     rank: int | None,
+    tau: float | None,
+    energy: Literal["sum", "squared"],
     method: str,
     horizon: int | None,
     real_output: bool,
@@ -115,19 +132,22 @@ def _truncate(
     p, q, system, info, xp, result = prepared_gramians(
         sys, horizon=horizon, real_output=real_output, xp=xp
     )
-    r = info.n if rank is None else check_int(rank, "rank", low=1, high=info.n)
+    if rank is not None:
+        rank = check_int(rank, "rank", low=1, high=info.n)
     lc, lo = psd_factor(p, xp), psd_factor(q, xp)
     u, s, vh = xp.linalg.svd(_xp.conj_transpose(lo, xp) @ lc, full_matrices=False)
+    r = rank if rank is not None else info.n if tau is None else _rank_for_batch(s, tau, energy)
     traced = _xp.is_traced(s)
     if not traced:
         _check_numerical_rank(s, r, xp)
-    u_r, v_r = _normalize_phases(u[..., :, :r], _xp.conj_transpose(vh, xp)[..., :, :r], xp)
+    lc_v = lc @ _xp.conj_transpose(vh, xp)[..., :, :r]
+    u_r, lc_v = _normalize_phases(u[..., :, :r], lc_v, xp)
     if method == "sqrt":
         scale = xp.astype(1 / xp.sqrt(s[..., :r]), lc.dtype)
-        t = (lc @ v_r) * scale[..., None, :]
+        t = lc_v * scale[..., None, :]
         t_inv = scale[..., :, None] * _xp.conj_transpose(lo @ u_r, xp)
     else:
-        x_basis, _ = xp.linalg.qr(lc @ v_r)
+        x_basis, _ = xp.linalg.qr(lc_v)
         y_basis, _ = xp.linalg.qr(lo @ u_r)
         y_h = _xp.conj_transpose(y_basis, xp)
         t = x_basis
@@ -148,8 +168,10 @@ def _truncate(
 
 def balanced_truncation(
     sys: StateSpace | DiagonalStateSpace,
-    rank: int,
+    rank: int | None = None,
     *,
+    tau: float | None = None,
+    energy: Literal["sum", "squared"] = "sum",
     method: Literal["sqrt", "bfsr"] = "sqrt",
     horizon: int | None = None,
     real_output: bool = False,
@@ -179,9 +201,15 @@ def balanced_truncation(
     ----------
     sys : StateSpace or DiagonalStateSpace
         Stable system, batched over leading dimensions.
-    rank : int
+    rank : int, optional
         States to keep, in ``[1, n]`` (``[1, 2n]`` with ``real_output``). A Python int (static
-        under ``jax.jit``), e.g. from :func:`select_rank`.
+        under ``jax.jit``), e.g. from :func:`select_rank`. Give either ``rank`` or ``tau``.
+    tau : float, optional
+        Choose the rank from the HSVs computed here, ``select_rank(hsv, tau=tau,
+        energy=energy)`` (for a batch, the largest of the members' ranks), saving the separate
+        :func:`hankel_singular_values` call. Eager only (the rank is a host-side decision).
+    energy : str, optional
+        ``"sum"`` (default) or ``"squared"``; see :func:`select_rank`.
     method : {"sqrt", "bfsr"}, optional
         Square-root (default) or balancing-free square-root method.
     horizon : int, optional
@@ -236,7 +264,12 @@ def balanced_truncation(
     >>> res.system.a.shape, bool(res.error_bound >= 0)
     ((3, 3), True)
     """
-    reduced, hsv, t, t_inv, s, xp, real, r = _truncate(sys, rank, method, horizon, real_output, xp)
+    if (rank is None) == (tau is None):
+        msg = f"Give exactly one of `rank` and `tau`; received rank={rank!r}, tau={tau!r}."
+        raise TypeError(msg)
+    reduced, hsv, t, t_inv, s, xp, real, r = _truncate(
+        sys, rank, tau, energy, method, horizon, real_output, xp
+    )
     bound = xp.astype(2 * xp.sum(s[..., r:], axis=-1), real)
     return BalancedTruncation(reduced, hsv, bound, t, t_inv)
 
@@ -278,5 +311,7 @@ def balanced_realization(
     ConditioningError
         If the system is not minimal (a zero HSV).
     """
-    reduced, hsv, t, t_inv, _, _, _, _ = _truncate(sys, None, "sqrt", horizon, real_output, xp)
+    reduced, hsv, t, t_inv, _, _, _, _ = _truncate(
+        sys, None, None, "sum", "sqrt", horizon, real_output, xp
+    )
     return BalancedRealization(reduced, hsv, t, t_inv)

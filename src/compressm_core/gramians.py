@@ -47,20 +47,25 @@ def _hermitian_part(x: Array, xp: Namespace) -> Array:
     return (x + _xp.conj_transpose(x, xp)) / 2
 
 
+def _cauchy(left: Array, right: Array, g: Array, horizon: int | None) -> Array:
+    """``G_ij / (1 - l_i r_j)``, times ``1 - (l_i r_j)^L`` for a finite horizon ``L``.
+
+    The closed form of ``X = sum_k diag(l)^k G diag(r)^k`` (over ``k < L``).
+    """
+    x = g / (1 - left[..., :, None] * right[..., None, :])
+    if horizon is not None:
+        x = x * (1 - (left**horizon)[..., :, None] * (right**horizon)[..., None, :])
+    return x
+
+
 def _diagonal_gramian(
     poles: Array, g: Array, horizon: int | None, xp: Namespace, *, observability: bool
 ) -> Array:
-    """``G_ij / (1 - l_i conj(l_j))`` times ``1 - (l_i conj(l_j))^L`` for a finite horizon.
-
-    For the observability Gramian the poles enter conjugated: ``1 - conj(l_i) l_j``.
-    """
-    lam = _xp.conj(poles, xp) if observability else poles
-    lam_h = _xp.conj(lam, xp)
-    x = g / (1 - lam[..., :, None] * lam_h[..., None, :])
-    if horizon is not None:
-        w = lam**horizon
-        x = x * (1 - w[..., :, None] * _xp.conj(w, xp)[..., None, :])
-    return x
+    """``G_ij / (1 - l_i conj(l_j))`` (controllability) or ``/ (1 - conj(l_i) l_j)``."""
+    lam_h = _xp.conj(poles, xp)
+    if observability:
+        return _cauchy(lam_h, poles, g, horizon)
+    return _cauchy(poles, lam_h, g, horizon)
 
 
 def _finite_sum(a: Array, q: Array, horizon: int, xp: Namespace) -> Array:
@@ -98,31 +103,41 @@ def _stable_lyapunov(a: Array, q: Array, xp: Namespace) -> Array:
         raise StabilityError(msg) from None
 
 
-def _real_coordinates(x: Array, xp: Namespace) -> Array:
-    """Map a Gramian of the conjugate-augmented state ``[x; conj(x)]`` to ``[Re x; Im x]``.
+def _real_output_diagonal(
+    sys: DiagonalStateSpace, xp: Namespace, horizon: int | None, want: tuple[bool, bool]
+) -> tuple[Array | None, Array | None]:
+    """Gramians of the real realization ``[Re x; Im x]`` of a complex diagonal layer.
 
-    Returns ``4 M X M^H`` for ``M = [[I, I], [-iI, iI]] / 2`` (controllability; divide by 4) and
-    equally ``M^{-H} X M^{-1}`` (observability), both real.
+    The conjugate-augmented state ``[x; conj(x)]`` has poles ``(l, conj(l))``, input matrix
+    ``[B; conj(B)]`` and output matrix ``[C, conj(C)] / 2``. Its Gramian blocks are
+    ``X11 = Cauchy(l, conj(l); B B^H)``, ``X12 = Cauchy(l, l; B B^T)`` (and conjugates), and the
+    change of coordinates ``x_r = M x_aug``, ``M = [[I, I], [-iI, iI]] / 2``, gives with
+    ``s = X11 + conj(X12)``, ``u = X11 - conj(X12)``:
+    ``P_r = [[Re s, -Im s], [Im u, Re u]] / 2`` and likewise ``Q_r = 2 [[Re s, ...]]`` (for
+    ``Q`` the factor 1/4 of ``C / 2`` and the 4 of ``M^{-H} (.) M^{-1}`` give 2 overall).
+    Only ``n x n`` complex blocks are formed.
     """
-    n = x.shape[-1] // 2
-    x11, x12 = x[..., :n, :n], x[..., :n, n:]
-    x21, x22 = x[..., n:, :n], x[..., n:, n:]
-    s, t = x11 + x21, x12 + x22
-    u, v = x11 - x21, x12 - x22
-    top = xp.concat([xp.real(s + t), -xp.imag(s - t)], axis=-1)
-    bottom = xp.concat([xp.imag(u + v), xp.real(u - v)], axis=-1)
-    return xp.concat([top, bottom], axis=-2)
+    poles, b, c, _ = sys
+    lam_h = _xp.conj(poles, xp)
 
+    def assemble(x11: Array, x12: Array, scale: float) -> Array:
+        s, u = x11 + _xp.conj(x12, xp), x11 - _xp.conj(x12, xp)
+        top = xp.concat([xp.real(s), -xp.imag(s)], axis=-1)
+        bottom = xp.concat([xp.imag(u), xp.real(u)], axis=-1)
+        return scale * xp.concat([top, bottom], axis=-2)
 
-def _augmented(sys: DiagonalStateSpace, xp: Namespace) -> DiagonalStateSpace:
-    """Conjugate-augmented diagonal system: state ``[x; conj(x)]``, output ``Re(C x)``."""
-    poles, b, c, d = sys
-    return DiagonalStateSpace(
-        xp.concat([poles, _xp.conj(poles, xp)], axis=-1),
-        xp.concat([b, _xp.conj(b, xp)], axis=-2),
-        xp.concat([c, _xp.conj(c, xp)], axis=-1) / 2,
-        d,
-    )
+    p = q = None
+    if want[0]:
+        bt = xp.matrix_transpose(b)
+        p11 = _cauchy(poles, lam_h, b @ _xp.conj(bt, xp), horizon)
+        p12 = _cauchy(poles, poles, b @ bt, horizon)
+        p = assemble(p11, p12, 0.5)
+    if want[1]:
+        ch = _xp.conj_transpose(c, xp)
+        q11 = _cauchy(lam_h, poles, ch @ c, horizon)
+        q12 = _cauchy(lam_h, lam_h, ch @ _xp.conj(c, xp), horizon)
+        q = assemble(q11, q12, 0.5)
+    return p, q
 
 
 def _pair(
@@ -184,9 +199,7 @@ def prepared_gramians(
     if real_output and any(_xp.is_complex(f, xp) for f in fields if f is not None):
         real_system = real_output_realization(system, xp=xp)
         if isinstance(system, DiagonalStateSpace):
-            p, q = _pair(_augmented(system, xp), xp, horizon, want=want)
-            p = None if p is None else _real_coordinates(p, xp) / 4
-            q = None if q is None else _real_coordinates(q, xp)
+            p, q = _real_output_diagonal(system, xp, horizon, want)
         else:
             p, q = _pair(real_system, xp, horizon, want=want)
         result = _xp.real_dtype_of(result, xp)
@@ -299,7 +312,21 @@ def observability_gramian(
 
 
 def psd_factor(x: Array, xp: Namespace) -> Array:
-    """Square-root factor ``L = V sqrt(max(w, 0))`` of ``X = V diag(w) V^H`` (never NaN)."""
+    """Square-root factor ``L`` with ``L L^H = X`` of a Hermitian positive semi-definite ``X``.
+
+    Eagerly, a Cholesky factorisation is tried first (cheapest); when it fails, as it does for
+    numerically semi-definite Gramians, or while tracing, the factor is
+    ``L = V sqrt(max(w, 0))`` from ``X = V diag(w) V^H``, which never fails and is never NaN.
+    Every quantity computed from the factors (HSVs, balancing projections) is invariant to
+    which factor is used, ``L -> L W`` with ``W`` unitary.
+    """
+    if not _xp.is_traced(x):
+        try:
+            low = xp.linalg.cholesky(x)
+        except (ArithmeticError, RuntimeError, ValueError):  # NumPy/SciPy LinAlgError, torch
+            low = None
+        if low is not None and bool(xp.all(xp.isfinite(low))):  # JAX returns NaN instead
+            return low
     w, v = xp.linalg.eigh(x)
     w = xp.where(w > 0, w, xp.zeros_like(w))
     return v * xp.astype(xp.sqrt(w), v.dtype)[..., None, :]
@@ -314,11 +341,13 @@ def gramian_factors(
 ) -> GramianFactors:
     """Square-root factors ``Lc``, ``Lo`` with :math:`P = L_c L_c^H`, :math:`Q = L_o L_o^H`.
 
-    The factors come from a Hermitian eigendecomposition with the eigenvalues clamped at zero,
+    The factors come from a Cholesky factorisation where it succeeds, and otherwise from a
+    Hermitian eigendecomposition with the eigenvalues clamped at zero,
     :math:`P = V \\operatorname{diag}(w) V^H \\Rightarrow
-    L_c = V \\operatorname{diag}(\\sqrt{\\max(w, 0)})`. Unlike a Cholesky factorisation (plus
-    jitter) this never fails and never produces NaN when a Gramian is only semi-definite, as it
-    is numerically whenever B or C has far fewer columns or rows than there are states.
+    L_c = V \\operatorname{diag}(\\sqrt{\\max(w, 0)})`. Unlike a bare Cholesky factorisation
+    (plus jitter) this never fails and never produces NaN when a Gramian is only semi-definite,
+    as it is numerically whenever B or C has far fewer columns or rows than there are states.
+    Under ``jax.jit`` the eigendecomposition is always used.
 
     Parameters
     ----------

@@ -18,6 +18,7 @@ from compressm_core import (
     hankel_singular_values,
     observability_gramian,
     real_output_realization,
+    select_rank,
     to_dense,
 )
 from tests._helpers import Spec, assert_rel, build, dense_np, markov, specs, to_np, to_xp
@@ -183,3 +184,14 @@ def test_rank_and_method_validation(xp) -> None:
         balanced_truncation(sys, 2, method="svd")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`horizon` must be in \[1, "):
         hankel_singular_values(sys, horizon=0)
+
+
+def test_tau_selects_the_rank_in_one_call(xp) -> None:
+    sys = to_xp(build(Spec(10, 2, 2, 0.95, True, True, (3,), 21)), xp)
+    hsv = to_np(hankel_singular_values(sys))
+    res = balanced_truncation(sys, tau=0.1)
+    want = max(select_rank(row, tau=0.1) for row in hsv)
+    assert tuple(res.system.a.shape) == (3, want, want)
+    assert_rel(res.hsv, hsv, 1e-12)
+    with pytest.raises(TypeError, match="exactly one of `rank` and `tau`"):
+        balanced_truncation(sys, 3, tau=0.1)
