@@ -29,6 +29,14 @@ from .gramians import (
 from .hankel import hankel_singular_values
 from .lyapunov import solve_discrete_lyapunov
 from .norms import frequency_response, h2_norm, h_infinity_norm
+from .perturbation import (
+    RankingCertificate,
+    RankTracker,
+    hankel_operator,
+    hsv_a_priori_bound,
+    hsv_perturbation_bound,
+    ranking_certificate,
+)
 from .rank import hankel_error_bound, select_rank
 from .systems import DiagonalStateSpace, StateSpace, real_output_realization, to_dense
 
@@ -43,6 +51,8 @@ __all__ = [
     "ConditioningError",
     "DiagonalStateSpace",
     "GramianFactors",
+    "RankTracker",
+    "RankingCertificate",
     "ShapeError",
     "StabilityError",
     "StateSpace",
@@ -54,8 +64,12 @@ __all__ = [
     "h2_norm",
     "h_infinity_norm",
     "hankel_error_bound",
+    "hankel_operator",
     "hankel_singular_values",
+    "hsv_a_priori_bound",
+    "hsv_perturbation_bound",
     "observability_gramian",
+    "ranking_certificate",
     "real_output_realization",
     "rediagonalize",
     "select_rank",
