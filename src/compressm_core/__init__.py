@@ -38,7 +38,20 @@ from .perturbation import (
     ranking_certificate,
 )
 from .rank import hankel_error_bound, select_rank
+from .selective import (
+    SelectiveGramians,
+    SelectiveStatistics,
+    finalize_selective_statistics,
+    init_selective_statistics,
+    mean_lti_surrogate,
+    merge_selective_statistics,
+    select_state_indices,
+    selective_gramians,
+    state_importance,
+    update_selective_statistics,
+)
 from .systems import DiagonalStateSpace, StateSpace, real_output_realization, to_dense
+from .time_varying import TimeVaryingGramians, time_varying_gramians
 
 __version__ = "0.1.0.dev0"
 
@@ -53,12 +66,16 @@ __all__ = [
     "GramianFactors",
     "RankTracker",
     "RankingCertificate",
+    "SelectiveGramians",
+    "SelectiveStatistics",
     "ShapeError",
     "StabilityError",
     "StateSpace",
+    "TimeVaryingGramians",
     "balanced_realization",
     "balanced_truncation",
     "controllability_gramian",
+    "finalize_selective_statistics",
     "frequency_response",
     "gramian_factors",
     "h2_norm",
@@ -68,11 +85,19 @@ __all__ = [
     "hankel_singular_values",
     "hsv_a_priori_bound",
     "hsv_perturbation_bound",
+    "init_selective_statistics",
+    "mean_lti_surrogate",
+    "merge_selective_statistics",
     "observability_gramian",
     "ranking_certificate",
     "real_output_realization",
     "rediagonalize",
     "select_rank",
+    "select_state_indices",
+    "selective_gramians",
     "solve_discrete_lyapunov",
+    "state_importance",
+    "time_varying_gramians",
     "to_dense",
+    "update_selective_statistics",
 ]
