@@ -11,6 +11,8 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
+from array_api_compat import is_jax_namespace
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from compressm_core import DiagonalStateSpace, StateSpace
@@ -146,3 +148,12 @@ def assert_rel(actual: Any, desired: Any, rtol: float, *, scale: float | None = 
     ref = np.max(np.abs(desired), initial=0.0) if scale is None else scale
     err = np.max(np.abs(actual - desired), initial=0.0)
     assert err <= rtol * max(ref, 1e-300), f"max error {err:.3e} > {rtol:.1e} * {ref:.3e}"
+
+
+def backend_settings(xp: ModuleType, *, jax_examples: int = 2) -> settings:
+    """Hypothesis settings for a backend.
+
+    JAX's eager mode compiles every new shape, so it runs only ``jax_examples`` examples (its
+    traced paths are tested under ``jax.jit`` separately); the others follow the active profile.
+    """
+    return settings(max_examples=jax_examples) if is_jax_namespace(xp) else settings()

@@ -15,48 +15,60 @@ from compressm_core import (
     real_output_realization,
     to_dense,
 )
-from tests._helpers import Spec, assert_rel, build, dense_np, specs, to_np, to_xp
+from tests._helpers import Spec, assert_rel, backend_settings, build, dense_np, specs, to_np, to_xp
 
 
 def _h(x: np.ndarray) -> np.ndarray:
     return np.conj(np.swapaxes(x, -1, -2))
 
 
-@given(specs())
-def test_lyapunov_residuals(xp, spec: Spec) -> None:
-    sys = build(spec)
-    a, b, c, _ = dense_np(sys)
-    p = to_np(controllability_gramian(to_xp(sys, xp)))
-    q = to_np(observability_gramian(to_xp(sys, xp)))
-    scale = max(np.abs(p).max(), 1e-300)
-    assert_rel(a @ p @ _h(a) - p + b @ _h(b), np.zeros_like(p), 1e-9, scale=scale)
-    scale = max(np.abs(q).max(), 1e-300)
-    assert_rel(_h(a) @ q @ a - q + _h(c) @ c, np.zeros_like(q), 1e-9, scale=scale)
+def test_lyapunov_residuals(xp) -> None:
+    @backend_settings(xp)
+    @given(specs())
+    def check(spec: Spec) -> None:
+        sys = build(spec)
+        a, b, c, _ = dense_np(sys)
+        p = to_np(controllability_gramian(to_xp(sys, xp)))
+        q = to_np(observability_gramian(to_xp(sys, xp)))
+        scale = max(np.abs(p).max(), 1e-300)
+        assert_rel(a @ p @ _h(a) - p + b @ _h(b), np.zeros_like(p), 1e-9, scale=scale)
+        scale = max(np.abs(q).max(), 1e-300)
+        assert_rel(_h(a) @ q @ a - q + _h(c) @ c, np.zeros_like(q), 1e-9, scale=scale)
+
+    check()
 
 
-@given(specs(diagonal=True))
-def test_diagonal_equals_dense(xp, spec: Spec) -> None:
-    sys = to_xp(build(spec), xp)
-    dense = to_dense(sys)
-    assert_rel(controllability_gramian(sys), controllability_gramian(dense), 1e-9)
-    assert_rel(observability_gramian(sys), observability_gramian(dense), 1e-9)
+def test_diagonal_equals_dense(xp) -> None:
+    @backend_settings(xp)
+    @given(specs(diagonal=True))
+    def check(spec: Spec) -> None:
+        sys = to_xp(build(spec), xp)
+        dense = to_dense(sys)
+        assert_rel(controllability_gramian(sys), controllability_gramian(dense), 1e-9)
+        assert_rel(observability_gramian(sys), observability_gramian(dense), 1e-9)
+
+    check()
 
 
-@given(specs(max_n=6, max_radius=0.99))
-def test_finite_horizon_is_partial_sum(xp, spec: Spec) -> None:
-    sys = build(spec)
-    a, b, c, _ = dense_np(sys)
-    horizon = 1 + spec.seed % 13
-    p_ref = np.zeros(a.shape, dtype=np.result_type(a, b))
-    q_ref = np.zeros(a.shape, dtype=np.result_type(a, c))
-    ak = np.broadcast_to(np.eye(spec.n), a.shape)
-    for _ in range(horizon):
-        p_ref = p_ref + ak @ b @ _h(ak @ b)
-        q_ref = q_ref + _h(c @ ak) @ (c @ ak)
-        ak = ak @ a
-    sys_xp = to_xp(sys, xp)
-    assert_rel(controllability_gramian(sys_xp, horizon=horizon), p_ref, 1e-10)
-    assert_rel(observability_gramian(sys_xp, horizon=horizon), q_ref, 1e-10)
+def test_finite_horizon_is_partial_sum(xp) -> None:
+    @backend_settings(xp)
+    @given(specs(max_n=6, max_radius=0.99))
+    def check(spec: Spec) -> None:
+        sys = build(spec)
+        a, b, c, _ = dense_np(sys)
+        horizon = 1 + spec.seed % 13
+        p_ref = np.zeros(a.shape, dtype=np.result_type(a, b))
+        q_ref = np.zeros(a.shape, dtype=np.result_type(a, c))
+        ak = np.broadcast_to(np.eye(spec.n), a.shape)
+        for _ in range(horizon):
+            p_ref = p_ref + ak @ b @ _h(ak @ b)
+            q_ref = q_ref + _h(c @ ak) @ (c @ ak)
+            ak = ak @ a
+        sys_xp = to_xp(sys, xp)
+        assert_rel(controllability_gramian(sys_xp, horizon=horizon), p_ref, 1e-10)
+        assert_rel(observability_gramian(sys_xp, horizon=horizon), q_ref, 1e-10)
+
+    check()
 
 
 def test_finite_horizon_converges_to_infinite(xp) -> None:
@@ -68,15 +80,19 @@ def test_finite_horizon_converges_to_infinite(xp) -> None:
     assert np.abs(p_short - p_inf).max() > 1e-3 * np.abs(p_inf).max()
 
 
-@given(specs(complex_=True))
-def test_real_output_gramians_are_those_of_the_real_realization(xp, spec: Spec) -> None:
-    sys = to_xp(build(spec), xp)
-    real = real_output_realization(sys)
-    p = controllability_gramian(sys, real_output=True)
-    q = observability_gramian(sys, real_output=True)
-    assert p.dtype == xp.float64
-    assert_rel(p, controllability_gramian(real), 1e-9)
-    assert_rel(q, observability_gramian(real), 1e-9)
+def test_real_output_gramians_are_those_of_the_real_realization(xp) -> None:
+    @backend_settings(xp)
+    @given(specs(complex_=True))
+    def check(spec: Spec) -> None:
+        sys = to_xp(build(spec), xp)
+        real = real_output_realization(sys)
+        p = controllability_gramian(sys, real_output=True)
+        q = observability_gramian(sys, real_output=True)
+        assert p.dtype == xp.float64
+        assert_rel(p, controllability_gramian(real), 1e-9)
+        assert_rel(q, observability_gramian(real), 1e-9)
+
+    check()
 
 
 @pytest.mark.parametrize("horizon", [None, 40])

@@ -21,7 +21,17 @@ from compressm_core import (
     select_rank,
     to_dense,
 )
-from tests._helpers import Spec, assert_rel, build, dense_np, markov, specs, to_np, to_xp
+from tests._helpers import (
+    Spec,
+    assert_rel,
+    backend_settings,
+    build,
+    dense_np,
+    markov,
+    specs,
+    to_np,
+    to_xp,
+)
 
 
 def _ranks(xp, n: int) -> list[int]:
@@ -60,14 +70,18 @@ def test_hsv_invariant_under_similarity(xp, spec: Spec) -> None:
     assert_rel(h2, h1, 1e-8)
 
 
-@given(specs(diagonal=True))
-def test_diagonal_path_equals_dense_path(xp, spec: Spec) -> None:
-    sys = to_xp(build(spec), xp)
-    assert_rel(hankel_singular_values(sys), hankel_singular_values(to_dense(sys)), 1e-9)
-    r = max(1, spec.n // 2)
-    red_d = balanced_truncation(sys, r).system
-    red_a = balanced_truncation(to_dense(sys), r).system
-    assert_rel(markov(red_d, 6), markov(red_a, 6), 1e-7, scale=np.abs(markov(sys, 6)).max())
+def test_diagonal_path_equals_dense_path(xp) -> None:
+    @backend_settings(xp)
+    @given(specs(diagonal=True))
+    def check(spec: Spec) -> None:
+        sys = to_xp(build(spec), xp)
+        assert_rel(hankel_singular_values(sys), hankel_singular_values(to_dense(sys)), 1e-9)
+        r = max(1, spec.n // 2)
+        red_d = balanced_truncation(sys, r).system
+        red_a = balanced_truncation(to_dense(sys), r).system
+        assert_rel(markov(red_d, 6), markov(red_a, 6), 1e-7, scale=np.abs(markov(sys, 6)).max())
+
+    check()
 
 
 @given(specs(max_n=6))
@@ -86,49 +100,60 @@ def test_balanced_gramians_equal_and_diagonal(xp, spec: Spec) -> None:
     assert_rel(t_inv @ t, np.broadcast_to(np.eye(spec.n), t.shape), 1e-7)
 
 
-@given(specs(max_n=7))
-def test_truncation_error_within_bound_for_every_rank(xp, spec: Spec) -> None:
-    sys = to_xp(build(spec), xp)
-    hsv = to_np(hankel_singular_values(sys))
-    for rank in _ranks(xp, spec.n):
-        if np.min(hsv[..., rank - 1] / hsv[..., 0]) < 1e-9:
-            break  # numerically non-minimal beyond this rank
-        for method in ("sqrt", "bfsr"):
-            res = balanced_truncation(sys, rank, method=method)
-            assert tuple(res.system.a.shape[-2:]) == (rank, rank)
-            eye = np.broadcast_to(np.eye(rank), (*spec.batch, rank, rank))
-            assert_rel(res.T_inv @ res.T, eye, 1e-12 * np.max(hsv[..., 0] / hsv[..., rank - 1]))
-            err = to_np(h_infinity_norm(sys, res.system))
-            bound = to_np(res.error_bound)
-            assert_rel(bound, to_np(hankel_error_bound(res.hsv, rank)), 1e-12)
-            slack = 1e-9 * np.sum(hsv, axis=-1)  # rounding, relative to the system's gain
-            assert np.all(err <= bound * (1 + 1e-7) + slack), (rank, method, err, bound)
+def test_truncation_error_within_bound_for_every_rank(xp) -> None:
+    @backend_settings(xp)
+    @given(specs(max_n=7))
+    def check(spec: Spec) -> None:
+        sys = to_xp(build(spec), xp)
+        hsv = to_np(hankel_singular_values(sys))
+        for rank in _ranks(xp, spec.n):
+            if np.min(hsv[..., rank - 1] / hsv[..., 0]) < 1e-9:
+                break  # numerically non-minimal beyond this rank
+            for method in ("sqrt", "bfsr"):
+                res = balanced_truncation(sys, rank, method=method)
+                assert tuple(res.system.a.shape[-2:]) == (rank, rank)
+                eye = np.broadcast_to(np.eye(rank), (*spec.batch, rank, rank))
+                assert_rel(
+                    res.T_inv @ res.T, eye, 1e-12 * np.max(hsv[..., 0] / hsv[..., rank - 1])
+                )
+                err = to_np(h_infinity_norm(sys, res.system))
+                bound = to_np(res.error_bound)
+                assert_rel(bound, to_np(hankel_error_bound(res.hsv, rank)), 1e-12)
+                slack = 1e-9 * np.sum(hsv, axis=-1)  # rounding, relative to the system's gain
+                assert np.all(err <= bound * (1 + 1e-7) + slack), (rank, method, err, bound)
+
+    check()
 
 
-@given(specs(complex_=True, max_n=5))
-def test_real_output_truncation(xp, spec: Spec) -> None:
+def test_real_output_truncation(xp) -> None:
     """The exact real reduction and the paper's complex one both bound the real-output error."""
-    sys = to_xp(build(spec), xp)
-    n_real = 2 * spec.n
-    hsv_real = hankel_singular_values(sys, real_output=True)
-    assert_rel(hsv_real, hankel_singular_values(real_output_realization(sys)), 1e-8)
-    ratio = to_np(hsv_real) / to_np(hsv_real)[..., :1]
-    for rank in _ranks(xp, n_real - 1):
-        if np.min(ratio[..., rank - 1]) < 1e-9:
-            break
-        res = balanced_truncation(sys, rank, real_output=True)
-        assert not np.iscomplexobj(to_np(res.system.a))
-        err = to_np(h_infinity_norm(sys, res.system, real_output=True))
-        slack = 1e-9 * np.sum(to_np(hsv_real), axis=-1)
-        assert np.all(err <= to_np(res.error_bound) * (1 + 1e-7) + slack)
-    hsv = to_np(hankel_singular_values(sys))
-    for rank in _ranks(xp, spec.n):
-        if np.min(hsv[..., rank - 1] / hsv[..., 0]) < 1e-9:
-            break
-        res = balanced_truncation(sys, rank)
-        err = to_np(h_infinity_norm(sys, res.system, real_output=True))
-        slack = 1e-9 * np.sum(hsv, axis=-1)
-        assert np.all(err <= to_np(res.error_bound) * (1 + 1e-7) + slack)
+
+    @backend_settings(xp)
+    @given(specs(complex_=True, max_n=5))
+    def check(spec: Spec) -> None:
+        sys = to_xp(build(spec), xp)
+        n_real = 2 * spec.n
+        hsv_real = hankel_singular_values(sys, real_output=True)
+        assert_rel(hsv_real, hankel_singular_values(real_output_realization(sys)), 1e-8)
+        ratio = to_np(hsv_real) / to_np(hsv_real)[..., :1]
+        for rank in _ranks(xp, n_real - 1):
+            if np.min(ratio[..., rank - 1]) < 1e-9:
+                break
+            res = balanced_truncation(sys, rank, real_output=True)
+            assert not np.iscomplexobj(to_np(res.system.a))
+            err = to_np(h_infinity_norm(sys, res.system, real_output=True))
+            slack = 1e-9 * np.sum(to_np(hsv_real), axis=-1)
+            assert np.all(err <= to_np(res.error_bound) * (1 + 1e-7) + slack)
+        hsv = to_np(hankel_singular_values(sys))
+        for rank in _ranks(xp, spec.n):
+            if np.min(hsv[..., rank - 1] / hsv[..., 0]) < 1e-9:
+                break
+            res = balanced_truncation(sys, rank)
+            err = to_np(h_infinity_norm(sys, res.system, real_output=True))
+            slack = 1e-9 * np.sum(hsv, axis=-1)
+            assert np.all(err <= to_np(res.error_bound) * (1 + 1e-7) + slack)
+
+    check()
 
 
 def test_full_rank_truncation_reproduces_system(xp) -> None:

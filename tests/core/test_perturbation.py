@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from array_api_compat import is_jax_namespace
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from compressm_core import (
@@ -27,15 +26,21 @@ from compressm_core.perturbation import (
     hsv_perturbation_bound,
     ranking_certificate,
 )
-from tests._helpers import Spec, assert_rel, build, dense_np, specs, to_np, to_xp
+from tests._helpers import (
+    Spec,
+    assert_rel,
+    backend_settings,
+    build,
+    dense_np,
+    specs,
+    to_np,
+    to_xp,
+)
 
 
 def _run(xp: Any, strategy: Any, check: Callable[..., None], *, jax_examples: int = 2) -> None:
     """Run a Hypothesis check; few examples on JAX, whose eager mode compiles every new shape."""
-    budget = settings.default.max_examples
-    if is_jax_namespace(xp):
-        budget = min(budget, jax_examples)
-    settings(settings.default, max_examples=budget)(given(strategy)(check))()
+    backend_settings(xp, jax_examples=jax_examples)(given(strategy)(check))()
 
 
 def _hermitian(x: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from compressm_core import (
     rediagonalize,
     select_rank,
 )
-from tests._helpers import Spec, assert_rel, build, markov, specs, to_np, to_xp
+from tests._helpers import Spec, assert_rel, backend_settings, build, markov, specs, to_np, to_xp
 
 hsv_lists = st.lists(st.floats(0, 1e3), min_size=1, max_size=40).map(
     lambda v: np.sort(np.asarray(v))[::-1]
@@ -83,32 +83,40 @@ def _numerical_rank(hsv: object) -> int:
     return int(np.min(np.sum(h > 1e-8 * h[..., :1], axis=-1)))
 
 
-@given(specs(max_n=6))
-def test_rediagonalize_preserves_the_transfer_function(xp, spec: Spec) -> None:
-    sys = to_xp(build(spec), xp)
-    reduced = balanced_truncation(sys, _numerical_rank(hankel_singular_values(sys))).system
-    diag = rediagonalize(reduced)
-    assert isinstance(diag, DiagonalStateSpace)
-    assert_rel(markov(diag, 8), markov(reduced, 8), 1e-8)
-    radius = np.abs(to_np(diag.poles))
-    assert np.all(np.diff(radius, axis=-1) <= 1e-12)
+def test_rediagonalize_preserves_the_transfer_function(xp) -> None:
+    @backend_settings(xp)
+    @given(specs(max_n=6))
+    def check(spec: Spec) -> None:
+        sys = to_xp(build(spec), xp)
+        reduced = balanced_truncation(sys, _numerical_rank(hankel_singular_values(sys))).system
+        diag = rediagonalize(reduced)
+        assert isinstance(diag, DiagonalStateSpace)
+        assert_rel(markov(diag, 8), markov(reduced, 8), 1e-8)
+        radius = np.abs(to_np(diag.poles))
+        assert np.all(np.diff(radius, axis=-1) <= 1e-12)
+
+    check()
 
 
-@given(specs(complex_=True, max_n=4, batch=False))
-def test_rediagonalize_real_output_folds_conjugate_pairs(xp, spec: Spec) -> None:
-    sys = to_xp(build(spec), xp)
-    hsv = hankel_singular_values(sys, real_output=True)
-    reduced = balanced_truncation(sys, _numerical_rank(hsv), real_output=True).system
-    diag = rediagonalize(reduced, real_output=True)
-    poles = to_np(diag.poles)
-    assert poles.shape[-1] <= 2 * spec.n
-    assert np.all(poles.imag >= 0)
-    omega = xp.asarray(np.linspace(0.0, np.pi, 7))
-    assert_rel(
-        frequency_response(diag, omega, real_output=True),
-        frequency_response(reduced, omega),
-        1e-7,
-    )
+def test_rediagonalize_real_output_folds_conjugate_pairs(xp) -> None:
+    @backend_settings(xp)
+    @given(specs(complex_=True, max_n=4, batch=False))
+    def check(spec: Spec) -> None:
+        sys = to_xp(build(spec), xp)
+        hsv = hankel_singular_values(sys, real_output=True)
+        reduced = balanced_truncation(sys, _numerical_rank(hsv), real_output=True).system
+        diag = rediagonalize(reduced, real_output=True)
+        poles = to_np(diag.poles)
+        assert poles.shape[-1] <= 2 * spec.n
+        assert np.all(poles.imag >= 0)
+        omega = xp.asarray(np.linspace(0.0, np.pi, 7))
+        assert_rel(
+            frequency_response(diag, omega, real_output=True),
+            frequency_response(reduced, omega),
+            1e-7,
+        )
+
+    check()
 
 
 def test_rediagonalize_is_deterministic_and_balances_modes(xp) -> None:

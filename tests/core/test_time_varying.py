@@ -34,13 +34,20 @@ from compressm_core.selective import (
     update_selective_statistics,
 )
 from compressm_core.time_varying import time_varying_gramians
-from tests._helpers import Spec, assert_rel, build, dense_np, specs, to_np, to_xp
+from tests._helpers import (
+    Spec,
+    assert_rel,
+    backend_settings,
+    build,
+    dense_np,
+    specs,
+    to_np,
+    to_xp,
+)
 
 
 def _cases(xp) -> settings:
-    """Hypothesis settings for a backend: JAX compiles every new shape eagerly, so it gets one
-    example; the others follow the active profile."""
-    return settings(max_examples=1) if array_api_compat.is_jax_namespace(xp) else settings()
+    return backend_settings(xp, jax_examples=1)
 
 
 def _skip_jax(xp) -> None:
