@@ -22,12 +22,15 @@ extrapolated linearly in ``L`` (every time step and every block of ``time_block`
 same shapes, so the cost is proportional to ``L``; the ratio is measured, not extrapolated);
 the table says so.
 
+Each case also times ``step_loop_statistics``, a sequential step-loop prototype written in this
+file (not part of the library) that computes the same sums, as a measured suggestion.
+
 A profile section then times variants at ``N = 16``, ``L = 128`` to show where the time goes:
 ``time_block``, a float32 accumulator (``SelectiveStatistics`` of float32 zeros makes the
-update work in float32), the default with glibc's ``mmap`` disabled for large blocks
-(``MALLOC_MMAP_MAX_=0``), the minor page faults of each run, a ``torch.profiler`` table, and a
-sequential step-loop prototype written in this file (not part of the library) that computes the
-same sums.
+update work in float32), NumPy, ``mean_lti_surrogate`` (means only), the prototype, the default
+in processes where glibc does not ``mmap`` large blocks (``MALLOC_MMAP_MAX_=0``) or torch asks
+for transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``), with the CPU user / kernel time and the
+minor page faults of each run, and a ``torch.profiler`` table of the default update.
 
 Every measurement runs in a fresh subprocess (``--worker``), so that its peak memory can be
 read in isolation: the peak resident set size (``VmHWM`` after resetting it through
@@ -38,7 +41,7 @@ large allocations is negligible).
 
 Usage::
 
-    python benchmarks/selective_gramians.py            # full run, about 5 minutes on 2 cores
+    python benchmarks/selective_gramians.py            # full run, 5-6 minutes on 2 cores
     python benchmarks/selective_gramians.py --quick    # smoke test, under a minute
     python benchmarks/selective_gramians.py --no-profile --out benchmarks/results
 
@@ -111,6 +114,7 @@ class Config:
     profiler_steps: int  # steps under torch.profiler
     time_block: int | None  # None: the library default
     budget_s: float  # time spent on repeats of one short measurement
+    scan_budget_s: float  # the same for the scan and the prototype (the ratios' denominators)
     max_repeats: int
     deadline_s: float  # no retry of a disturbed run is started after this (from the start)
     idle_wait_s: float = 0.0  # before each measurement wait up to this long for idle CPUs ...
@@ -125,11 +129,12 @@ FULL = Config(
     profile_case=Case(16, 8, 128, 128),
     profiler_steps=64,
     time_block=None,
-    budget_s=3.0,
+    budget_s=8.0,
+    scan_budget_s=16.0,
     max_repeats=3,
     deadline_s=300.0,
-    idle_wait_s=20.0,
-    idle_wait_total_s=90.0,
+    idle_wait_s=15.0,
+    idle_wait_total_s=45.0,
 )
 
 QUICK = Config(
@@ -139,6 +144,7 @@ QUICK = Config(
     profiler_steps=64,
     time_block=None,
     budget_s=0.5,
+    scan_budget_s=0.5,
     max_repeats=3,
     deadline_s=60.0,
 )
@@ -283,8 +289,9 @@ def step_loop_statistics(
     sequential loop over time with in-place operations on ``(batch, D, N)`` buffers.
 
     O(L) work instead of the doubling scan's O(L log T), no concatenation, no allocation inside
-    the loop (chunk buffers are reused through ``out=``), ``dtype`` for the per-step work and
-    float64 for the sums over chunks. ``b``, ``c`` of shape ``(batch, L, N)`` (one group).
+    the loop over steps (the ``(batch, T, D, N)`` chunk buffers are reused through ``out=``),
+    ``dtype`` for the per-step work and float64 for the sums over chunks. ``b``, ``c`` of shape
+    ``(batch, L, N)`` (one group).
     """
     batch, steps, channels = dt.shape
     states = a.shape[1]
@@ -298,13 +305,15 @@ def step_loop_statistics(
     for lo in range(0, steps, chunk):
         hi = min(lo + chunk, steps)
         width = hi - lo
-        dt_c = dt[:, lo:hi, :].to(dtype)  # (batch, T, D)
-        b_c, c_c = b[:, lo:hi, :].to(dtype), c[:, lo:hi, :].to(dtype)  # (batch, T, N)
+        # contiguous (batch, T, D) and (batch, T, N) chunks: mamba's (batch, D, L) layout makes
+        # the hook's views strided along D
+        dt_c = dt[:, lo:hi, :].to(dtype).contiguous()
+        b_c, c_c = (x[:, lo:hi, :].to(dtype).contiguous() for x in (b, c))
         pole_c, alpha_c = pole[:, :width], alpha[:, :width]
         torch.mul(dt_c[..., None], a_work, out=pole_c)
         torch.exp(pole_c, out=pole_c)
         torch.mul(pole_c, pole_c, out=alpha_c)
-        sums["pole"] += pole_c.sum(dim=(0, 1), dtype=f64)
+        sums["pole"] += pole_c.sum(dim=(0, 1)).to(f64)  # sum(dtype=f64) would copy pole_c
         sums["b"] += torch.einsum("btd,btn->dn", dt_c, b_c).to(f64)
         dt2, b2, gamma = dt_c * dt_c, b_c * b_c, c_c * c_c
         for t in range(width):
@@ -317,7 +326,7 @@ def step_loop_statistics(
             acc_q.addcmul_(g_t, m)
             acc_e.addcmul_(g_t, r)
         for key, acc in (("p", acc_p), ("q", acc_q), ("e", acc_e)):
-            sums[key] += acc.sum(dim=0, dtype=f64)
+            sums[key] += acc.to(f64).sum(dim=0)
             acc.zero_()
     count = torch.tensor(float(batch * steps), dtype=f64)
     c_sum = c.to(f64).sum(dim=(0, 1))[None, :].expand(channels, states)
@@ -373,6 +382,8 @@ def measure_once(fn: Callable[[], Any], *, trace: bool = False) -> tuple[dict[st
         run["peak_rss_mib"] = max(0, hwm_kib - base_kib) / 1024
         run["peak_rss_method"] = "VmHWM reset" if exact else "ru_maxrss (lower bound)"
     run["minor_page_faults"] = after.ru_minflt - usage.ru_minflt
+    run["cpu_user_s"] = after.ru_utime - usage.ru_utime
+    run["cpu_sys_s"] = after.ru_stime - usage.ru_stime
     return run, result
 
 
@@ -396,6 +407,7 @@ def best_runs(
         disturbed=disturbed(best["others_cpu"]),
         repeats=len(runs),
         all_seconds=[r["seconds"] for r in runs],
+        all_peak_rss_mib=[r.get("peak_rss_mib") for r in runs],
     )
     return out, result
 
@@ -420,8 +432,8 @@ Inputs = dict[str, torch.Tensor]
 def _update_fn(
     backend: str, time_block: int | None, precision: str = "float64"
 ) -> Callable[[Inputs], cc.SelectiveStatistics]:
-    """``update_selective_statistics`` on one batch from an empty accumulator (created outside
-    the timed call would not matter: it is ``(D, N)``); ``time_block=None``: the default."""
+    """``update_selective_statistics`` on one batch from an empty accumulator (created inside
+    the timed call: ``(D, N)`` zeros, negligible); ``time_block=None``: the default."""
     kwargs = {} if time_block is None else {"time_block": time_block}
 
     def run(x: Inputs) -> cc.SelectiveStatistics:
@@ -430,6 +442,10 @@ def _update_fn(
         return cc.update_selective_statistics(stats, dt, a, b, c, **kwargs)
 
     return run
+
+
+def _mean_lti_fn(x: Inputs) -> cc.DiagonalStateSpace:
+    return cc.mean_lti_surrogate(*hook_views(x, "torch"))
 
 
 def _step_loop_fn(dtype: torch.dtype) -> Callable[[Inputs], cc.SelectiveStatistics]:
@@ -457,9 +473,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         return variants_worker(spec)
     budget, repeats = spec["budget_s"], spec["max_repeats"]
     x = _inputs(spec)
-    if spec["kind"] == "scan":
-        selective_scan_ref(_inputs(spec, WARM_STEPS, 1))
-        run, _ = best_runs(lambda: selective_scan_ref(x), budget, repeats)
+    if spec["kind"] in ("scan", "steploop"):
+        fn = selective_scan_ref if spec["kind"] == "scan" else _step_loop_fn(torch.float32)
+        fn(_inputs(spec, WARM_STEPS, 1))
+        run, _ = best_runs(lambda: fn(x), spec["scan_budget_s"], repeats)
         return {"run": run}
     backend = spec["backend"]
     fn = _update_fn(backend, spec.get("time_block"), spec.get("precision", "float64"))
@@ -485,6 +502,7 @@ VARIANTS: tuple[tuple[str, str], ...] = (
     ("library time_block=8 + float32 accumulator, torch", "update torch tb8 f32"),
     ("library default, NumPy", "update numpy default"),
     ("library time_block=8 + float32 accumulator, NumPy", "update numpy tb8 f32"),
+    ("library mean_lti_surrogate (means only, no Gramians), torch", "mean lti torch"),
     ("prototype step loop (this file), float64, torch", "step loop f64"),
     ("prototype step loop (this file), float32, torch", "step loop f32"),
 )
@@ -498,6 +516,7 @@ def _variant_fn(key: str) -> Callable[[Inputs], cc.SelectiveStatistics]:
         "update torch tb8 f32": _update_fn("torch", 8, "float32"),
         "update numpy default": _update_fn("numpy", None),
         "update numpy tb8 f32": _update_fn("numpy", 8, "float32"),
+        "mean lti torch": _mean_lti_fn,
         "step loop f64": _step_loop_fn(torch.float64),
         "step loop f32": _step_loop_fn(torch.float32),
     }[key]
@@ -506,7 +525,7 @@ def _variant_fn(key: str) -> Callable[[Inputs], cc.SelectiveStatistics]:
 def variants_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Profile section: the same batch through several variants, in one process."""
     x = _inputs(spec)
-    warm = _inputs(spec, WARM_STEPS, 1)
+    warm = _inputs(spec, WARM_STEPS // 2, 1)
     budget, repeats = spec["budget_s"], spec["max_repeats"]
     selective_scan_ref(warm)
     scan, _ = best_runs(lambda: selective_scan_ref(x), budget, repeats)
@@ -522,7 +541,11 @@ def variants_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 "variant": label,
                 "run": run,
                 "ratio_to_scan": run["seconds"] / scan["seconds"],
-                "max_rel_gap_vs_default": _relative_gap(stats, reference),
+                "max_rel_gap_vs_default": (
+                    _relative_gap(stats, reference)
+                    if isinstance(stats, cc.SelectiveStatistics)
+                    else None
+                ),
             }
         )
     return {"rows": rows, "torch_profiler": profiler_table(x, spec["profiler_steps"])}
@@ -578,6 +601,7 @@ class Runner:
             "seed": self.cfg.seed,
             "threads": self.threads,
             "budget_s": self.cfg.budget_s,
+            "scan_budget_s": self.cfg.scan_budget_s,
             "max_repeats": self.cfg.max_repeats,
             "time_block": self.cfg.time_block,
             "profiler_steps": self.cfg.profiler_steps,
@@ -634,6 +658,9 @@ class Runner:
         return time.monotonic() - self.start
 
 
+BACKENDS = ("torch", "numpy")
+
+
 def cast_bytes(case: Case, channels: int, steps: int) -> int:
     """Bytes of the float64 copies of ``dt``, ``b``, ``c`` that the update makes up front."""
     return case.batch * steps * (channels + 2 * case.states) * 8
@@ -647,21 +674,25 @@ def measure_case(case: Case, runner: Runner) -> dict[str, Any]:
         backend: runner.measure(runner.spec(case, kind="update", backend=backend))
         for backend in ("torch", "numpy")
     }
+    steploop = runner.measure(runner.spec(case, kind="steploop"))
     extra_cast = cast_bytes(case, cfg.channels, case.full_steps - case.steps) / MIB
 
-    def entry(result: dict[str, Any], *, update: bool) -> dict[str, Any]:
+    def entry(result: dict[str, Any], memory: str) -> dict[str, Any]:
         run = result["run"]
         out = {
             "seconds_measured": run["seconds"],
             "seconds": run["seconds"] * case.scale,
             "repeats": run["repeats"],
             "all_seconds_measured": run["all_seconds"],
+            "all_peak_rss_mib_measured": run["all_peak_rss_mib"],
             "others_cpu": run["others_cpu"],
             "disturbed": run["disturbed"],
             "attempts": result["attempts"],
             "others_cpu_before": result["others_cpu_before"],
             "peak_rss_method": run.get("peak_rss_method"),
             "minor_page_faults_measured": run["minor_page_faults"],
+            "cpu_user_s_measured": run["cpu_user_s"],
+            "cpu_sys_s_measured": run["cpu_sys_s"],
         }
         for key in ("peak_rss_mib", "tracemalloc_peak_mib"):
             value = run.get(key)
@@ -671,23 +702,27 @@ def measure_case(case: Case, runner: Runner) -> dict[str, Any]:
             if not case.extrapolated:
                 out[f"{key}_full"] = value
             else:  # see NOTES: the scan's tensors scale with L, the update's casts only
-                out[f"{key}_full"] = value + extra_cast if update else value * case.scale
+                extra = {"scales": value * (case.scale - 1), "casts": extra_cast, "constant": 0}
+                out[f"{key}_full"] = value + extra[memory]
         return out
 
-    times = {"scan_torch": entry(scan, update=False)}
+    times = {
+        "scan_torch": entry(scan, "scales"),
+        # the prototype's buffers do not depend on L
+        "prototype_step_loop_float32_torch": entry(steploop, "constant"),
+    }
     finalize: dict[str, Any] = {}
     for backend, result in updates.items():
-        times[f"update_{backend}"] = entry(result, update=True)
+        times[f"update_{backend}"] = entry(result, "casts")
         fin = result["finalize_importance"]
         finalize[backend] = {
             "seconds": fin["seconds"],
             "repeats": fin["repeats"],
             "importance_finite": result["importance_finite"],
         }
-    ratios = {
-        backend: times[f"update_{backend}"]["seconds"] / times["scan_torch"]["seconds"]
-        for backend in ("torch", "numpy")
-    }
+    scan_s = times["scan_torch"]["seconds"]
+    ratios = {backend: times[f"update_{backend}"]["seconds"] / scan_s for backend in BACKENDS}
+    prototype = times["prototype_step_loop_float32_torch"]["seconds"] / scan_s
     return {
         "states": case.states,
         "channels": cfg.channels,
@@ -705,6 +740,7 @@ def measure_case(case: Case, runner: Runner) -> dict[str, Any]:
         "times": times,
         "ratio_update_over_scan": ratios,
         "goal_met": {k: v < GOAL for k, v in ratios.items()},
+        "ratio_prototype_step_loop_over_scan": prototype,
         "finalize_importance": finalize,
     }
 
@@ -713,19 +749,28 @@ def measure_profile(runner: Runner) -> dict[str, Any]:
     """Variants at the profile shape, and the default with glibc's mmap disabled."""
     case = runner.cfg.profile_case
     out = runner.measure(runner.spec(case, kind="variants"))
-    env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
-    scan = runner.measure(runner.spec(case, kind="scan"), env=env)["run"]
-    update = runner.measure(runner.spec(case, kind="update", backend="torch"), env=env)["run"]
-    label = "MALLOC_MMAP_MAX_=0 (glibc reuses freed memory instead of fresh mmap pages)"
-    out["rows"] += [
-        {"variant": f"scan forward, {label}", "run": scan},
-        {
-            "variant": f"library default, torch, {label}",
-            "run": update,
-            "ratio_to_scan": update["seconds"] / scan["seconds"],
-            "max_rel_gap_vs_default": None,
-        },
-    ]
+    settings = (
+        (
+            {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)},
+            "MALLOC_MMAP_MAX_=0 (glibc reuses freed memory, no fresh mmap pages)",
+        ),
+        (
+            {"THP_MEM_ALLOC_ENABLE": "1"},
+            "THP_MEM_ALLOC_ENABLE=1 (torch asks for transparent huge pages)",
+        ),
+    )
+    for env, label in settings:
+        scan = runner.measure(runner.spec(case, kind="scan"), env=env)["run"]
+        update = runner.measure(runner.spec(case, kind="update", backend="torch"), env=env)["run"]
+        out["rows"] += [
+            {"variant": f"scan forward, {label}", "run": scan},
+            {
+                "variant": f"library default, torch, {label}",
+                "run": update,
+                "ratio_to_scan": update["seconds"] / scan["seconds"],
+                "max_rel_gap_vs_default": None,
+            },
+        ]
     out["case"] = {"states": case.states, "batch": case.batch, "steps": case.steps}
     return out
 
@@ -786,34 +831,62 @@ def _mem(entry: dict[str, Any], key: str, extrapolated: bool) -> str:
     return f"{full:,.0f}" + (f" (extrap.; run {measured:,.0f})" if extrapolated else "")
 
 
+def _shape(c: dict[str, Any]) -> str:
+    shape = f"{c['batch']} × {c['steps_reported']}"
+    return shape + (f" (run at L = {c['steps_run']})" if c["extrapolated"] else "")
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.1%}" + ("" if value < GOAL else " (goal missed)")
+
+
 def markdown_table(cases: list[dict[str, Any]]) -> str:
+    """Times and ratios, one row per shape."""
     head = (
         "| N | batch × L | scan forward, torch [s] | update, torch [s] | update, NumPy [s] "
-        "| update / scan, torch | update / scan, NumPy | peak extra RSS: scan [MiB] "
-        "| peak extra RSS: update torch [MiB] | peak extra RSS: update NumPy [MiB] "
-        "| tracemalloc peak: update NumPy [MiB] | finalize + importance, torch / NumPy [ms] |"
+        "| update / scan, torch | update / scan, NumPy "
+        "| finalize + importance, torch / NumPy [ms] | prototype step loop, float32 torch [s] "
+        "| prototype / scan |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 10]
     for c in cases:
         t, ext = c["times"], c["extrapolated"]
-        shape = f"{c['batch']} × {c['steps_reported']}"
-        if ext:
-            shape += f" (run at L = {c['steps_run']})"
         r = c["ratio_update_over_scan"]
         fin = c["finalize_importance"]
         row = [
             str(c["states"]),
-            shape,
+            _shape(c),
             _t(t["scan_torch"], ext),
             _t(t["update_torch"], ext),
             _t(t["update_numpy"], ext),
-            f"{r['torch']:.1%}" + ("" if r["torch"] < GOAL else " (goal missed)"),
-            f"{r['numpy']:.1%}" + ("" if r["numpy"] < GOAL else " (goal missed)"),
+            _ratio(r["torch"]),
+            _ratio(r["numpy"]),
+            f"{1e3 * fin['torch']['seconds']:.3g} / {1e3 * fin['numpy']['seconds']:.3g}",
+            _t(t["prototype_step_loop_float32_torch"], ext),
+            _ratio(c["ratio_prototype_step_loop_over_scan"]),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def memory_table(cases: list[dict[str, Any]]) -> str:
+    """Peak extra memory, one row per shape."""
+    head = (
+        "| N | batch × L | scan forward, torch | update, torch | update, NumPy "
+        "| update, NumPy (tracemalloc) | prototype step loop | (batch, L, D, N) float32 tensor |"
+    )
+    lines = [head, "|" + "---|" * 8]
+    for c in cases:
+        t, ext = c["times"], c["extrapolated"]
+        row = [
+            str(c["states"]),
+            _shape(c),
             _mem(t["scan_torch"], "peak_rss_mib", ext),
             _mem(t["update_torch"], "peak_rss_mib", ext),
             _mem(t["update_numpy"], "peak_rss_mib", ext),
             _mem(t["update_numpy"], "tracemalloc_peak_mib", ext),
-            f"{1e3 * fin['torch']['seconds']:.3g} / {1e3 * fin['numpy']['seconds']:.3g}",
+            _mem(t["prototype_step_loop_float32_torch"], "peak_rss_mib", False),
+            f"{c['scan_state_tensor_mib_full']:,.0f}",
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -825,9 +898,9 @@ def profile_tables(profile: dict[str, Any]) -> str:
         f"Profile (N = {c['states']}, batch × L = {c['batch']} × {c['steps']}, D as above; "
         "each variant on the same batch):",
         "",
-        "| variant | time [s] | / scan forward | minor page faults | max rel. gap of the sums "
-        "vs the default |",
-        "|---|---|---|---|---|",
+        "| variant | time [s] | / scan forward | CPU user / sys [s] | minor page faults "
+        "| max rel. gap of the sums vs the default |",
+        "|---|---|---|---|---|---|",
     ]
     for row in profile["rows"]:
         run = row["run"]
@@ -835,7 +908,8 @@ def profile_tables(profile: dict[str, Any]) -> str:
         gap = row.get("max_rel_gap_vs_default")
         lines.append(
             f"| {row['variant']} | {run['seconds']:.3g}{' †' if run['disturbed'] else ''} | "
-            f"{'–' if ratio is None else f'{ratio:.1%}'} | {run['minor_page_faults']:,} | "
+            f"{'–' if ratio is None else f'{ratio:.1%}'} | "
+            f"{run['cpu_user_s']:.2f} / {run['cpu_sys_s']:.2f} | {run['minor_page_faults']:,} | "
             f"{'–' if gap is None else f'{gap:.1e}'} |"
         )
     prof = profile["torch_profiler"]
@@ -857,21 +931,33 @@ def profile_tables(profile: dict[str, Any]) -> str:
 NOTES = [
     "scan forward: mamba_ssm's selective_scan_ref algorithm in plain torch (float32, "
     "torch.no_grad, Python loop over L), including y + u * D and the silu(z) gate.",
-    "update: one update_selective_statistics call on the batch (streamed statistics, default "
-    "time_block=32, float64 working precision, the library's defaults) from float32 "
-    "activations passed as transposed views of mamba's (batch, D, L) tensors; NumPy: the same "
-    "arrays as NumPy float32. NumPy's elementwise operations use one thread, torch uses all.",
+    "update: one update_selective_statistics call on the batch (streamed statistics; the "
+    "library's defaults: time_block=32, float64 working precision) from float32 activations "
+    "passed as transposed views of mamba's (batch, D, L) tensors; NumPy: the same arrays as "
+    "NumPy float32. NumPy's elementwise operations use one thread, torch uses all.",
     "Ratio: update time / scan time at the same shape (for an extrapolated row both times are "
     "measured at the reduced L, so the ratio is measured, not extrapolated).",
     "finalize + importance: finalize_selective_statistics then state_importance "
     "(method='gramian', aggregate='sum'), best of up to 5; once per reduction.",
+    "prototype step loop: step_loop_statistics in this benchmark file, NOT part of the "
+    "library: the same sums by a sequential loop over time with in-place float32 operations "
+    "on (batch, D, N) buffers and float64 sums per chunk of 32 steps (one group only). Its "
+    "sums agree with the library's to the 'max rel. gap' of the profile table.",
     "Peak extra RSS: peak resident set size during the call (VmHWM, reset through "
     "/proc/self/clear_refs just before it) minus the resident set size before it, in a fresh "
-    "process; inputs are allocated before. tracemalloc: NumPy buffers only.",
+    "process; inputs are allocated before. Reported for the first timed call in a fresh "
+    "process (after a warm-up on 64 steps); later calls can reuse heap memory the allocator "
+    "kept and show less (all runs are in the JSON). tracemalloc: NumPy buffers only.",
     "Extrapolated rows (run at a shorter L): times × L_full / L_run (every step and block has "
     "the same shapes); scan memory × L_full / L_run (every large tensor of the scan has an L "
     "axis); update memory + the float64 copies of dt, b, c for the missing steps "
-    "(batch × ΔL × (D + 2N) × 8 bytes; its block temporaries do not depend on L).",
+    "(batch × ΔL × (D + 2N) × 8 bytes; its block temporaries do not depend on L); prototype "
+    "memory as measured (its buffers do not depend on L).",
+    "Profile: all variants run in one process on the same batch (the library rows from an "
+    "empty accumulator; 'float32 accumulator' = SelectiveStatistics of float32 zeros, which "
+    "makes the update work in float32); the allocator rows run in fresh processes with the "
+    "environment variable shown. CPU user / sys: this process's CPU seconds (all threads) in "
+    "user and kernel mode; the kernel time is mostly page faults on freshly mapped memory.",
 ]
 
 
@@ -881,10 +967,16 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"CPU: {info['processor']}, {info['usable_cpus']} cores, {info['memory_gib']:.0f} GiB, "
         f"torch threads {info['torch_threads']}; NumPy {info['numpy']}, torch {info['torch']}, "
         f"compressm_core {info['compressm_core']}. D = {result['cases'][0]['channels']} channels, "
-        "float32 activations. Wall-clock seconds, best of k (k = 1 for runs over "
-        f"{result['config']['budget_s']:g} s).",
+        "float32 activations. Wall-clock seconds, best of k runs in a budget of "
+        f"{result['config']['budget_s']:g} s per update and "
+        f"{result['config']['scan_budget_s']:g} s per scan or prototype (k = 1 for the long "
+        "updates).",
         "",
         markdown_table(result["cases"]),
+        "",
+        "Peak extra memory [MiB] (resident set size above the level before the call):",
+        "",
+        memory_table(result["cases"]),
         "",
         f"Goal: update / scan < {GOAL:.0%} (measured; a miss is reported, not hidden):",
         "",
@@ -924,7 +1016,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         metavar="SECONDS",
         help="before each measurement wait up to SECONDS for other processes to leave the CPUs "
-        "(at most 5 x SECONDS in all; default 20 per measurement and 90 in all on a full run, "
+        "(at most 3 x SECONDS in all; default 15 per measurement and 45 in all on a full run, "
         "0 with --quick)",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -938,7 +1030,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         return None
     cfg = QUICK if args.quick else FULL
     if args.wait_idle is not None:
-        cfg = replace(cfg, idle_wait_s=args.wait_idle, idle_wait_total_s=5 * args.wait_idle)
+        cfg = replace(cfg, idle_wait_s=args.wait_idle, idle_wait_total_s=3 * args.wait_idle)
     GATE.per_call_s, GATE.left_s = cfg.idle_wait_s, cfg.idle_wait_total_s
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = cores or 1
