@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import numpy as np
+from array_api_compat import is_jax_namespace
 
 from . import _xp
 from ._typing import Array, Namespace
@@ -224,6 +225,8 @@ def _accumulate(
     block = steps if time_block is None else check_int(time_block, "time_block", low=1, high=2**62)
     work = stats.count.dtype
     dt, a, b, c = (xp.astype(x, work) for x in (dt, a, b, c))
+    if _use_stepwise(dt, xp):
+        return _accumulate_stepwise(stats, dt, a, b, c, channels, groups, xp, gramians=gramians)
     sums = stats._asdict()
     zeros = xp.zeros((batch, channels, states), dtype=work, device=_xp.device_of(a))
     carry_p = carry_r = carry_m = zeros
@@ -250,6 +253,64 @@ def _accumulate(
         sums["observability"] = sums["observability"] + xp.sum(gamma * m, axis=(0, 1))
         sums["energy"] = sums["energy"] + xp.sum(gamma * r, axis=(0, 1))
         carry_p, carry_r, carry_m = p[:, -1, :, :], r[:, -1, :, :], m[:, -1, :, :]
+    sums["count"] = sums["count"] + batch * steps
+    return SelectiveStatistics(**sums)
+
+
+def _use_stepwise(dt: Array, xp: Namespace) -> bool:
+    """Sequential loop over time on eager backends; the doubling scan for JAX and tracing."""
+    return not (is_jax_namespace(xp) or _xp.is_traced(dt))
+
+
+def _accumulate_stepwise(
+    stats: SelectiveStatistics,
+    dt: Array,
+    a: Array,
+    b: Array,
+    c: Array,
+    channels: int,
+    groups: int,
+    xp: Namespace,
+    *,
+    gramians: bool,
+) -> SelectiveStatistics:
+    """Sequential form of :func:`_accumulate` for eager backends: one step at a time.
+
+    The same recursions, ``p_t = a_t^2 p_{t-1} + b~_t^2``, ``m_t = a_t^2 m_{t-1} + 1``,
+    ``r_t = a_t^2 r_{t-1} + p_t``, on ``(batch, D, N)`` arrays: ``O(L)`` work and no temporary
+    with a time axis (the doubling scan costs ``O(L log L)`` and allocates blocks of
+    ``(batch, T, D, N)``; it is kept for JAX, where a loop over time would be unrolled).
+    Running sums over time are kept per sequence and reduced over the batch once at the end.
+    """
+    batch, steps = int(dt.shape[0]), int(dt.shape[1])
+    states = int(a.shape[-1])
+    zeros = xp.zeros((batch, channels, states), dtype=dt.dtype, device=_xp.device_of(a))
+    p = m = r = zeros
+    sum_pole = sum_drive = sum_out = sum_p = sum_q = sum_e = zeros
+    for t in range(steps):
+        step_dt = dt[:, t, :, None]  # (batch, D, 1)
+        pole = xp.exp(step_dt * a)
+        drive = step_dt * _per_channel(b[:, t : t + 1, ...], channels, groups, xp)[:, 0, ...]
+        out = _per_channel(c[:, t : t + 1, ...], channels, groups, xp)[:, 0, ...]
+        sum_pole, sum_drive, sum_out = sum_pole + pole, sum_drive + drive, sum_out + out
+        if not gramians:
+            continue
+        alpha = pole * pole
+        p = alpha * p + drive * drive
+        m = alpha * m + 1
+        r = alpha * r + p
+        gamma = out * out
+        sum_p, sum_q, sum_e = sum_p + p, sum_q + gamma * m, sum_e + gamma * r
+    sums = stats._asdict()
+    for key, total in (
+        ("poles", sum_pole),
+        ("b", sum_drive),
+        ("c", sum_out),
+        ("controllability", sum_p),
+        ("observability", sum_q),
+        ("energy", sum_e),
+    ):
+        sums[key] = sums[key] + xp.sum(total, axis=0)
     sums["count"] = sums["count"] + batch * steps
     return SelectiveStatistics(**sums)
 
@@ -315,10 +376,12 @@ def update_selective_statistics(
     c : (batch, L, N) or (batch, L, G, N) array
         Output projections :math:`C_t`, same layout as ``b``.
     time_block : int or None, optional
-        Steps processed together. Within a block the recursions are evaluated by a doubling
-        scan (``ceil(log2 T)`` levels); blocks are chained by a Python loop carrying three
-        ``(batch, D, N)`` states. ``None`` processes the whole sequence in one block. Peak
-        memory is a few arrays of ``(batch, T, D, N)`` elements.
+        JAX (and traced code) only: steps processed together. Within a block the recursions
+        are evaluated by a doubling scan (``ceil(log2 T)`` levels); blocks are chained by a
+        Python loop carrying three ``(batch, D, N)`` states. ``None`` processes the whole
+        sequence in one block. Peak memory is a few arrays of ``(batch, T, D, N)`` elements.
+        Eager NumPy, PyTorch and other backends run the recursions one step at a time
+        (``O(L)`` work, memory of a few ``(batch, D, N)`` arrays) and ignore it.
     xp : array_namespace, optional
         Namespace override.
 
