@@ -8,11 +8,19 @@ for idle CPUs, and mark runs that others disturbed.
 from __future__ import annotations
 
 import os
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BUSY_THRESHOLD", "CpuSample", "cpu_busy", "cpu_sample", "others_share"]
+__all__ = [
+    "BUSY_THRESHOLD",
+    "CpuSample",
+    "cpu_busy",
+    "cpu_model",
+    "cpu_sample",
+    "others_share",
+]
 
 BUSY_THRESHOLD = 0.15  # share of the CPUs used by other processes that marks a run
 
@@ -56,3 +64,14 @@ def cpu_busy(interval: float = 0.3) -> float | None:
     before = cpu_sample()
     time.sleep(interval)
     return others_share(before, cpu_sample())
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

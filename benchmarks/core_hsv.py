@@ -59,7 +59,7 @@ import scipy.linalg as sla
 import torch
 
 import compressm_core as cc
-from _cpu import BUSY_THRESHOLD, cpu_busy, cpu_sample, others_share
+from _cpu import BUSY_THRESHOLD, cpu_busy, cpu_model, cpu_sample, others_share
 
 try:
     import slycot
@@ -619,7 +619,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "processor": _cpu_model(),
+        "processor": cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -630,16 +630,6 @@ def machine_info() -> dict[str, Any]:
         "compressm_core": cc.__version__,
         "load_average_start": list(os.getloadavg()),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _fmt_time(t: dict[str, Any] | None, note: str | None = None) -> str:

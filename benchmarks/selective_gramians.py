@@ -72,7 +72,7 @@ import numpy as np
 import torch
 
 import compressm_core as cc
-from _cpu import BUSY_THRESHOLD, cpu_busy, cpu_sample, others_share
+from _cpu import BUSY_THRESHOLD, cpu_busy, cpu_model, cpu_sample, others_share
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL = 0.10  # update time / scan time
@@ -747,7 +747,7 @@ def machine_info(threads: int) -> dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "processor": _cpu_model(),
+        "processor": cpu_model(),
         "memory_gib": _mem_total_gib(),
         "platform": platform.platform(),
         "libc": " ".join(platform.libc_ver()),
@@ -758,16 +758,6 @@ def machine_info(threads: int) -> dict[str, Any]:
         "compressm_core": cc.__version__,
         "load_average_start": list(os.getloadavg()),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _mem_total_gib() -> float | None:

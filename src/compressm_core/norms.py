@@ -41,9 +41,13 @@ def _response(sys: StateSpace | DiagonalStateSpace, omega: Array, xp: Namespace)
     return g
 
 
-def _real_part_response(g_pos: Array, g_neg: Array, xp: Namespace) -> Array:
-    """Response of ``Re(C x)``: ``(G(e^{iw}) + conj(G(e^{-iw}))) / 2``."""
-    return (g_pos + xp.conj(g_neg)) / 2
+def _evaluate(
+    sys: StateSpace | DiagonalStateSpace, omega: Array, real_output: bool, xp: Namespace
+) -> Array:
+    """Response of the layer; for output ``Re(C x)``: ``(G(e^{iw}) + conj(G(e^{-iw}))) / 2``."""
+    if real_output:
+        return (_response(sys, omega, xp) + xp.conj(_response(sys, -omega, xp))) / 2
+    return _response(sys, omega, xp)
 
 
 def _prepare(
@@ -94,9 +98,15 @@ def frequency_response(
     """
     system, _, xp = _prepare(sys, None, xp)
     _xp.namespace(system[0], omega, xp=None)
-    if real_output:
-        return _real_part_response(_response(system, omega, xp), _response(system, -omega, xp), xp)
-    return _response(system, omega, xp)
+    return _evaluate(system, omega, real_output, xp)
+
+
+def _elements_per_frequency(sys: StateSpace | DiagonalStateSpace) -> int:
+    """Size of the largest temporary :func:`_response` forms for one frequency."""
+    batch = math.prod(int(d) for d in sys.b.shape[:-2])
+    n, m, p = int(sys.b.shape[-2]), int(sys.b.shape[-1]), int(sys.c.shape[-2])
+    core = n * n if isinstance(sys, StateSpace) else n * min(m, p)
+    return max(1, batch * max(core, p * m))
 
 
 def _gain(
@@ -107,26 +117,15 @@ def _gain(
     xp: Namespace,
 ) -> Array:
     """Largest singular value of the (error) response at ``omega (..., F)``, chunked over F."""
-    sizes = [int(s) for s in sys.b.shape[:-2]] + [
-        sys.b.shape[-2],
-        sys.b.shape[-1],
-        sys.c.shape[-2],
-    ]
-    per_freq = max(1, math.prod(sizes) // max(1, max(sys.b.shape[-1], sys.c.shape[-2])))
-    if isinstance(sys, StateSpace):
-        per_freq *= sys.b.shape[-2]
+    per_freq = max(_elements_per_frequency(s) for s in (sys, other) if s is not None)
     step = max(1, _CHUNK_ELEMENTS // per_freq)
     out = []
     total = int(omega.shape[-1])
     for start in range(0, total, step):
         w = omega[..., start : min(start + step, total)]
-
-        def resp(s: StateSpace | DiagonalStateSpace, w: Array = w) -> Array:
-            if real_output:
-                return _real_part_response(_response(s, w, xp), _response(s, -w, xp), xp)
-            return _response(s, w, xp)
-
-        g = resp(sys) if other is None else resp(sys) - resp(other)
+        g = _evaluate(sys, w, real_output, xp)
+        if other is not None:
+            g = g - _evaluate(other, w, real_output, xp)
         out.append(xp.linalg.svdvals(g)[..., 0])
     return xp.concat(out, axis=-1)
 
