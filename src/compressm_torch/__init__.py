@@ -1,3 +1,48 @@
-"""compressm_torch: PyTorch layers and adapters for in-training state reduction (in progress)."""
+"""compressm_torch: PyTorch SSM layers that shrink their state while they train.
 
-__all__: list[str] = []
+Layers (:class:`LRU`, :class:`S5`), adapters that read a layer as a diagonal system and write a
+reduced one back (:func:`to_state_space`, :func:`reduce_layer`, :func:`register_adapter`), the
+training controller :class:`CompreSSM` that reduces every supported layer of a model at
+scheduled steps and updates the live optimizer, and checkpoints that reload reduced models.
+"""
+
+from .adapters import (
+    LayerAdapter,
+    find_layers,
+    get_adapter,
+    register_adapter,
+    resize_layers,
+    state_sizes,
+    to_state_space,
+)
+from .checkpoint import load_checkpoint, save_checkpoint
+from .controller import CompreSSM, ReductionEvent, ReductionWarning, reduction_schedule
+from .lru import LRU
+from .models import SequenceModel, SSMBlock
+from .optim import update_optimizer_state
+from .reduction import LayerReduction, reduce_layer
+from .s5 import S5, hippo_n_eigenpairs
+
+__all__ = [
+    "LRU",
+    "S5",
+    "CompreSSM",
+    "LayerAdapter",
+    "LayerReduction",
+    "ReductionEvent",
+    "ReductionWarning",
+    "SSMBlock",
+    "SequenceModel",
+    "find_layers",
+    "get_adapter",
+    "hippo_n_eigenpairs",
+    "load_checkpoint",
+    "reduce_layer",
+    "reduction_schedule",
+    "register_adapter",
+    "resize_layers",
+    "save_checkpoint",
+    "state_sizes",
+    "to_state_space",
+    "update_optimizer_state",
+]

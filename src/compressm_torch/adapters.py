@@ -1,0 +1,287 @@
+"""Map layers onto core systems and back: one adapter per layer family, and a registry."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compressm_core import DiagonalStateSpace, StabilityError
+
+from .lru import LRU
+from .s5 import S5
+
+__all__ = [
+    "LayerAdapter",
+    "find_layers",
+    "get_adapter",
+    "register_adapter",
+    "resize_layers",
+    "state_sizes",
+    "to_state_space",
+]
+
+_COMPILED_PREFIX = "_orig_mod."
+
+
+@dataclass(frozen=True)
+class LayerAdapter:
+    """How to read a layer family as a diagonal system and write a reduced one back.
+
+    Attributes
+    ----------
+    to_state_space : callable
+        ``layer -> DiagonalStateSpace`` in float64/complex128 on the layer's device: the
+        standard realization :math:`(\\lambda, B, C, D)` of the layer, whose output is
+        ``Re(C x) + D u`` if ``real_output`` else ``C x + D u``.
+    from_state_space : callable
+        ``(layer, DiagonalStateSpace) -> {parameter name: tensor}``: the parameter values that
+        realise a (reduced) system in the layer's parameterisation. Pure: the caller writes
+        them, after checking them, so a failed reduction leaves the layer as it was. Raise
+        :class:`~compressm_core.StabilityError` when the system cannot be represented.
+    state_axes : mapping
+        ``{parameter name: axis}`` for every parameter with one entry per state along ``axis``;
+        used to slice states by index, to resize layers from checkpoints and to find the
+        optimizer state a reduction touches.
+    real_output : bool
+        Whether the layer's output is the real part of the system's output.
+    on_resize : callable, optional
+        Called with the layer after its state size changed (update cached attributes).
+    """
+
+    to_state_space: Callable[[nn.Module], DiagonalStateSpace]
+    from_state_space: Callable[[nn.Module, DiagonalStateSpace], dict[str, torch.Tensor]]
+    state_axes: Mapping[str, int]
+    real_output: bool = True
+    on_resize: Callable[[nn.Module], None] | None = field(default=None)
+
+    def state_size(self, layer: nn.Module) -> int:
+        """Number of states of ``layer``."""
+        name, axis = next(iter(self.state_axes.items()))
+        return int(getattr(layer, name).shape[axis])
+
+
+_REGISTRY: dict[type[nn.Module], LayerAdapter] = {}
+
+
+def register_adapter(layer_type: type[nn.Module], adapter: LayerAdapter) -> None:
+    """Register ``adapter`` for ``layer_type`` and its subclasses (replacing an earlier one).
+
+    Examples
+    --------
+    >>> from compressm_torch import LRU, LayerAdapter, get_adapter, register_adapter
+    >>> class MyLRU(LRU): ...
+    >>> register_adapter(MyLRU, get_adapter(LRU(2, 2)))
+    """
+    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        msg = f"`layer_type` must be a torch.nn.Module subclass; received {layer_type!r}."
+        raise TypeError(msg)
+    if not isinstance(adapter, LayerAdapter):
+        msg = f"`adapter` must be a LayerAdapter; received {type(adapter).__name__}."
+        raise TypeError(msg)
+    if not adapter.state_axes:
+        msg = "`adapter.state_axes` must name at least one parameter."
+        raise ValueError(msg)
+    _REGISTRY[layer_type] = adapter
+
+
+def get_adapter(layer: nn.Module) -> LayerAdapter:
+    """The adapter registered for ``type(layer)`` or its nearest registered base class.
+
+    Raises
+    ------
+    TypeError
+        If no adapter is registered for the layer's type.
+    """
+    for klass in type(layer).__mro__:
+        if klass in _REGISTRY:
+            return _REGISTRY[klass]
+    known = ", ".join(sorted(k.__name__ for k in _REGISTRY))
+    msg = (
+        f"No adapter registered for `layer` of type {type(layer).__name__}; registered: "
+        f"{known}. Use compressm_torch.register_adapter to add one."
+    )
+    raise TypeError(msg)
+
+
+def to_state_space(layer: nn.Module) -> DiagonalStateSpace:
+    """The layer's standard realization as a core system (float64/complex128, layer's device).
+
+    Examples
+    --------
+    >>> from compressm_torch import LRU, to_state_space
+    >>> sys = to_state_space(LRU(d_model=3, d_state=5))
+    >>> sys.poles.shape, sys.b.shape, sys.c.shape
+    (torch.Size([5]), torch.Size([5, 3]), torch.Size([3, 5]))
+    """
+    return get_adapter(layer).to_state_space(layer)
+
+
+def _iter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, LayerAdapter]]:
+    for name, module in model.named_modules():
+        for klass in type(module).__mro__:
+            if klass in _REGISTRY:
+                yield name.replace(_COMPILED_PREFIX, ""), module, _REGISTRY[klass]
+                break
+
+
+def find_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every submodule of ``model`` (itself included) with a registered adapter, by name.
+
+    Names are those of ``model.named_modules()``, without the ``_orig_mod.`` segment that
+    ``torch.compile`` inserts, so they match between compiled and plain models.
+    """
+    return {name: layer for name, layer, _ in _iter_layers(model)}
+
+
+def state_sizes(model: nn.Module) -> dict[str, int]:
+    """``{layer name: number of states}`` for every supported layer of ``model``."""
+    return {name: adapter.state_size(layer) for name, layer, adapter in _iter_layers(model)}
+
+
+@torch.no_grad()
+def resize_layers(model: nn.Module, sizes: Mapping[str, int]) -> None:
+    """Give the named layers of ``model`` the given state sizes (uninitialised values).
+
+    Used before ``load_state_dict`` to restore a reduced model into a freshly built one;
+    the Parameter objects are kept, so optimizers built on ``model`` stay valid.
+
+    Raises
+    ------
+    KeyError
+        If ``sizes`` names a layer that ``model`` does not have.
+    ValueError
+        If a size is not a positive int.
+    """
+    layers = {name: (layer, adapter) for name, layer, adapter in _iter_layers(model)}
+    unknown = sorted(set(sizes) - set(layers))
+    if unknown:
+        msg = f"`sizes` names layers that `model` does not have: {unknown}."
+        raise KeyError(msg)
+    for name, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            msg = f"`sizes[{name!r}]` must be a positive int; received {size!r}."
+            raise ValueError(msg)
+        layer, adapter = layers[name]
+        if adapter.state_size(layer) == size:
+            continue
+        for pname, axis in adapter.state_axes.items():
+            param = getattr(layer, pname)
+            shape = list(param.shape)
+            shape[axis] = size
+            param.data = param.new_zeros(shape)
+        if adapter.on_resize is not None:
+            adapter.on_resize(layer)
+
+
+# --- LRU -------------------------------------------------------------------------------------
+
+
+def _lru_to_state_space(layer: nn.Module) -> DiagonalStateSpace:
+    assert isinstance(layer, LRU)
+    with torch.no_grad():
+        poles, b, c = layer.discrete_system(torch.float64)
+        d = torch.diag(layer.D.detach().to(torch.float64))
+    return DiagonalStateSpace(poles, b, c, d)
+
+
+def _check_poles(poles: torch.Tensor, what: str) -> torch.Tensor:
+    radius = poles.abs()
+    if not bool(torch.all(torch.isfinite(radius))):
+        msg = f"The reduced {what} has non-finite poles."
+        raise StabilityError(msg)
+    bad = (radius >= 1) | (radius <= 0)
+    if bool(torch.any(bad)):
+        msg = (
+            f"The reduced {what} has poles outside 0 < |lambda| < 1 (max |lambda| = "
+            f"{float(radius.max()):.6g}, min {float(radius.min()):.3g}); its parameters would "
+            "be non-finite."
+        )
+        raise StabilityError(msg)
+    return radius
+
+
+def _phase(poles: torch.Tensor) -> torch.Tensor:
+    # arg in (0, 2 pi]: a real positive pole gets 2 pi, so log(phase) stays finite.
+    phase = torch.remainder(torch.angle(poles), 2 * math.pi)
+    return torch.where(phase > 0, phase, torch.full_like(phase, 2 * math.pi))
+
+
+def _lru_from_state_space(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str, torch.Tensor]:
+    assert isinstance(layer, LRU)
+    poles, b, c = (torch.as_tensor(x).to(torch.complex128) for x in sys[:3])
+    radius = _check_poles(poles, "LRU")
+    gamma = torch.sqrt(-torch.expm1(2 * torch.log(radius)))
+    b = b / gamma[:, None]
+    return {
+        "nu_log": torch.log(-torch.log(radius)),
+        "theta_log": torch.log(_phase(poles)),
+        "gamma_log": torch.log(gamma),
+        "B_re": b.real,
+        "B_im": b.imag,
+        "C_re": c.real,
+        "C_im": c.imag,
+    }
+
+
+register_adapter(
+    LRU,
+    LayerAdapter(
+        to_state_space=_lru_to_state_space,
+        from_state_space=_lru_from_state_space,
+        state_axes={
+            "nu_log": 0,
+            "theta_log": 0,
+            "gamma_log": 0,
+            "B_re": 0,
+            "B_im": 0,
+            "C_re": 1,
+            "C_im": 1,
+        },
+    ),
+)
+
+# --- S5 --------------------------------------------------------------------------------------
+
+
+def _s5_to_state_space(layer: nn.Module) -> DiagonalStateSpace:
+    assert isinstance(layer, S5)
+    with torch.no_grad():
+        poles, b, c = layer.discrete_system(torch.float64)
+        d = torch.diag(layer.D.detach().to(torch.float64))
+    return DiagonalStateSpace(poles, b, c, d)
+
+
+def _s5_from_state_space(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str, torch.Tensor]:
+    assert isinstance(layer, S5)
+    poles, b_bar, c = (torch.as_tensor(x).to(torch.complex128) for x in sys[:3])
+    _check_poles(poles, "S5 layer")
+    # Any step reproduces the same discrete system; all new modes share the geometric mean of
+    # the old steps, so the learning dynamics of log_step keep their scale.
+    log_step = layer.log_step.detach().to(torch.float64).mean()
+    lam = torch.log(poles) / torch.exp(log_step)
+    if layer.clip_eigs and bool(torch.any(lam.real > -1e-4)):
+        msg = "The reduced S5 layer has Re(Lambda) > -1e-4, which `clip_eigs` would change."
+        raise StabilityError(msg)
+    b = b_bar * (lam / (poles - 1))[:, None]
+    c = c / layer.output_scale
+    return {
+        "Lambda_re": lam.real,
+        "Lambda_im": lam.imag,
+        "B": torch.stack([b.real, b.imag], dim=-1),
+        "C": torch.stack([c.real, c.imag], dim=-1),
+        "log_step": log_step.expand(poles.shape[0]).clone(),
+    }
+
+
+register_adapter(
+    S5,
+    LayerAdapter(
+        to_state_space=_s5_to_state_space,
+        from_state_space=_s5_from_state_space,
+        state_axes={"Lambda_re": 0, "Lambda_im": 0, "B": 0, "C": 1, "log_step": 0},
+    ),
+)

@@ -1,0 +1,558 @@
+"""The training controller: reduce every supported layer of a model at scheduled steps."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from compressm_core import CompressmError, hankel_singular_values, select_rank
+
+from .adapters import LayerAdapter, get_adapter, resize_layers, state_sizes
+from .adapters import find_layers as _find_layers
+from .optim import POLICIES, OptimizerStatePolicy, update_optimizer_state
+from .reduction import _SELECTIONS, Selection, _reduce
+
+__all__ = ["CompreSSM", "ReductionEvent", "ReductionWarning", "reduction_schedule"]
+
+logger = logging.getLogger("compressm")
+
+Mode = Literal["tolerance", "fixed", "pragmatic"]
+_MODES = ("tolerance", "fixed", "pragmatic")
+
+
+class ReductionWarning(UserWarning):
+    """A scheduled reduction was refused or skipped; the model was left as it was."""
+
+
+@dataclass
+class ReductionEvent:
+    """One entry of :attr:`CompreSSM.history`.
+
+    Attributes
+    ----------
+    step : int
+        Controller step (number of :meth:`CompreSSM.step` calls) at the event.
+    layer : str
+        Qualified name of the layer in the model.
+    status : str
+        ``"reduced"``, ``"skipped"`` (the 5 % gate or nothing to gain), ``"refused"`` (the
+        reduction would have produced an invalid layer; see ``reason``) or ``"rolled_back"``
+        (pragmatic mode undid it).
+    old_rank, new_rank : int
+        State sizes before and after.
+    hsv : list of float
+        Hankel singular values before the event.
+    error_bound : float or None
+        Bound on the H-infinity change of the layer (see :class:`LayerReduction`).
+    hinf_error : float or None
+        Measured H-infinity change, when ``compute_error=True``.
+    seconds : float
+        Wall time spent on this layer (HSVs, truncation, write-back, optimizer surgery).
+    reason : str
+        Why a reduction was skipped, refused or rolled back.
+    """
+
+    step: int
+    layer: str
+    status: str
+    old_rank: int
+    new_rank: int
+    hsv: list[float] = field(default_factory=list)
+    error_bound: float | None = None
+    hinf_error: float | None = None
+    seconds: float = 0.0
+    reason: str = ""
+
+
+def reduction_schedule(
+    total_steps: int, *, warmup_fraction: float = 0.1, num_reductions: int = 4
+) -> list[int]:
+    """Evenly spaced reduction steps inside the warm-up: ``round(k f T / R)``, ``k = 1..R``.
+
+    Examples
+    --------
+    >>> reduction_schedule(1000)
+    [25, 50, 75, 100]
+    """
+    _check_int("total_steps", total_steps, 1)
+    _check_int("num_reductions", num_reductions, 1)
+    if not 0 < warmup_fraction <= 1:
+        msg = f"`warmup_fraction` must be in (0, 1]; received {warmup_fraction!r}."
+        raise ValueError(msg)
+    steps = {
+        max(1, round(total_steps * warmup_fraction * k / num_reductions))
+        for k in range(1, num_reductions + 1)
+    }
+    return sorted(steps)
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        msg = f"`{name}` must be an int >= {low}; received {value!r}."
+        raise ValueError(msg)
+    return value
+
+
+def _check_fraction(name: str, value: object, *, closed: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not (0 <= float(value) <= 1 if closed else 0 <= float(value) < 1):  # type: ignore[arg-type]
+        interval = "[0, 1]" if closed else "[0, 1)"
+        msg = f"`{name}` must be a float in {interval}; received {value!r}."
+        raise ValueError(msg)
+    return float(value)  # type: ignore[arg-type]
+
+
+class CompreSSM:
+    """Reduce the state of a model's SSM layers during training (CompreSSM).
+
+    Call :meth:`step` once after every ``optimizer.step()``. At each scheduled step every
+    supported layer (:func:`find_layers`) is reduced by balanced truncation to the smallest
+    rank that keeps a fraction ``1 - tau`` of its Hankel singular-value energy (``"tolerance"``
+    mode) or by a fixed ``fraction`` (``"fixed"``, ``"pragmatic"``), but only if the new rank is
+    below ``gate`` times the current one (the paper's 5 % gate). The live optimizer is updated in
+    place: the Parameter objects are kept, so param_groups, their hyperparameters, the LR
+    scheduler and every other parameter's state survive bit for bit; the moments of the reduced
+    tensors are reset after the change of basis (sliced exactly after an index selection).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model (plain or ``torch.compile``d).
+    optimizer : torch.optim.Optimizer or None
+        The optimizer training ``model``; ``None`` skips the optimizer surgery.
+    total_steps : int
+        Length of training in optimizer steps (sets the default schedule).
+    tau : float, optional
+        Fraction of the HSV energy that may be discarded at each event (``"tolerance"``).
+    mode : {"tolerance", "fixed", "pragmatic"}, optional
+        ``"pragmatic"``: reduce by ``fraction``, compare the next reported validation metric with
+        the one before the event, and if it fell by more than ``rollback_rtol`` (relative) restore
+        the model, optimizer and scheduler snapshot and stop reducing.
+    warmup_fraction, num_reductions : optional
+        Default schedule: ``num_reductions`` events evenly spaced in the first
+        ``warmup_fraction`` of training (:func:`reduction_schedule`).
+    reduction_steps : sequence of int, optional
+        Explicit schedule (overrides the default).
+    fraction : float, optional
+        Fraction of states removed per event in ``"fixed"`` and ``"pragmatic"`` modes.
+    selection : {"largest", "smallest", "random"}, optional
+        Keep the strongest balanced states (the method), the weakest, or random modal states.
+    optimizer_state : {"reset", "zero"}, optional
+        Policy for the moments of reduced tensors after a change of basis (see
+        :func:`update_optimizer_state`).
+    lr_scheduler : optional
+        The scheduler driving ``optimizer``; snapshotted and restored by pragmatic rollbacks.
+    horizon : None, int or "auto", optional
+        Gramians over an infinite horizon (``None``, the paper), over ``horizon`` steps, or over
+        the longest sequence the layers have seen in forward passes (``"auto"``).
+    gate : float, optional
+        Reduce only if ``new_rank < gate * current_rank``.
+    min_rank : int, optional
+        Never go below this many states.
+    method, real_output, energy : optional
+        Passed to the balanced truncation (see :func:`reduce_layer`).
+    rollback_rtol : float, optional
+        Relative fall of the validation metric that triggers a rollback (pragmatic mode).
+    metric : {"max", "min"}, optional
+        Whether a larger (accuracy) or smaller (loss) validation metric is better.
+    compute_error : bool, optional
+        Measure the H-infinity change of every reduced layer (recorded in the history).
+    layers : iterable of str, optional
+        Names of the layers to manage (default: all supported layers).
+    seed : int, optional
+        Seed of the random selection.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from compressm_torch import LRU, CompreSSM
+    >>> model = torch.nn.Sequential(LRU(4, 32), torch.nn.Linear(4, 1))
+    >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    >>> ctl = CompreSSM(model, opt, total_steps=100, tau=0.2)
+    >>> for _ in range(100):
+    ...     loss = model(torch.randn(8, 20, 4)).pow(2).mean()
+    ...     opt.zero_grad(); loss.backward(); opt.step()
+    ...     _ = ctl.step()
+    >>> model[0].d_state < 32
+    True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        total_steps: int,
+        tau: float = 0.1,
+        mode: Mode = "tolerance",
+        warmup_fraction: float = 0.1,
+        num_reductions: int = 4,
+        reduction_steps: Sequence[int] | None = None,
+        fraction: float = 0.1,
+        selection: Selection = "largest",
+        optimizer_state: OptimizerStatePolicy = "reset",
+        lr_scheduler: Any = None,
+        horizon: int | Literal["auto"] | None = None,
+        gate: float = 0.95,
+        min_rank: int = 1,
+        method: Literal["sqrt", "bfsr"] = "sqrt",
+        real_output: bool = False,
+        energy: Literal["sum", "squared"] = "sum",
+        rollback_rtol: float = 0.02,
+        metric: Literal["max", "min"] = "max",
+        compute_error: bool = False,
+        layers: Iterable[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            msg = f"`model` must be a torch.nn.Module; received {type(model).__name__}."
+            raise TypeError(msg)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            kind = type(optimizer).__name__
+            msg = f"`optimizer` must be a torch.optim.Optimizer or None; received {kind}."
+            raise TypeError(msg)
+        self.total_steps = _check_int("total_steps", total_steps, 1)
+        self.tau = _check_fraction("tau", tau)
+        self.fraction = _check_fraction("fraction", fraction)
+        self.gate = _check_fraction("gate", gate, closed=True)
+        self.rollback_rtol = _check_fraction("rollback_rtol", rollback_rtol, closed=True)
+        self.min_rank = _check_int("min_rank", min_rank, 1)
+        for name, value, allowed in (
+            ("mode", mode, _MODES),
+            ("selection", selection, _SELECTIONS),
+            ("optimizer_state", optimizer_state, POLICIES),
+            ("method", method, ("sqrt", "bfsr")),
+            ("energy", energy, ("sum", "squared")),
+            ("metric", metric, ("max", "min")),
+        ):
+            if value not in allowed:
+                msg = f"`{name}` must be one of {allowed}; received {value!r}."
+                raise ValueError(msg)
+        if selection == "random" and real_output:
+            msg = "`selection='random'` keeps modal states; it excludes `real_output=True`."
+            raise ValueError(msg)
+        if horizon is not None and horizon != "auto":
+            _check_int("horizon", horizon, 1)
+        if reduction_steps is None:
+            schedule = reduction_schedule(
+                total_steps, warmup_fraction=warmup_fraction, num_reductions=num_reductions
+            )
+        else:
+            schedule = sorted({_check_int("reduction_steps[i]", s, 1) for s in reduction_steps})
+        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
+        self.mode, self.selection, self.optimizer_state = mode, selection, optimizer_state
+        self.horizon, self.method, self.real_output = horizon, method, real_output
+        self.energy, self.metric, self.compute_error = energy, metric, compute_error
+        self.schedule: list[int] = schedule
+        found = _find_layers(model)
+        if layers is not None:
+            wanted = list(layers)
+            missing = sorted(set(wanted) - set(found))
+            if missing:
+                msg = f"`layers` names layers that `model` does not have: {missing}."
+                raise KeyError(msg)
+            found = {name: found[name] for name in wanted}
+        if not found:
+            msg = (
+                "`model` has no supported SSM layer (LRU, S5 or a registered type); "
+                "see compressm_torch.register_adapter."
+            )
+            raise ValueError(msg)
+        self.layers: dict[str, nn.Module] = found
+        self.history: list[ReductionEvent] = []
+        self.stopped = False
+        self.num_steps = 0
+        self.seen_length: int | None = None
+        self._last_metric: float | None = None
+        self._pending: dict[str, Any] | None = None
+        self._generator = torch.Generator().manual_seed(seed)
+        self._hooks = []
+        if horizon == "auto":
+            self._hooks = [
+                layer.register_forward_pre_hook(self._record_length) for layer in found.values()
+            ]
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def state_sizes(self) -> dict[str, int]:
+        """Current state size of every managed layer."""
+        return {name: get_adapter(layer).state_size(layer) for name, layer in self.layers.items()}
+
+    def step(self, val_metric: float | None = None) -> list[ReductionEvent]:
+        """Advance one training step; reduce if this step is scheduled.
+
+        Parameters
+        ----------
+        val_metric : float, optional
+            A validation metric measured at this step (needed by ``"pragmatic"`` mode: the first
+            metric after a reduction decides whether it is kept; the last one before a
+            reduction is its baseline).
+
+        Returns
+        -------
+        list of ReductionEvent
+            The events of this step (empty on most steps).
+        """
+        self.num_steps += 1
+        events: list[ReductionEvent] = []
+        if val_metric is not None:
+            events += self._on_metric(float(val_metric))
+        if self.num_steps in self.schedule and not self.stopped:
+            events += self._scheduled()
+        return events
+
+    def reduce(self) -> list[ReductionEvent]:
+        """Run one reduction event now, on every managed layer (outside the schedule)."""
+        return self._reduce_all(self._target_rank)
+
+    def remove_hooks(self) -> None:
+        """Remove the forward hooks used by ``horizon="auto"``."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: counters, schedule, history, random state, pending
+        pragmatic snapshot."""
+        return {
+            "num_steps": self.num_steps,
+            "schedule": list(self.schedule),
+            "stopped": self.stopped,
+            "seen_length": self.seen_length,
+            "last_metric": self._last_metric,
+            "pending": self._pending,
+            "generator": self._generator.get_state(),
+            "history": [asdict(e) for e in self.history],
+            "state_sizes": self.state_sizes,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the layers must already have the recorded sizes)."""
+        sizes = self.state_sizes
+        if state.get("state_sizes", sizes) != sizes:
+            msg = (
+                f"The model's state sizes {sizes} differ from the recorded "
+                f"{state['state_sizes']}; restore the model first (load_checkpoint does)."
+            )
+            raise ValueError(msg)
+        self.num_steps = int(state["num_steps"])
+        self.schedule = [int(s) for s in state["schedule"]]
+        self.stopped = bool(state["stopped"])
+        self.seen_length = state["seen_length"]
+        self._last_metric = state["last_metric"]
+        self._pending = state["pending"]
+        self._generator.set_state(state["generator"])
+        self.history = [ReductionEvent(**e) for e in state["history"]]
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _record_length(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and torch.is_tensor(args[0]) and args[0].ndim >= 2:
+            length = int(args[0].shape[-2])
+            if self.seen_length is None or length > self.seen_length:
+                self.seen_length = length
+
+    def _resolved_horizon(self) -> int | None:
+        if self.horizon == "auto":
+            if self.seen_length is None:
+                warnings.warn(
+                    "horizon='auto' has seen no forward pass yet; using infinite-horizon "
+                    "Gramians for this event.",
+                    ReductionWarning,
+                    stacklevel=3,
+                )
+            return self.seen_length
+        return self.horizon
+
+    def _target_rank(self, hsv: torch.Tensor) -> int:
+        total = int(hsv.shape[-1])
+        if self.mode == "tolerance":
+            rank = select_rank(hsv, tau=self.tau, energy=self.energy)
+        else:
+            rank = math.floor(total * (1 - self.fraction))
+        return min(total, max(self.min_rank, rank))
+
+    def _scheduled(self) -> list[ReductionEvent]:
+        if self.mode != "pragmatic":
+            return self._reduce_all(self._target_rank)
+        if self._pending is not None:
+            reason = "pragmatic mode: the previous reduction has not been validated yet"
+        elif self._last_metric is None:
+            reason = "pragmatic mode needs a val_metric reported before the reduction"
+        else:
+            self._pending = self._snapshot()
+            events = self._reduce_all(self._target_rank)
+            if not any(e.status == "reduced" for e in events):
+                self._pending = None
+            return events
+        warnings.warn(
+            f"Reduction at step {self.num_steps} skipped: {reason}.",
+            ReductionWarning,
+            stacklevel=3,
+        )
+        return [self._event(name, "skipped", reason=reason) for name in self.layers]
+
+    def _on_metric(self, value: float) -> list[ReductionEvent]:
+        events: list[ReductionEvent] = []
+        pending = self._pending
+        if pending is not None:
+            base = pending["metric"]
+            slack = self.rollback_rtol * abs(base)
+            worse = value < base - slack if self.metric == "max" else value > base + slack
+            self._pending = None
+            if worse:
+                reason = f"validation metric {value:.6g} vs {base:.6g} before the reduction"
+                before = self.state_sizes
+                self._restore(pending)
+                self.stopped = True
+                events = [
+                    self._event(name, "rolled_back", before[name], size, reason=reason)
+                    for name, size in self.state_sizes.items()
+                ]
+                self.history += events
+                logger.info("compressm: rolled back (%s); reductions stopped", reason)
+        self._last_metric = value
+        return events
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "metric": self._last_metric,
+            "sizes": state_sizes(self.model),
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": None
+            if self.optimizer is None
+            else copy.deepcopy(self.optimizer.state_dict()),
+            "lr_scheduler": None
+            if self.lr_scheduler is None
+            else copy.deepcopy(self.lr_scheduler.state_dict()),
+        }
+
+    def _restore(self, snap: dict[str, Any]) -> None:
+        resize_layers(self.model, snap["sizes"])
+        self.model.load_state_dict(snap["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(snap["optimizer"])
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(snap["lr_scheduler"])
+
+    def _event(
+        self, name: str, status: str, old: int | None = None, new: int | None = None, **kw: Any
+    ) -> ReductionEvent:
+        layer = self.layers[name]
+        size = get_adapter(layer).state_size(layer)
+        return ReductionEvent(
+            step=self.num_steps,
+            layer=name,
+            status=status,
+            old_rank=size if old is None else old,
+            new_rank=size if new is None else new,
+            **kw,
+        )
+
+    def _reduce_all(self, target: Any) -> list[ReductionEvent]:
+        events = [self._reduce_one(name, layer, target) for name, layer in self.layers.items()]
+        self.history += events
+        return events
+
+    def _reduce_one(self, name: str, layer: nn.Module, target: Any) -> ReductionEvent:
+        start = time.perf_counter()
+        adapter = get_adapter(layer)
+        old = adapter.state_size(layer)
+        horizon = self._resolved_horizon()
+        try:
+            sys = adapter.to_state_space(layer)
+            hsv = hankel_singular_values(sys, horizon=horizon, real_output=self.real_output)
+        except (CompressmError, ValueError, RuntimeError) as err:
+            return self._refused(name, old, [], start, err)
+        rank = target(hsv)
+        total = int(hsv.shape[-1])
+        hsv_list = hsv.detach().cpu().tolist()
+        if not rank < self.gate * total:
+            reason = f"rank {rank} of {total} is not below the gate {self.gate:g} x {total}"
+            return self._event(
+                name, "skipped", hsv=hsv_list, reason=reason, seconds=time.perf_counter() - start
+            )
+        shapes = {p: tuple(getattr(layer, p).shape) for p in adapter.state_axes}
+        try:
+            report = _reduce(
+                layer,
+                adapter,
+                sys,
+                hsv,
+                rank,
+                method=self.method,
+                selection=self.selection,
+                real_output=self.real_output,
+                horizon=horizon,
+                compute_error=self.compute_error,
+                generator=self._generator,
+                max_condition=1e8,
+            )
+        except (CompressmError, ValueError, RuntimeError) as err:
+            return self._refused(name, old, hsv_list, start, err)
+        self._rebind(layer, adapter, shapes, report.indices)
+        event = ReductionEvent(
+            step=self.num_steps,
+            layer=name,
+            status="reduced",
+            old_rank=old,
+            new_rank=report.new_rank,
+            hsv=hsv_list,
+            error_bound=report.error_bound,
+            hinf_error=report.hinf_error,
+            seconds=time.perf_counter() - start,
+        )
+        logger.info(
+            "compressm: step %d, %s: %d -> %d states", self.num_steps, name, old, report.new_rank
+        )
+        return event
+
+    def _refused(
+        self, name: str, old: int, hsv: list[float], start: float, err: Exception
+    ) -> ReductionEvent:
+        reason = f"{type(err).__name__}: {err}"
+        warnings.warn(
+            f"Reduction of layer {name!r} at step {self.num_steps} refused; the layer is "
+            f"unchanged. {reason}",
+            ReductionWarning,
+            stacklevel=4,
+        )
+        return ReductionEvent(
+            step=self.num_steps,
+            layer=name,
+            status="refused",
+            old_rank=old,
+            new_rank=old,
+            hsv=hsv,
+            seconds=time.perf_counter() - start,
+            reason=reason,
+        )
+
+    def _rebind(
+        self,
+        layer: nn.Module,
+        adapter: LayerAdapter,
+        shapes: dict[str, tuple[int, ...]],
+        indices: torch.Tensor | None,
+    ) -> None:
+        if self.optimizer is None:
+            return
+        for pname, axis in adapter.state_axes.items():
+            update_optimizer_state(
+                self.optimizer,
+                getattr(layer, pname),
+                shapes[pname],
+                axis=axis,
+                indices=indices,
+                policy=self.optimizer_state,
+            )

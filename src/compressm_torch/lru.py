@@ -1,0 +1,151 @@
+"""The Linear Recurrent Unit (Orvieto et al., 2023)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._precision import complex_of, full_precision, working_dtype
+from ._scan import diagonal_scan
+
+__all__ = ["LRU"]
+
+
+def _check_size(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        msg = f"`{name}` must be a positive int; received {value!r}."
+        raise ValueError(msg)
+    return value
+
+
+class LRU(nn.Module):
+    """Linear Recurrent Unit: a complex diagonal recurrence with a real output.
+
+    .. math::
+
+        \\lambda_j = \\exp(-e^{\\nu_j} + i e^{\\theta_j}), \\qquad
+        x_k = \\lambda \\odot x_{k-1} + \\operatorname{diag}(e^{\\gamma}) (B_{re} + i B_{im}) u_k,
+        \\qquad y_k = \\operatorname{Re}\\big((C_{re} + i C_{im}) x_k\\big) + D \\odot u_k,
+
+    with ``nu_log``, ``theta_log`` and ``gamma_log`` holding :math:`\\nu, \\theta, \\gamma`. The
+    state includes the current input, so the layer's transfer function is
+    :math:`z C (zI - \\Lambda)^{-1} B + D`, whose H-infinity norm equals that of the standard
+    system :math:`(\\Lambda, \\operatorname{diag}(e^\\gamma) B, C)` used for reduction.
+
+    Parameters
+    ----------
+    d_model : int
+        Input and output width ``H``.
+    d_state : int
+        Number of complex states ``N``; a reduced layer is rebuilt with its reduced size.
+    r_min, r_max : float, optional
+        Pole moduli are initialised uniformly on the ring ``r_min <= |lambda| <= r_max``.
+    max_phase : float, optional
+        Pole phases are initialised uniformly in ``[0, max_phase)``.
+    device, dtype : optional
+        Factory keywords for the parameters (real dtype).
+
+    Notes
+    -----
+    Initialisation follows the LRU paper and its reference code: ``B`` entries
+    :math:`\\mathcal{N}(0, 1/(2H))` (real and imaginary parts), ``C`` entries
+    :math:`\\mathcal{N}(0, 1/N)`, ``D`` standard normal, and
+    :math:`\\gamma = \\log\\sqrt{1 - |\\lambda|^2}`. The recurrence is evaluated by a parallel
+    scan in float32 (float64 for float64 parameters), also under autocast; the output has the
+    input's dtype.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from compressm_torch import LRU
+    >>> layer = LRU(d_model=4, d_state=16)
+    >>> layer(torch.randn(2, 10, 4)).shape
+    torch.Size([2, 10, 4])
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int,
+        *,
+        r_min: float = 0.9,
+        r_max: float = 0.999,
+        max_phase: float = 6.28,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_size("d_model", d_model)
+        _check_size("d_state", d_state)
+        if not 0 <= r_min < r_max < 1:
+            msg = f"Need 0 <= `r_min` < `r_max` < 1; received r_min={r_min!r}, r_max={r_max!r}."
+            raise ValueError(msg)
+        if not max_phase > 0:
+            msg = f"`max_phase` must be positive; received {max_phase!r}."
+            raise ValueError(msg)
+        self.d_model = d_model
+        self.r_min, self.r_max, self.max_phase = r_min, r_max, max_phase
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        n, h = d_state, d_model
+        self.nu_log = nn.Parameter(torch.empty(n, **kw))
+        self.theta_log = nn.Parameter(torch.empty(n, **kw))
+        self.gamma_log = nn.Parameter(torch.empty(n, **kw))
+        self.B_re = nn.Parameter(torch.empty(n, h, **kw))
+        self.B_im = nn.Parameter(torch.empty(n, h, **kw))
+        self.C_re = nn.Parameter(torch.empty(h, n, **kw))
+        self.C_im = nn.Parameter(torch.empty(h, n, **kw))
+        self.D = nn.Parameter(torch.empty(h, **kw))
+        self.reset_parameters()
+
+    @property
+    def d_state(self) -> int:
+        """Current number of complex states ``N``."""
+        return int(self.nu_log.shape[0])
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw the LRU initialisation (ring-uniform poles, normalised ``B`` and ``C``)."""
+        n, h = self.d_state, self.d_model
+        u1 = torch.rand_like(self.nu_log)
+        u2 = torch.rand_like(self.theta_log)
+        radius_sq = u1 * (self.r_max**2 - self.r_min**2) + self.r_min**2
+        self.nu_log.copy_(torch.log(-0.5 * torch.log(radius_sq)))
+        self.theta_log.copy_(torch.log(self.max_phase * u2))
+        self.gamma_log.copy_(0.5 * torch.log1p(-radius_sq))
+        for p, scale in ((self.B_re, 2 * h), (self.B_im, 2 * h), (self.C_re, n), (self.C_im, n)):
+            nn.init.normal_(p, std=1 / math.sqrt(scale))
+        nn.init.normal_(self.D)
+
+    def discrete_system(
+        self, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Poles :math:`\\lambda` (N,), input matrix :math:`\\operatorname{diag}(e^\\gamma) B`
+        (N, H) and output matrix ``C`` (H, N), complex, in the real precision ``dtype``
+        (default: float32, or float64 for float64 parameters)."""
+        real = dtype or working_dtype(self.nu_log)
+        nu, theta, gamma = (p.to(real) for p in (self.nu_log, self.theta_log, self.gamma_log))
+        poles = torch.polar(torch.exp(-torch.exp(nu)), torch.exp(theta))
+        scale = torch.exp(gamma)[:, None]
+        b = torch.complex(self.B_re.to(real) * scale, self.B_im.to(real) * scale)
+        c = torch.complex(self.C_re.to(real), self.C_im.to(real))
+        return poles, b, c
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """Map ``u`` of shape (batch, length, d_model) to ``y`` of the same shape."""
+        if u.ndim < 2 or u.shape[-1] != self.d_model:
+            msg = f"`u` must have shape (..., length, {self.d_model}); received {tuple(u.shape)}."
+            raise ValueError(msg)
+        with full_precision(u.device):
+            real = working_dtype(self.nu_log, u)
+            poles, b, c = (t.to(complex_of(real)) for t in self.discrete_system())
+            x_in = u.to(real)
+            v = torch.complex(x_in @ b.real.T, x_in @ b.imag.T)
+            x = diagonal_scan(poles, v)
+            y = x.real @ c.real.T - x.imag @ c.imag.T + self.D.to(real) * x_in
+        return y.to(u.dtype)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, d_state={self.d_state}"

@@ -1,0 +1,138 @@
+"""Reference models built from SSM layers: the LRU block and a sequence model."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .lru import LRU
+from .s5 import S5
+
+__all__ = ["SSMBlock", "SequenceModel"]
+
+_LAYERS: dict[str, type[nn.Module]] = {"lru": LRU, "s5": S5}
+
+
+class SSMBlock(nn.Module):
+    """Residual block ``x + Dropout(GLU(Dropout(GELU(SSM(Norm(x))))))`` (the LRU paper's block).
+
+    Parameters
+    ----------
+    ssm : torch.nn.Module
+        Sequence layer mapping (batch, length, d_model) to the same shape.
+    d_model : int
+        Width.
+    dropout : float, optional
+        Dropout probability.
+    norm : {"layer", "batch"}, optional
+        Pre-norm: LayerNorm, or BatchNorm over (batch, length) without affine parameters as in
+        the LRU paper.
+    """
+
+    def __init__(
+        self,
+        ssm: nn.Module,
+        d_model: int,
+        *,
+        dropout: float = 0.0,
+        norm: Literal["layer", "batch"] = "layer",
+    ) -> None:
+        super().__init__()
+        if norm not in ("layer", "batch"):
+            msg = f"`norm` must be 'layer' or 'batch'; received {norm!r}."
+            raise ValueError(msg)
+        self.norm: nn.Module = (
+            nn.LayerNorm(d_model) if norm == "layer" else nn.BatchNorm1d(d_model, affine=False)
+        )
+        self.ssm = ssm
+        self.out = nn.Linear(d_model, 2 * d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, length, d_model) -> same shape."""
+        if isinstance(self.norm, nn.BatchNorm1d):
+            z = self.norm(x.transpose(-1, -2)).transpose(-1, -2)
+        else:
+            z = self.norm(x)
+        z = self.dropout(F.gelu(self.ssm(z)))
+        out: torch.Tensor = x + self.dropout(F.glu(self.out(z), dim=-1))
+        return out
+
+
+class SequenceModel(nn.Module):
+    """Linear encoder, ``n_layers`` :class:`SSMBlock` s, optional mean pooling, linear decoder.
+
+    Parameters
+    ----------
+    d_input, d_output : int
+        Input features per step; outputs (classes, or regression targets per step).
+    d_model, d_state : int, optional
+        Width and state size of every SSM layer.
+    n_layers : int, optional
+        Number of blocks.
+    layer : {"lru", "s5"}, optional
+        SSM layer type (:class:`LRU` or :class:`S5`).
+    pool : {"mean", None}, optional
+        ``"mean"``: one output per sequence (classification); ``None``: one per step.
+    dropout : float, optional
+        Dropout in the blocks.
+    norm : {"layer", "batch"}, optional
+        Pre-norm of the blocks.
+    **layer_kwargs
+        Passed to the SSM layer (e.g. ``r_min``, ``r_max`` for the LRU).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from compressm_torch import SequenceModel
+    >>> model = SequenceModel(1, 10, d_model=16, d_state=32)
+    >>> model(torch.randn(4, 40, 1)).shape
+    torch.Size([4, 10])
+    """
+
+    def __init__(
+        self,
+        d_input: int,
+        d_output: int,
+        *,
+        d_model: int = 64,
+        d_state: int = 64,
+        n_layers: int = 1,
+        layer: Literal["lru", "s5"] = "lru",
+        pool: Literal["mean"] | None = "mean",
+        dropout: float = 0.0,
+        norm: Literal["layer", "batch"] = "layer",
+        **layer_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if layer not in _LAYERS:
+            msg = f"`layer` must be one of {sorted(_LAYERS)}; received {layer!r}."
+            raise ValueError(msg)
+        if pool not in ("mean", None):
+            msg = f"`pool` must be 'mean' or None; received {pool!r}."
+            raise ValueError(msg)
+        self.pool = pool
+        self.encoder = nn.Linear(d_input, d_model)
+        self.blocks = nn.ModuleList(
+            SSMBlock(
+                _LAYERS[layer](d_model, d_state, **layer_kwargs),
+                d_model,
+                dropout=dropout,
+                norm=norm,
+            )
+            for _ in range(n_layers)
+        )
+        self.decoder = nn.Linear(d_model, d_output)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, length, d_input) -> (batch, d_output), or (batch, length, d_output)."""
+        z = self.encoder(x)
+        for block in self.blocks:
+            z = block(z)
+        if self.pool == "mean":
+            z = z.mean(dim=-2)
+        out: torch.Tensor = self.decoder(z)
+        return out

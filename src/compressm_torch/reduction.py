@@ -1,0 +1,301 @@
+"""Reduce one layer in place: balanced truncation + re-diagonalisation, or index selection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from compressm_core import (
+    DiagonalStateSpace,
+    StabilityError,
+    StateSpace,
+    balanced_realization,
+    balanced_truncation,
+    h_infinity_norm,
+    hankel_singular_values,
+    rediagonalize,
+    select_rank,
+)
+
+from .adapters import LayerAdapter, get_adapter
+
+__all__ = ["LayerReduction", "Selection", "reduce_layer"]
+
+Selection = Literal["largest", "smallest", "random"]
+_SELECTIONS = ("largest", "smallest", "random")
+
+
+@dataclass(frozen=True)
+class LayerReduction:
+    """Report of :func:`reduce_layer`.
+
+    Attributes
+    ----------
+    old_rank, new_rank : int
+        State sizes before and after.
+    hsv : (n,) tensor
+        Hankel singular values before the reduction (float64, CPU), descending.
+    error_bound : float
+        Bound on the H-infinity norm of the change of the layer's transfer function:
+        :math:`2 \\sum_{\\text{discarded}} \\sigma_i` for balanced truncation, the modal bound
+        :math:`\\sum_{\\text{discarded}} \\|c_i\\| \\|b_i\\| / (1 - |\\lambda_i|)` for
+        ``selection="random"``. Only an indicator with ``horizon`` set.
+    hinf_error : float or None
+        Measured H-infinity norm of the change of the layer's (real) output map, if asked.
+    selection : str
+        ``"largest"``, ``"smallest"`` or ``"random"``.
+    indices : (new_rank,) tensor or None
+        Kept state indices for index selection (``"random"``): the parameters, and the optimizer
+        moments, were sliced with them. ``None`` after a change of basis.
+    changed : tuple of str
+        Names of the parameters whose values were replaced (their objects are kept).
+    """
+
+    old_rank: int
+    new_rank: int
+    hsv: torch.Tensor
+    error_bound: float
+    hinf_error: float | None
+    selection: str
+    indices: torch.Tensor | None
+    changed: tuple[str, ...]
+
+
+def _check_rank(rank: object, total: int) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= total:
+        msg = f"`rank` must be an int in [1, {total}]; received {rank!r}."
+        raise ValueError(msg)
+    return rank
+
+
+def _modal_bound(sys: DiagonalStateSpace, dropped: torch.Tensor) -> float:
+    gain = torch.linalg.vector_norm(sys.b[dropped], dim=-1) * torch.linalg.vector_norm(
+        sys.c[:, dropped], dim=0
+    )
+    return float(torch.sum(gain / (1 - sys.poles[dropped].abs())))
+
+
+def _balanced(
+    sys: DiagonalStateSpace,
+    rank: int,
+    hsv: torch.Tensor,
+    *,
+    selection: str,
+    method: Literal["sqrt", "bfsr"],
+    horizon: int | None,
+    real_output: bool,
+    max_condition: float,
+) -> tuple[DiagonalStateSpace, float]:
+    if selection == "largest":
+        bt = balanced_truncation(
+            sys, rank, method=method, horizon=horizon, real_output=real_output
+        )
+        reduced, bound = bt.system, float(bt.error_bound)
+    else:
+        br = balanced_realization(sys, horizon=horizon, real_output=real_output)
+        a, b, c, d = br.system
+        keep = slice(a.shape[-1] - rank, None)
+        reduced = StateSpace(a[keep, keep], b[keep], c[:, keep], d)
+        bound = float(2 * hsv[: a.shape[-1] - rank].sum())
+    diag = rediagonalize(reduced, real_output=real_output, max_condition=max_condition)
+    return diag, bound
+
+
+def reduce_layer(
+    layer: nn.Module,
+    rank: int | None = None,
+    *,
+    tau: float | None = None,
+    energy: Literal["sum", "squared"] = "sum",
+    method: Literal["sqrt", "bfsr"] = "sqrt",
+    selection: Selection = "largest",
+    real_output: bool = False,
+    horizon: int | None = None,
+    compute_error: bool = False,
+    generator: torch.Generator | None = None,
+    max_condition: float = 1e8,
+) -> LayerReduction:
+    """Reduce the state of ``layer`` in place to ``rank`` states.
+
+    ``selection="largest"`` (the method): balanced truncation to the ``rank`` states with the
+    largest Hankel singular values, then re-diagonalisation
+    :math:`A_r = V \\operatorname{diag}(\\mu) V^{-1}`, written back through the layer's
+    adapter; the change of the transfer function obeys
+
+    .. math::
+
+        \\|G - G_r\\|_{\\mathcal{H}_\\infty} \\le 2 \\sum_{i > r} \\sigma_i .
+
+    ``"smallest"`` keeps the ``rank`` weakest balanced states instead and ``"random"`` keeps
+    ``rank`` random modal states without balancing (the paper's ablations; ``"random"`` slices
+    the parameters, so the optimizer moments can be sliced exactly too).
+
+    The new values are computed and checked (finite, :math:`0 < |\\mu| < 1`) before anything
+    is written: on failure the layer is left as it was and the error says why. Parameter
+    objects keep their identity (their ``.data`` is replaced).
+
+    Parameters
+    ----------
+    layer : torch.nn.Module
+        A layer with a registered adapter (:class:`LRU`, :class:`S5`, or your own).
+    rank : int, optional
+        States to keep, in ``[1, n]`` (real states in ``[1, 2n]`` with ``real_output``). Give
+        either ``rank`` or ``tau``.
+    tau : float, optional
+        Choose the rank with :func:`compressm_core.select_rank` (fraction of the HSV energy
+        that may be discarded).
+    energy : {"sum", "squared"}, optional
+        Energy used with ``tau``.
+    method : {"sqrt", "bfsr"}, optional
+        Balanced-truncation method (see :func:`compressm_core.balanced_truncation`).
+    selection : {"largest", "smallest", "random"}, optional
+        Which states to keep.
+    real_output : bool, optional
+        ``False`` (default, the paper's reduction): balance the complex system; its bound is a
+        conservative bound for the layer's real output. ``True``: reduce the exact real
+        ``2n``-state realization of ``Re(C x)``; ``rank`` counts real states and each kept
+        conjugate pair takes one complex slot.
+    horizon : int, optional
+        Finite-horizon Gramians over ``horizon`` steps (the sequence length seen in training).
+    compute_error : bool, optional
+        Measure the H-infinity norm of the change of the layer's output map afterwards
+        (a posteriori check of ``error_bound``).
+    generator : torch.Generator, optional
+        Random source for ``selection="random"``.
+    max_condition : float, optional
+        Refuse re-diagonalisation when the eigenvector basis is worse conditioned.
+
+    Returns
+    -------
+    LayerReduction
+        Ranks, HSVs, bound, measured error and what changed.
+
+    Raises
+    ------
+    TypeError
+        No adapter for ``layer``; neither or both of ``rank`` and ``tau``.
+    ValueError
+        ``rank``, ``selection`` or ``tau`` out of range.
+    StabilityError, ConditioningError
+        The reduced system cannot be written back (unstable or non-finite parameters, an
+        ill-conditioned modal basis). The layer is unchanged.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from compressm_torch import LRU, reduce_layer
+    >>> _ = torch.manual_seed(0)
+    >>> layer = LRU(d_model=4, d_state=32)
+    >>> report = reduce_layer(layer, 8)
+    >>> layer.d_state, report.old_rank, report.error_bound > 0
+    (8, 32, True)
+    """
+    if (rank is None) == (tau is None):
+        msg = f"Give exactly one of `rank` and `tau`; received rank={rank!r}, tau={tau!r}."
+        raise TypeError(msg)
+    if selection not in _SELECTIONS:
+        msg = f"`selection` must be one of {_SELECTIONS}; received {selection!r}."
+        raise ValueError(msg)
+    if selection == "random" and real_output:
+        msg = "`selection='random'` keeps modal states; it cannot be combined with `real_output`."
+        raise ValueError(msg)
+    adapter = get_adapter(layer)
+    sys = adapter.to_state_space(layer)
+    hsv = hankel_singular_values(sys, horizon=horizon, real_output=real_output)
+    if tau is not None:
+        rank = select_rank(hsv, tau=tau, energy=energy)
+    return _reduce(
+        layer,
+        adapter,
+        sys,
+        hsv,
+        _check_rank(rank, int(hsv.shape[-1])),
+        method=method,
+        selection=selection,
+        real_output=real_output,
+        horizon=horizon,
+        compute_error=compute_error,
+        generator=generator,
+        max_condition=max_condition,
+    )
+
+
+def _reduce(
+    layer: nn.Module,
+    adapter: LayerAdapter,
+    sys: DiagonalStateSpace,
+    hsv: torch.Tensor,
+    rank: int,
+    *,
+    method: Literal["sqrt", "bfsr"],
+    selection: str,
+    real_output: bool,
+    horizon: int | None,
+    compute_error: bool,
+    generator: torch.Generator | None,
+    max_condition: float,
+) -> LayerReduction:
+    old = int(sys.poles.shape[-1])
+    indices: torch.Tensor | None = None
+    if selection == "random":
+        perm = torch.randperm(old, generator=generator)
+        indices = torch.sort(perm[:rank]).values.to(sys.poles.device)
+        dropped = torch.sort(perm[rank:]).values.to(sys.poles.device)
+        bound = _modal_bound(sys, dropped)
+        values = _sliced(layer, adapter, indices)
+    else:
+        reduced, bound = _balanced(
+            sys,
+            rank,
+            hsv,
+            selection=selection,
+            method=method,
+            horizon=horizon,
+            real_output=real_output,
+            max_condition=max_condition,
+        )
+        values = adapter.from_state_space(layer, reduced)
+    _write(layer, values)
+    if adapter.on_resize is not None:
+        adapter.on_resize(layer)
+    hinf = None
+    if compute_error:
+        after = adapter.to_state_space(layer)
+        hinf = float(h_infinity_norm(sys, after, real_output=adapter.real_output))
+    return LayerReduction(
+        old_rank=old,
+        new_rank=adapter.state_size(layer),
+        hsv=hsv.detach().cpu(),
+        error_bound=bound,
+        hinf_error=hinf,
+        selection=selection,
+        indices=None if indices is None else indices.cpu(),
+        changed=tuple(values),
+    )
+
+
+def _sliced(
+    layer: nn.Module, adapter: LayerAdapter, indices: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    return {
+        name: getattr(layer, name).detach().index_select(axis, indices)
+        for name, axis in adapter.state_axes.items()
+    }
+
+
+@torch.no_grad()
+def _write(layer: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Check every new value, then assign all of them (all or nothing)."""
+    staged = {}
+    for name, value in values.items():
+        param = getattr(layer, name)
+        new = value.detach().to(device=param.device, dtype=param.dtype)
+        if not bool(torch.all(torch.isfinite(new))):
+            msg = f"The reduced value of `{name}` is not finite; the layer is left unchanged."
+            raise StabilityError(msg)
+        staged[name] = new.contiguous()
+    for name, new in staged.items():
+        getattr(layer, name).data = new
