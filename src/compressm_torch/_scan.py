@@ -53,4 +53,4 @@ def diagonal_scan(
 
 
 def _first_pole(poles: torch.Tensor) -> torch.Tensor:
-    return poles if poles.ndim == 1 else poles[..., 0, :]
+    return poles if poles.ndim == 1 else poles[..., :1, :]
