@@ -11,6 +11,7 @@ from torch import nn
 
 from compressm_core import DiagonalStateSpace, StabilityError
 
+from ._params import assign
 from .lru import LRU
 from .s5 import S5
 
@@ -172,7 +173,7 @@ def resize_layers(model: nn.Module, sizes: Mapping[str, int]) -> None:
             param = getattr(layer, pname)
             shape = list(param.shape)
             shape[axis] = size
-            param.data = param.new_zeros(shape)
+            assign(param, param.new_zeros(shape))
         if adapter.on_resize is not None:
             adapter.on_resize(layer)
 

@@ -20,6 +20,7 @@ from compressm_core import (
     select_rank,
 )
 
+from ._params import assign
 from .adapters import LayerAdapter, get_adapter
 
 __all__ = ["LayerReduction", "Selection", "reduce_layer"]
@@ -298,4 +299,4 @@ def _write(layer: nn.Module, values: dict[str, torch.Tensor]) -> None:
             raise StabilityError(msg)
         staged[name] = new.contiguous()
     for name, new in staged.items():
-        getattr(layer, name).data = new
+        assign(getattr(layer, name), new)

@@ -74,10 +74,12 @@ def test_lru_initialisation_follows_the_paper():
     layer = LRU(64, 4096, r_min=0.4, r_max=0.9, max_phase=math.pi).requires_grad_(False)
     poles, _, _ = layer.discrete_system(torch.float64)
     radius = poles.abs()
-    assert 0.4 <= float(radius.min()) and float(radius.max()) <= 0.9
+    assert float(radius.min()) >= 0.4
+    assert float(radius.max()) <= 0.9
     # |lambda|^2 uniform on [r_min^2, r_max^2]
     assert abs(float((radius**2).mean()) - (0.4**2 + 0.9**2) / 2) < 0.01
-    assert 0 <= float(torch.angle(poles).min()) and float(torch.angle(poles).max()) <= math.pi
+    assert float(torch.angle(poles).min()) >= 0
+    assert float(torch.angle(poles).max()) <= math.pi
     gamma = torch.exp(layer.gamma_log.double())
     torch.testing.assert_close(gamma, torch.sqrt(1 - radius**2), rtol=1e-6, atol=1e-6)
     assert abs(float(layer.B_re.std()) - 1 / math.sqrt(128)) < 0.005
@@ -131,7 +133,8 @@ def test_low_precision_inputs_and_autocast(dtype):
     half = LRU(4, 8, dtype=torch.bfloat16)
     out = half(u.to(torch.bfloat16))
     out.float().sum().backward()
-    assert half.nu_log.grad is not None and half.nu_log.grad.dtype == torch.bfloat16
+    assert half.nu_log.grad is not None
+    assert half.nu_log.grad.dtype == torch.bfloat16
 
 
 def test_cost_falls_with_state_size():

@@ -52,7 +52,8 @@ def trained_like(cls, n=24, h=4, seed=0):
 def test_to_state_space_reproduces_the_layer(cls):
     layer = trained_like(cls)
     sys = to_state_space(layer)
-    assert sys.poles.dtype == torch.complex128 and sys.d.dtype == torch.float64
+    assert sys.poles.dtype == torch.complex128
+    assert sys.d.dtype == torch.float64
     assert sys.poles.device == layer.D.device
     u = torch.randn(2, 30, 4, dtype=torch.float64)
     torch.testing.assert_close(simulate(sys, u), layer(u).detach())
@@ -71,7 +72,7 @@ def test_to_state_space_reproduces_the_layer(cls):
 )
 def test_output_change_within_bound(cls, selection, real_output):
     layer = trained_like(cls)
-    params = {n: p for n, p in layer.named_parameters()}
+    params = dict(layer.named_parameters())
     d_before = layer.D.detach().clone()
     u = torch.randn(4, 200, 4, dtype=torch.float64)
     y = layer(u).detach()
@@ -84,7 +85,8 @@ def test_output_change_within_bound(cls, selection, real_output):
         compute_error=True,
         generator=torch.Generator().manual_seed(0),
     )
-    assert report.old_rank == 24 and layer.d_state == report.new_rank
+    assert report.old_rank == 24
+    assert layer.d_state == report.new_rank
     assert report.new_rank == rank if not real_output else rank // 2 <= report.new_rank <= rank
     # Parameter objects are kept; D is untouched bit for bit.
     assert all(p is params[n] for n, p in layer.named_parameters())
@@ -143,7 +145,8 @@ def test_random_selection_slices_parameters():
     before = {n: p.detach().clone() for n, p in layer.named_parameters()}
     report = reduce_layer(layer, 5, selection="random", generator=torch.Generator().manual_seed(3))
     idx = report.indices
-    assert idx.shape == (5,) and bool(torch.all(idx[1:] > idx[:-1]))
+    assert idx.shape == (5,)
+    assert bool(torch.all(idx[1:] > idx[:-1]))
     torch.testing.assert_close(layer.nu_log, before["nu_log"][idx])
     torch.testing.assert_close(layer.C_im, before["C_im"][:, idx])
 
@@ -271,3 +274,19 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="random"):
         reduce_layer(layer, 3, selection="random", real_output=True)
     assert layer.d_state == 6
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_backward_after_reduction_while_an_old_graph_is_alive(cls):
+    # A training loop keeps the last `loss` (and its graph) alive across the reduction.
+    layer = trained_like(cls, n=16)
+    u = torch.randn(2, 10, 4, dtype=torch.float64)
+    loss = layer(u).pow(2).sum()
+    loss.backward()
+    reduce_layer(layer, 5)
+    new_loss = layer(u).pow(2).sum()
+    new_loss.backward()
+    assert loss.grad_fn is not None
+    for name, p in layer.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.shape == p.shape, name
