@@ -22,9 +22,9 @@ def save_checkpoint(
     f: PathLike,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
-    controller: CompreSSM | None = None,
-    lr_scheduler: Any = None,
     *,
+    lr_scheduler: Any = None,
+    controller: CompreSSM | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Write model, optimizer, controller and scheduler state with the layers' state sizes.
@@ -35,7 +35,7 @@ def save_checkpoint(
         Destination (``torch.save``).
     model : torch.nn.Module
         The (possibly reduced) model.
-    optimizer, controller, lr_scheduler : optional
+    optimizer, lr_scheduler, controller : optional
         Saved with ``state_dict()`` when given.
     extra : dict, optional
         Anything else to keep (epoch, data-loader state, ...), returned by
@@ -59,9 +59,9 @@ def load_checkpoint(
     f: PathLike,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
-    controller: CompreSSM | None = None,
-    lr_scheduler: Any = None,
     *,
+    lr_scheduler: Any = None,
+    controller: CompreSSM | None = None,
     map_location: Any = None,
 ) -> dict[str, Any]:
     """Restore :func:`save_checkpoint` into a freshly built (full-size) model.
