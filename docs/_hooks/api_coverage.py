@@ -1,6 +1,7 @@
 """MkDocs hook: warn (an error under ``--strict``) when a public name has no API entry.
 
-Every name in ``compressm_core.__all__`` must appear in ``docs/api/core.md`` as a
+Every name in ``compressm_core.__all__`` (``compressm_torch.__all__``) must appear in
+``docs/api/core.md`` (``docs/api/torch.md``) as a
 ``::: compressm_core.<name>`` block. ``__all__`` is read from the source with :mod:`ast`, so
 nothing is imported.
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 log = logging.getLogger("mkdocs.hooks.api_coverage")
 
-_PAGES = {"compressm_core": "api/core.md"}
+_PAGES = {"compressm_core": "api/core.md", "compressm_torch": "api/torch.md"}
 
 
 def _exported(init: Path) -> list[str]:

@@ -2,9 +2,66 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 __all__ = ["diagonal_scan"]
+
+
+def _scan_(a: torch.Tensor, x: torch.Tensor, *, reverse: bool = False) -> torch.Tensor:
+    """In place: ``x_k += a_k x_{k-1}`` (``x_k += a_k x_{k+1}`` if ``reverse``) along dim -2.
+
+    Hillis-Steele form of the associative scan over :math:`(a, x)` pairs: ``ceil(log2 L)``
+    passes, each one multiply into a temporary and one in-place add (the right-hand side is
+    evaluated before the add, so the overlapping update is exact). ``a`` is (N,) for
+    time-invariant poles or has ``x``'s shape (it is then overwritten).
+    """
+    length = x.shape[-2]
+    invariant = a.ndim == 1
+    offset = 1
+    while offset < length:
+        head, tail = slice(None, -offset), slice(offset, None)
+        dst, src = (head, tail) if reverse else (tail, head)
+        if invariant:
+            x[..., dst, :] += a * x[..., src, :]
+            a = a * a
+        else:
+            x[..., dst, :] += a[..., dst, :] * x[..., src, :]
+            a[..., dst, :] *= a[..., src, :].clone()
+        offset *= 2
+    return x
+
+
+class _DiagonalScan(torch.autograd.Function):
+    """x_k = a_k x_{k-1} + v_k with the adjoint recurrence as its backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, poles: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        a = poles if poles.ndim == 1 else poles.clone()
+        with torch.no_grad():
+            x = _scan_(a, inputs.clone())
+        ctx.save_for_backward(poles, x)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        poles, x = ctx.saved_tensors
+        # delta_k = g_k + conj(a_{k+1}) delta_{k+1}: the same scan run backwards in time.
+        if poles.ndim == 1:
+            a = poles.conj()
+        else:
+            a = torch.zeros_like(poles)
+            a[..., :-1, :] = poles[..., 1:, :].conj()
+        delta = _scan_(a, grad.clone(), reverse=True)
+        grad_poles = None
+        if ctx.needs_input_grad[0]:
+            prev = torch.zeros_like(x)
+            prev[..., 1:, :] = x[..., :-1, :]
+            grad_poles = delta * prev.conj()
+            if poles.ndim == 1:
+                grad_poles = grad_poles.reshape(-1, poles.shape[-1]).sum(0)
+        return grad_poles, delta
 
 
 def diagonal_scan(
@@ -12,15 +69,15 @@ def diagonal_scan(
 ) -> torch.Tensor:
     """All states of the diagonal recurrence :math:`x_k = \\lambda \\odot x_{k-1} + v_k`.
 
-    Evaluated by the Hillis-Steele form of the associative scan over the operator
-    :math:`(\\lambda_a, v_a) \\bullet (\\lambda_b, v_b) = (\\lambda_a \\lambda_b,
-    \\lambda_b v_a + v_b)`: ``ceil(log2 L)`` whole-sequence passes instead of ``L`` small steps,
-    differentiable by ordinary autograd, and linear in the state size ``N``.
+    A parallel (associative) scan: ``ceil(log2 L)`` whole-sequence passes instead of ``L``
+    small steps, linear in the state size ``N``. The backward pass is the adjoint recurrence
+    :math:`\\delta_k = g_k + \\bar\\lambda_{k+1} \\delta_{k+1}` evaluated by the same scan, so
+    autograd stores one state sequence, not one per pass.
 
     Parameters
     ----------
     poles : (N,) or (..., L, N) tensor
-        Time-invariant poles, or one set per step (selective layers).
+        Time-invariant poles, or one set per step (selective layers), same shape as ``inputs``.
     inputs : (..., L, N) tensor
         Driving terms :math:`v_k` (already multiplied by ``B``).
     initial_state : (..., N) tensor, optional
@@ -31,26 +88,11 @@ def diagonal_scan(
     (..., L, N) tensor
         :math:`x_0, \\dots, x_{L-1}`.
     """
-    x = inputs
+    if poles.ndim != 1 and poles.shape != inputs.shape:
+        poles = poles.expand(inputs.shape)
     if initial_state is not None:
-        first = x[..., :1, :] + _first_pole(poles) * initial_state.unsqueeze(-2)
-        x = torch.cat([first, x[..., 1:, :]], dim=-2)
-    length = x.shape[-2]
-    invariant = poles.ndim == 1
-    a = poles
-    offset = 1
-    while offset < length:
-        if invariant:
-            shifted = a * x[..., :-offset, :]
-        else:
-            shifted = a[..., offset:, :] * x[..., :-offset, :]
-            a = torch.cat([a[..., :offset, :], a[..., offset:, :] * a[..., :-offset, :]], dim=-2)
-        x = torch.cat([x[..., :offset, :], x[..., offset:, :] + shifted], dim=-2)
-        if invariant:
-            a = a * a
-        offset *= 2
-    return x
-
-
-def _first_pole(poles: torch.Tensor) -> torch.Tensor:
-    return poles if poles.ndim == 1 else poles[..., :1, :]
+        first_pole = poles if poles.ndim == 1 else poles[..., :1, :]
+        first = inputs[..., :1, :] + first_pole * initial_state.unsqueeze(-2)
+        inputs = torch.cat([first, inputs[..., 1:, :]], dim=-2)
+    out: torch.Tensor = _DiagonalScan.apply(poles, inputs)
+    return out
