@@ -94,5 +94,5 @@ def diagonal_scan(
         first_pole = poles if poles.ndim == 1 else poles[..., :1, :]
         first = inputs[..., :1, :] + first_pole * initial_state.unsqueeze(-2)
         inputs = torch.cat([first, inputs[..., 1:, :]], dim=-2)
-    out: torch.Tensor = _DiagonalScan.apply(poles, inputs)
+    out: torch.Tensor = _DiagonalScan.apply(poles, inputs)  # type: ignore[no-untyped-call]
     return out

@@ -318,6 +318,8 @@ def test_s5_model_is_reduced_too():
     assert state_sizes(model) == ctl.state_sizes
 
 
+# torch's Dynamo instantiates autograd.Function classes internally and warns about it.
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
 def test_compiled_model_recompiles_after_reduction():
     model, opt = make()
     compiled = torch.compile(model, backend="aot_eager")

@@ -1,0 +1,337 @@
+"""A PyTorch Lightning callback that runs :class:`~compressm_torch.CompreSSM` inside ``fit``.
+
+This module imports :mod:`lightning`; ``import compressm_torch`` does not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .adapters import find_layers, get_adapter, resize_layers, state_sizes
+from .controller import CompreSSM, Mode, ReductionEvent
+from .lru import LRU
+from .optim import OptimizerStatePolicy
+from .reduction import Selection
+
+__all__ = ["CompreSSMCallback"]
+
+logger = logging.getLogger("compressm")
+
+#: Key of the top-level checkpoint entry holding the layers' state sizes.
+STATE_SIZES_KEY = "compressm_state_sizes"
+
+
+class CompreSSMCallback(Callback):
+    """Reduce the SSM layers of a LightningModule while ``Trainer.fit`` trains it.
+
+    At ``on_fit_start`` the callback builds a :class:`~compressm_torch.CompreSSM` controller on
+    the LightningModule, the first optimizer of the trainer and the scheduler of its first
+    ``lr_scheduler_configs`` entry, and calls :meth:`CompreSSM.step` once per optimizer step
+    (gradient accumulation is respected: the callback follows ``trainer.global_step``). The
+    Parameter objects survive a reduction, so the live optimizer and scheduler keep working.
+
+    Checkpoints written by Lightning hold the controller state (``checkpoint["callbacks"]``) and
+    the layers' state sizes (``checkpoint["compressm_state_sizes"]``). While the callback is
+    attached (from its ``setup`` to its ``teardown`` hook), every managed layer resizes itself
+    to the shapes of a state dict loaded into it, so ``Trainer.fit(model, ckpt_path=...)`` (and
+    ``validate``, ``test``, ``predict``) resumes a reduced run into a freshly built full-size
+    model. To load such a checkpoint without the callback, call
+    ``resize_layers(model, ckpt["compressm_state_sizes"])`` before ``load_state_dict``.
+
+    Parameters
+    ----------
+    total_steps : int, optional
+        Length of training in optimizer steps; default ``trainer.estimated_stepping_batches``.
+    monitor : str, optional
+        Key of ``trainer.callback_metrics`` holding the validation metric; required by
+        ``mode="pragmatic"``. A value logged during validation is handed to the controller at
+        the next optimizer step, so a pragmatic reduction at step ``s`` is compared against the
+        last validation before ``s`` and judged by the first validation after it. Validation
+        must therefore run between scheduled reductions (``val_check_interval``).
+    tau, mode, warmup_fraction, num_reductions, reduction_steps, fraction : optional
+        As for :class:`~compressm_torch.CompreSSM`; the schedule counts optimizer steps.
+    selection, optimizer_state, horizon, gate, min_rank, method, real_output : optional
+        As for :class:`~compressm_torch.CompreSSM`.
+    energy, rollback_rtol, metric, compute_error, layers, seed : optional
+        As for :class:`~compressm_torch.CompreSSM`.
+
+    Attributes
+    ----------
+    controller : CompreSSM
+        The controller of the current ``fit`` (available from ``on_fit_start``).
+    history : list of ReductionEvent
+        ``controller.history`` (empty before ``fit``).
+
+    Raises
+    ------
+    ValueError, TypeError
+        On an invalid option (checked at construction; the message names the argument).
+
+    Examples
+    --------
+    >>> import lightning.pytorch as pl
+    >>> import torch
+    >>> from compressm_torch import SequenceModel
+    >>> from compressm_torch.lightning import CompreSSMCallback
+    >>> class Module(pl.LightningModule):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.net = SequenceModel(1, 1, d_model=8, d_state=16)
+    ...     def training_step(self, batch, batch_idx):
+    ...         x, y = batch
+    ...         return torch.nn.functional.mse_loss(self.net(x), y)
+    ...     def configure_optimizers(self):
+    ...         return torch.optim.AdamW(self.parameters(), lr=1e-2)
+    >>> data = torch.utils.data.TensorDataset(torch.randn(32, 20, 1), torch.randn(32, 1))
+    >>> callback = CompreSSMCallback(mode="fixed", fraction=0.25, reduction_steps=[4, 8])
+    >>> trainer = pl.Trainer(
+    ...     max_steps=10, callbacks=[callback], logger=False, enable_checkpointing=False,
+    ...     enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    ... )
+    >>> trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=8))
+    >>> callback.controller.state_sizes
+    {'net.blocks.0.ssm': 9}
+    """
+
+    def __init__(
+        self,
+        *,
+        total_steps: int | None = None,
+        monitor: str | None = None,
+        tau: float = 0.1,
+        mode: Mode = "tolerance",
+        warmup_fraction: float = 0.1,
+        num_reductions: int = 4,
+        reduction_steps: Sequence[int] | None = None,
+        fraction: float = 0.1,
+        selection: Selection = "largest",
+        optimizer_state: OptimizerStatePolicy = "reset",
+        horizon: int | Literal["auto"] | None = None,
+        gate: float = 0.95,
+        min_rank: int = 1,
+        method: Literal["sqrt", "bfsr"] = "sqrt",
+        real_output: bool = False,
+        energy: Literal["sum", "squared"] = "sum",
+        rollback_rtol: float = 0.02,
+        metric: Literal["max", "min"] = "max",
+        compute_error: bool = False,
+        layers: Iterable[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if monitor is not None and not isinstance(monitor, str):
+            msg = f"`monitor` must be a str or None; received {type(monitor).__name__}."
+            raise TypeError(msg)
+        if mode == "pragmatic" and monitor is None:
+            msg = (
+                "`monitor` must name a logged validation metric when `mode='pragmatic'` "
+                "(the controller judges each reduction by it)."
+            )
+            raise ValueError(msg)
+        self.total_steps = total_steps
+        self.monitor = monitor
+        self.layers = None if layers is None else list(layers)
+        self._options: dict[str, Any] = {
+            "tau": tau,
+            "mode": mode,
+            "warmup_fraction": warmup_fraction,
+            "num_reductions": num_reductions,
+            "reduction_steps": None if reduction_steps is None else list(reduction_steps),
+            "fraction": fraction,
+            "selection": selection,
+            "optimizer_state": optimizer_state,
+            "horizon": horizon,
+            "gate": gate,
+            "min_rank": min_rank,
+            "method": method,
+            "real_output": real_output,
+            "energy": energy,
+            "rollback_rtol": rollback_rtol,
+            "metric": metric,
+            "compute_error": compute_error,
+            "seed": seed,
+        }
+        # Validate every option now rather than at on_fit_start: build a throw-away controller
+        # on a one-state layer on the meta device (no memory, no draw from the global RNG).
+        probe_steps = 1 if total_steps is None else total_steps
+        probe = CompreSSM(LRU(1, 1, device="meta"), None, total_steps=probe_steps, **self._options)
+        probe.remove_hooks()
+        self._controller: CompreSSM | None = None
+        self._restored: dict[str, Any] | None = None
+        self._metric: float | None = None
+        self._last_step = 0
+        self._load_hooks: list[RemovableHandle] = []
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def controller(self) -> CompreSSM:
+        """The controller of the current ``fit``.
+
+        Raises
+        ------
+        RuntimeError
+            Before ``on_fit_start``.
+        """
+        if self._controller is None:
+            msg = "The controller is built at `on_fit_start`; call `Trainer.fit` first."
+            raise RuntimeError(msg)
+        return self._controller
+
+    @property
+    def history(self) -> list[ReductionEvent]:
+        """Events of the controller (``[]`` before ``fit``)."""
+        return [] if self._controller is None else self._controller.history
+
+    # -- Lightning hooks -------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Make the managed layers resize themselves to the state dicts loaded into them.
+
+        Lightning restores ``ckpt_path`` after this hook (``trainer.ckpt_path`` is not set yet),
+        by ``pl_module.load_state_dict``; a ``load_state_dict`` pre-hook on each managed layer
+        gives the layer the state size of the incoming tensors first (Parameter objects are
+        kept), so a full-size model accepts a reduced checkpoint.
+        """
+        if stage == "fit":
+            self._controller = None
+            self._restored = None
+            self._metric = None
+        self._remove_load_hooks()
+        for layer in self._managed_layers(pl_module).values():
+            hook = layer.register_load_state_dict_pre_hook  # untyped in torch
+            self._load_hooks.append(hook(_resize_to_incoming_state))  # type: ignore[no-untyped-call]
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Remove the load hooks and the controller's forward hooks."""
+        self._remove_load_hooks()
+        if stage == "fit" and self._controller is not None:
+            self._controller.remove_hooks()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build the controller on the module, its first optimizer and first scheduler."""
+        total = self.total_steps
+        if total is None:
+            estimate = trainer.estimated_stepping_batches
+            if not (isinstance(estimate, (int, float)) and 1 <= estimate < float("inf")):
+                msg = (
+                    f"`total_steps` was not given and the trainer cannot estimate it "
+                    f"(estimated_stepping_batches = {estimate!r}); pass `total_steps` or set "
+                    "`max_steps`/`max_epochs`."
+                )
+                raise ValueError(msg)
+            total = int(estimate)
+        optimizers = trainer.optimizers
+        schedulers = trainer.lr_scheduler_configs
+        self._controller = CompreSSM(
+            pl_module,
+            optimizers[0] if optimizers else None,
+            total_steps=total,
+            lr_scheduler=schedulers[0].scheduler if schedulers else None,
+            layers=self.layers,
+            **self._options,
+        )
+        if self._restored is not None:
+            self._load(self._restored)
+            self._restored = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start counting optimizer steps from ``trainer.global_step`` (restored on resume)."""
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Advance the controller once per optimizer step taken since the last call."""
+        controller = self.controller
+        while self._last_step < trainer.global_step:
+            self._last_step += 1
+            metric, self._metric = self._metric, None
+            controller.step(val_metric=metric)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep the ``monitor`` metric for the controller's next step."""
+        if self.monitor is None or trainer.sanity_checking or self._controller is None:
+            return
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        metrics = trainer.callback_metrics
+        if self.monitor not in metrics:
+            msg = (
+                f"`monitor={self.monitor!r}` is not among the logged metrics "
+                f"{sorted(metrics)}; log it in `validation_step` or `on_validation_epoch_end`."
+            )
+            raise KeyError(msg)
+        self._metric = float(metrics[self.monitor])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The controller state, the layers' state sizes and an undelivered metric."""
+        if self._controller is None:
+            return {}
+        return {
+            "controller": self._controller.state_dict(),
+            "state_sizes": self._controller.state_sizes,
+            "metric": self._metric,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (kept until the controller exists)."""
+        if "controller" not in state_dict:
+            return
+        if self._controller is None:
+            self._restored = state_dict
+        else:
+            self._load(state_dict)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Record the state size of every supported layer at the top of the checkpoint."""
+        checkpoint[STATE_SIZES_KEY] = state_sizes(pl_module)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _load(self, state: dict[str, Any]) -> None:
+        controller = self.controller
+        controller.load_state_dict(state["controller"])
+        self._metric = state.get("metric")
+
+    def _managed_layers(self, pl_module: nn.Module) -> dict[str, nn.Module]:
+        found = find_layers(pl_module)
+        if self.layers is None:
+            return found
+        return {name: layer for name, layer in found.items() if name in self.layers}
+
+    def _remove_load_hooks(self) -> None:
+        for handle in self._load_hooks:
+            handle.remove()
+        self._load_hooks = []
+
+
+def _resize_to_incoming_state(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """``load_state_dict`` pre-hook: resize ``module`` to the state size in ``state_dict``."""
+    adapter = get_adapter(module)
+    name, axis = next(iter(adapter.state_axes.items()))
+    incoming = state_dict.get(prefix + name)
+    if not torch.is_tensor(incoming) or incoming.ndim <= axis:
+        return
+    size = int(incoming.shape[axis])
+    if size >= 1 and size != adapter.state_size(module):
+        logger.info("compressm: resizing %s to %d states to load a state dict", prefix, size)
+        resize_layers(module, {"": size})
