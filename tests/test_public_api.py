@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 
@@ -10,11 +11,17 @@ import pytest
 
 import compressm_core
 
+PACKAGES = ["compressm_core"]
+if importlib.util.find_spec("torch") is not None:
+    PACKAGES.append("compressm_torch")
+
 
 def _modules() -> list[str]:
-    names = ["compressm_core"]
-    for info in pkgutil.walk_packages(compressm_core.__path__, "compressm_core."):
-        names.append(info.name)
+    names = []
+    for package in PACKAGES:
+        names.append(package)
+        path = importlib.import_module(package).__path__
+        names += [info.name for info in pkgutil.walk_packages(path, f"{package}.")]
     return names
 
 
@@ -27,7 +34,7 @@ def test_all_matches_public_members(name: str) -> None:
         for n, obj in vars(module).items()
         if not n.startswith("_")
         and (inspect.isfunction(obj) or inspect.isclass(obj))
-        and (name == "compressm_core" or getattr(obj, "__module__", "") == name)
+        and (name in PACKAGES or getattr(obj, "__module__", "") == name)
         and name != "compressm_core._typing"
     }
     declared = set(module.__all__)
@@ -36,8 +43,10 @@ def test_all_matches_public_members(name: str) -> None:
     assert not extra, f"Extra in `{name}.__all__`: {sorted(extra)}"
 
 
-def test_top_level_exports_are_sorted_and_documented() -> None:
-    assert list(compressm_core.__all__) == sorted(compressm_core.__all__)
-    for n in compressm_core.__all__:
-        obj = getattr(compressm_core, n)
+@pytest.mark.parametrize("package", PACKAGES)
+def test_top_level_exports_are_sorted_and_documented(package: str) -> None:
+    module = importlib.import_module(package)
+    assert list(module.__all__) == sorted(module.__all__)
+    for n in module.__all__:
+        obj = getattr(module, n)
         assert obj.__doc__, f"{n} has no docstring"
