@@ -24,13 +24,13 @@ from .reduction import LayerReduction, reduce_layer
 from .s5 import S5, hippo_n_eigenpairs
 
 __all__ = [
-    "CompreSSM",
     "LRU",
+    "S5",
+    "CompreSSM",
     "LayerAdapter",
     "LayerReduction",
     "ReductionEvent",
     "ReductionWarning",
-    "S5",
     "SSMBlock",
     "SequenceModel",
     "find_layers",

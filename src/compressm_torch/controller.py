@@ -306,10 +306,29 @@ class CompreSSM:
         self.num_steps += 1
         events: list[ReductionEvent] = []
         if val_metric is not None:
-            events += self._on_metric(float(val_metric))
+            events += self.report_metric(val_metric)
         if self.num_steps in self.schedule and not self.stopped:
             events += self._scheduled()
         return events
+
+    def report_metric(self, value: float) -> list[ReductionEvent]:
+        """Report a validation metric without advancing the step count.
+
+        In ``"pragmatic"`` mode the first metric after a reduction decides it: if it fell by more
+        than ``rollback_rtol`` (relative) below the metric reported before the reduction, the
+        snapshot is restored and reductions stop. The metric also becomes the baseline of the
+        next reduction.
+
+        Returns
+        -------
+        list of ReductionEvent
+            ``"rolled_back"`` events, if this metric triggered a rollback.
+        """
+        value = float(value)
+        if math.isnan(value):
+            msg = f"`value` must be a finite number; received {value!r}."
+            raise ValueError(msg)
+        return self._on_metric(value)
 
     def reduce(self) -> list[ReductionEvent]:
         """Run one reduction event now, on every managed layer (outside the schedule)."""
