@@ -356,3 +356,16 @@ def test_no_warnings_on_a_normal_run():
         for batch in batches(12):
             train_step(model, opt, batch)
             ctl.step()
+
+
+def test_report_metric_does_not_advance_and_rejects_nan():
+    model, opt = make()
+    ctl = CompreSSM(model, opt, total_steps=10, mode="pragmatic", reduction_steps=[1])
+    assert ctl.report_metric(0.5) == []
+    assert ctl.num_steps == 0
+    assert [e.status for e in ctl.step()] == ["reduced", "reduced"]
+    events = ctl.report_metric(0.1)  # judged at once: fell by 80 %
+    assert [e.status for e in events] == ["rolled_back", "rolled_back"]
+    assert ctl.stopped
+    with pytest.raises(ValueError, match="`value` must be a finite number"):
+        ctl.report_metric(float("nan"))
