@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["diagonal_scan"]
+from ._precision import complex_of, full_precision, working_dtype
+
+__all__ = ["diagonal_scan", "real_output_layer"]
 
 
 def _scan_(a: torch.Tensor, x: torch.Tensor, *, reverse: bool = False) -> torch.Tensor:
@@ -96,3 +99,28 @@ def diagonal_scan(
         inputs = torch.cat([first, inputs[..., 1:, :]], dim=-2)
     out: torch.Tensor = _DiagonalScan.apply(poles, inputs)  # type: ignore[no-untyped-call]
     return out
+
+
+def real_output_layer(
+    u: torch.Tensor,
+    d_model: int,
+    system: Callable[[torch.dtype], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    feedthrough: torch.Tensor,
+) -> torch.Tensor:
+    """``y_k = Re(C x_k) + D u_k``, ``x_k = lambda x_{k-1} + B u_k``, for (..., L, d_model) ``u``.
+
+    ``system(dtype)`` returns the complex poles (N,), ``B`` (N, H) and ``C`` (H, N) in the real
+    precision ``dtype``: float32 (float64 if the parameters or ``u`` are float64), also under
+    autocast. The output has ``u``'s dtype.
+    """
+    if u.ndim < 2 or u.shape[-1] != d_model:
+        msg = f"`u` must have shape (..., length, {d_model}); received {tuple(u.shape)}."
+        raise ValueError(msg)
+    with full_precision(u.device):
+        real = working_dtype(feedthrough, u)
+        poles, b, c = (t.to(complex_of(real)) for t in system(real))
+        x_in = u.to(real)
+        v = torch.complex(x_in @ b.real.T, x_in @ b.imag.T)
+        x = diagonal_scan(poles, v)
+        y = x.real @ c.real.T - x.imag @ c.imag.T + feedthrough.to(real) * x_in
+    return y.to(u.dtype)

@@ -181,8 +181,9 @@ def resize_layers(model: nn.Module, sizes: Mapping[str, int]) -> None:
 # --- LRU -------------------------------------------------------------------------------------
 
 
-def _lru_to_state_space(layer: nn.Module) -> DiagonalStateSpace:
-    assert isinstance(layer, LRU)
+def _discrete_to_state_space(layer: nn.Module) -> DiagonalStateSpace:
+    """``(lambda, B, C, diag(D))`` of a layer with ``discrete_system(dtype)`` and ``D`` (H,)."""
+    assert isinstance(layer, (LRU, S5))
     with torch.no_grad():
         poles, b, c = layer.discrete_system(torch.float64)
         d = torch.diag(layer.D.detach().to(torch.float64))
@@ -231,7 +232,7 @@ def _lru_from_state_space(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str
 register_adapter(
     LRU,
     LayerAdapter(
-        to_state_space=_lru_to_state_space,
+        to_state_space=_discrete_to_state_space,
         from_state_space=_lru_from_state_space,
         state_axes={
             "nu_log": 0,
@@ -246,14 +247,6 @@ register_adapter(
 )
 
 # --- S5 --------------------------------------------------------------------------------------
-
-
-def _s5_to_state_space(layer: nn.Module) -> DiagonalStateSpace:
-    assert isinstance(layer, S5)
-    with torch.no_grad():
-        poles, b, c = layer.discrete_system(torch.float64)
-        d = torch.diag(layer.D.detach().to(torch.float64))
-    return DiagonalStateSpace(poles, b, c, d)
 
 
 def _s5_from_state_space(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str, torch.Tensor]:
@@ -281,7 +274,7 @@ def _s5_from_state_space(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str,
 register_adapter(
     S5,
     LayerAdapter(
-        to_state_space=_s5_to_state_space,
+        to_state_space=_discrete_to_state_space,
         from_state_space=_s5_from_state_space,
         state_axes={"Lambda_re": 0, "Lambda_im": 0, "B": 0, "C": 1, "log_step": 0},
     ),

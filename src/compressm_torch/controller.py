@@ -103,12 +103,14 @@ def _check_int(name: str, value: object, low: int) -> int:
 
 
 def _check_fraction(name: str, value: object, *, closed: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not (0 <= float(value) <= 1 if closed else 0 <= float(value) < 1):  # type: ignore[arg-type]
-        interval = "[0, 1]" if closed else "[0, 1)"
-        msg = f"`{name}` must be a float in {interval}; received {value!r}."
+    interval = "[0, 1]" if closed else "[0, 1)"
+    msg = f"`{name}` must be a float in {interval}; received {value!r}."
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(msg)
-    return float(value)  # type: ignore[arg-type]
+    number = float(value)
+    if not (0 <= number <= 1 if closed else 0 <= number < 1):
+        raise ValueError(msg)
+    return number
 
 
 class CompreSSM:

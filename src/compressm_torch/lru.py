@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._precision import complex_of, full_precision, working_dtype
-from ._scan import diagonal_scan
+from ._precision import working_dtype
+from ._scan import real_output_layer
 
 __all__ = ["LRU"]
 
@@ -135,17 +135,7 @@ class LRU(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """Map ``u`` of shape (batch, length, d_model) to ``y`` of the same shape."""
-        if u.ndim < 2 or u.shape[-1] != self.d_model:
-            msg = f"`u` must have shape (..., length, {self.d_model}); received {tuple(u.shape)}."
-            raise ValueError(msg)
-        with full_precision(u.device):
-            real = working_dtype(self.nu_log, u)
-            poles, b, c = (t.to(complex_of(real)) for t in self.discrete_system())
-            x_in = u.to(real)
-            v = torch.complex(x_in @ b.real.T, x_in @ b.imag.T)
-            x = diagonal_scan(poles, v)
-            y = x.real @ c.real.T - x.imag @ c.imag.T + self.D.to(real) * x_in
-        return y.to(u.dtype)
+        return real_output_layer(u, self.d_model, self.discrete_system, self.D)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_state={self.d_state}"

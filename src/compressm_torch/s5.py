@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._precision import complex_of, full_precision, working_dtype
-from ._scan import diagonal_scan
+from ._precision import working_dtype
+from ._scan import real_output_layer
 from .lru import _check_size
 
 __all__ = ["S5", "hippo_n_eigenpairs"]
@@ -177,17 +177,7 @@ class S5(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """Map ``u`` of shape (batch, length, d_model) to ``y`` of the same shape."""
-        if u.ndim < 2 or u.shape[-1] != self.d_model:
-            msg = f"`u` must have shape (..., length, {self.d_model}); received {tuple(u.shape)}."
-            raise ValueError(msg)
-        with full_precision(u.device):
-            real = working_dtype(self.Lambda_re, u)
-            poles, b, c = (t.to(complex_of(real)) for t in self.discrete_system())
-            x_in = u.to(real)
-            v = torch.complex(x_in @ b.real.T, x_in @ b.imag.T)
-            x = diagonal_scan(poles, v)
-            y = x.real @ c.real.T - x.imag @ c.imag.T + self.D.to(real) * x_in
-        return y.to(u.dtype)
+        return real_output_layer(u, self.d_model, self.discrete_system, self.D)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_state={self.d_state}, conj_sym={self.conj_sym}"
