@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -69,8 +70,11 @@ class SequenceModel(nn.Module):
     ----------
     d_input, d_output : int
         Input features per step; outputs (classes, or regression targets per step).
-    d_model, d_state : int, optional
-        Width and state size of every SSM layer.
+    d_model : int, optional
+        Width.
+    d_state : int or sequence of int, optional
+        State size of every SSM layer, or one per layer (e.g. the sizes a reduced model
+        reached, to train a small model from scratch).
     n_layers : int, optional
         Number of blocks.
     layer : {"lru", "s5"}, optional
@@ -99,7 +103,7 @@ class SequenceModel(nn.Module):
         d_output: int,
         *,
         d_model: int = 64,
-        d_state: int = 64,
+        d_state: int | Sequence[int] = 64,
         n_layers: int = 1,
         layer: Literal["lru", "s5"] = "lru",
         pool: Literal["mean"] | None = "mean",
@@ -114,16 +118,20 @@ class SequenceModel(nn.Module):
         if pool not in ("mean", None):
             msg = f"`pool` must be 'mean' or None; received {pool!r}."
             raise ValueError(msg)
+        sizes = [d_state] * n_layers if isinstance(d_state, int) else list(d_state)
+        if len(sizes) != n_layers:
+            msg = f"`d_state` must be an int or {n_layers} ints; received {d_state!r}."
+            raise ValueError(msg)
         self.pool = pool
         self.encoder = nn.Linear(d_input, d_model)
         self.blocks = nn.ModuleList(
             SSMBlock(
-                _LAYERS[layer](d_model, d_state, **layer_kwargs),
+                _LAYERS[layer](d_model, size, **layer_kwargs),
                 d_model,
                 dropout=dropout,
                 norm=norm,
             )
-            for _ in range(n_layers)
+            for size in sizes
         )
         self.decoder = nn.Linear(d_model, d_output)
 
