@@ -1,4 +1,5 @@
 # `make test` and `make demo` create .venv and install everything they need.
+# `make demo` runs the main job: `compressm compare` on the embedded MNIST-1D task.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -31,7 +32,7 @@ docs: $(STAMP)
 test: lint typecheck unit docs
 
 demo: $(STAMP)
-	$(BIN)/python examples/core_demo.py
+	$(BIN)/compressm compare --out runs/demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/core_hsv.py

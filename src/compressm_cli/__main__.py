@@ -1,0 +1,5 @@
+"""``python -m compressm_cli``."""
+
+from .app import main
+
+raise SystemExit(main())

@@ -1,0 +1,315 @@
+"""The ``compressm`` command line: ``compare``, ``train`` and ``analyze``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "parser"]
+
+# The --quick preset (replaces the defaults it names; explicit options win).
+QUICK_STEPS, QUICK_D_STATE, QUICK_EVAL_EVERY = 300, 32, 50
+DEFAULT_TAUS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
+
+
+def _horizon(text: str) -> int | str | None:
+    if text in ("none", "inf", "infinite"):
+        return None
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"expected 'none', 'auto' or a positive int; received {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value <= 0:
+            msg = f"expected a positive {kind.__name__}; received {text!r}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        msg = f"expected a number in [0, 1); received {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task and model")
+    g.add_argument(
+        "--task",
+        default="mnist1d",
+        help="mnist1d (default), digits, sysid, or a .npz file with x_train/y_train/x_test/y_test",
+    )
+    g.add_argument("--model", choices=("lru", "s5"), default="lru", help="SSM layer (lru)")
+    g.add_argument("--d-model", type=_positive(int), default=16, help="model width (16)")
+    g.add_argument("--d-state", type=_positive(int), default=128, help="initial state (128)")
+    g.add_argument("--layers", type=_positive(int), default=1, help="SSM blocks (1)")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=_positive(int), default=3000, help="optimizer steps (3000)")
+    g.add_argument("--batch-size", type=_positive(int), default=64, help="batch size (64)")
+    g.add_argument("--lr", type=_positive(float), default=1e-2, help="peak AdamW lr (1e-2)")
+    g.add_argument("--eval-every", type=_positive(int), default=100, help="validation period")
+    g.add_argument("--device", default="cpu", help="torch device (cpu)")
+    g.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads")
+    g = p.add_argument_group("reduction")
+    g.add_argument("--tau", type=_fraction, default=0.2, help="HSV energy discarded (0.2)")
+    g.add_argument(
+        "--mode", choices=("tolerance", "fixed", "pragmatic"), default="tolerance", help="mode"
+    )
+    g.add_argument(
+        "--horizon",
+        type=_horizon,
+        default=None,
+        help="Gramian horizon: none (infinite, default), auto (training length) or steps",
+    )
+    g.add_argument(
+        "--warmup-fraction", type=_fraction, default=0.2, help="reductions happen in (0.2)"
+    )
+    g.add_argument("--num-reductions", type=_positive(int), default=4, help="events (4)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/...)")
+    p.add_argument("--json", type=Path, default=None, help="also write the report JSON here")
+    p.add_argument("--quick", action="store_true", help="tiny preset (< 1 minute on 2 cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of ``compressm``."""
+    top = argparse.ArgumentParser(
+        prog="compressm",
+        description="Train state-space models that shrink while they train (CompreSSM).",
+    )
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "compare",
+        help="full size vs CompreSSM vs small from scratch, with a report",
+        description="Train the full-size model, the same model with CompreSSM, and a model "
+        "trained from scratch at the sizes CompreSSM reached; print a table and write a report.",
+    )
+    _add_training_options(p)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (0)")
+    p = sub.add_parser(
+        "train", help="one run with CompreSSM (or --no-reduce), saving a checkpoint"
+    )
+    _add_training_options(p)
+    p.add_argument("--seed", type=int, default=0, help="seed (0)")
+    p.add_argument("--no-reduce", action="store_true", help="train without reduction")
+    p = sub.add_parser("analyze", help="HSV spectrum, ranks and error bounds of a checkpoint")
+    p.add_argument("checkpoint", type=Path, help="a checkpoint written by `compressm train`")
+    p.add_argument(
+        "--taus", type=_fraction, nargs="+", default=list(DEFAULT_TAUS), help="tau values"
+    )
+    p.add_argument("--out", type=Path, default=None, help="folder for the table and plot")
+    p.add_argument("--json", type=Path, default=None, help="also write the analysis JSON here")
+    return top
+
+
+def _config(args: argparse.Namespace, *, label: str, seed: int, reduce: bool) -> Any:
+    from .training import RunConfig
+
+    quick = args.quick
+    return RunConfig(
+        label=label,
+        layer=args.model,
+        d_model=args.d_model,
+        d_state=QUICK_D_STATE if quick and args.d_state == 128 else args.d_state,
+        n_layers=args.layers,
+        steps=QUICK_STEPS if quick and args.steps == 3000 else args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        reduce=reduce,
+        tau=args.tau,
+        mode=args.mode,
+        warmup_fraction=args.warmup_fraction,
+        num_reductions=args.num_reductions,
+        horizon=args.horizon,
+        eval_every=QUICK_EVAL_EVERY if quick and args.eval_every == 100 else args.eval_every,
+        seed=seed,
+        device=args.device,
+    )
+
+
+def _header(command: str, args: argparse.Namespace, task: Any) -> dict[str, Any]:
+    import torch
+
+    return {
+        "command": command,
+        "task": task.name,
+        "task_info": {k: v for k, v in task.info.items() if k not in ("a", "b", "c", "d")},
+        "argv": sys.argv[1:],
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_count": len(__import__("os").sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": args.device,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _out(args: argparse.Namespace, command: str, task: str) -> Path:
+    if args.out is not None:
+        return Path(args.out)
+    stem = Path(task).stem if task.endswith(".npz") else task
+    return Path("runs") / f"{command}-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _log(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def _compare(args: argparse.Namespace, task: Any) -> int:
+    from compressm_cli.report import format_table, write_report
+
+    from .training import RunResult, train
+
+    seeds: list[int] = args.seeds
+    results: dict[str, list[RunResult]] = {"full": [], "compressm": [], "small": []}
+    folder = _out(args, "compare", args.task)
+    header = _header("compare", args, task)
+    truth = task.info.get("true_hsv")
+    progress = not args.no_progress
+    try:
+        for seed in seeds:
+            full = _config(args, label=f"full (seed {seed})", seed=seed, reduce=False)
+            results["full"].append(train(task, full, progress=progress, on_event=_log)[0])
+            cfg = _config(args, label=f"CompreSSM (seed {seed})", seed=seed, reduce=True)
+            reduced = train(task, cfg, progress=progress, on_event=_log)[0]
+            results["compressm"].append(reduced)
+            small = dataclasses.replace(
+                full,
+                label=f"small (seed {seed})",
+                d_state=tuple(reduced.final_sizes.values()),
+            )
+            results["small"].append(train(task, small, progress=progress, on_event=_log)[0])
+    except KeyboardInterrupt as err:
+        partial = getattr(err, "partial_result", None)
+        if partial is not None:
+            label = partial.config["label"].split(" ")[0].lower()
+            key = {"full": "full", "compressm": "compressm", "small": "small"}.get(label)
+            if key:
+                results[key].append(partial)
+        header["status"] = "interrupted"
+        report = write_report(folder, header=header, results=results, truth=truth)
+        _finish_json(args, report)
+        print(format_table(report["summary"]))
+        print(f"interrupted; partial report in {folder}", file=sys.stderr)
+        return 130
+    header["status"] = "complete"
+    report = write_report(folder, header=header, results=results, truth=truth)
+    _finish_json(args, report)
+    print(format_table(report["summary"]))
+    print(f"\nreport: {folder / 'report.md'}")
+    return 0
+
+
+def _finish_json(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    if args.json is not None:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def _train(args: argparse.Namespace, task: Any) -> int:
+    from compressm_torch import save_checkpoint
+
+    from .report import format_table, write_report
+    from .training import train
+
+    cfg = _config(
+        args,
+        label="full" if args.no_reduce else "CompreSSM",
+        seed=args.seed,
+        reduce=not args.no_reduce,
+    )
+    folder = _out(args, "train", args.task)
+    header = _header("train", args, task)
+    try:
+        result, model, ctl = train(task, cfg, progress=not args.no_progress, on_event=_log)
+    except KeyboardInterrupt as err:
+        partial = getattr(err, "partial_result", None)
+        header["status"] = "interrupted"
+        runs = {"full" if args.no_reduce else "compressm": [partial] if partial else []}
+        write_report(folder, header=header, results=runs)
+        print(f"interrupted; partial report in {folder}", file=sys.stderr)
+        return 130
+    header["status"] = "complete"
+    report = write_report(
+        folder,
+        header=header,
+        results={"full" if args.no_reduce else "compressm": [result]},
+        truth=task.info.get("true_hsv"),
+    )
+    path = folder / "checkpoint.pt"
+    save_checkpoint(
+        path,
+        model,
+        controller=ctl,
+        extra={
+            "config": cfg.to_dict(),
+            "task": args.task,
+            "model": {"d_input": task.d_input, "d_output": task.d_output, "kind": task.kind},
+            "test_metric": result.test_metric,
+        },
+    )
+    _finish_json(args, report)
+    print(format_table(report["summary"]))
+    print(f"\ncheckpoint: {path}\nreport: {folder / 'report.md'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``compressm`` command; returns the exit status."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command == "analyze":
+        from .analyze import analyze
+
+        return analyze(args, p)
+    import torch
+
+    from .data import load_task
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        p.error(f"argument --device: not a torch device: {args.device!r}")
+    try:
+        task = load_task(args.task)
+    except (ValueError, OSError, ImportError) as err:
+        p.error(f"argument --task: {err}")
+    if args.command == "compare":
+        return _compare(args, task)
+    return _train(args, task)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

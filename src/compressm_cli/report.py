@@ -1,0 +1,188 @@
+"""Tables, JSON/markdown reports and plots of ``compressm`` runs."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+from matplotlib.figure import Figure
+
+from .training import RunResult
+
+__all__ = [
+    "comparison_rows",
+    "format_table",
+    "plot_accuracy_vs_time",
+    "plot_hsv_spectra",
+    "plot_state_sizes",
+    "write_report",
+]
+
+LABELS = {"full": "full size", "compressm": "CompreSSM", "small": "small from scratch"}
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = list(values)
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def comparison_rows(results: dict[str, list[RunResult]]) -> list[dict[str, Any]]:
+    """One row per run type: metric, final state sizes, wall time, speed-up, events."""
+    full_time = _mean_std([r.train_seconds for r in results.get("full", [])])[0]
+    rows = []
+    for label, runs in results.items():
+        if not runs:
+            continue
+        metric, spread = _mean_std([r.test_metric for r in runs])
+        seconds = _mean_std([r.train_seconds for r in runs])[0]
+        names = list(runs[0].final_sizes)
+        sizes = {n: statistics.mean(r.final_sizes[n] for r in runs) for n in names}
+        reductions = [sum(e["status"] == "reduced" for e in r.events) for r in runs]
+        share = [r.reduction_seconds / r.train_seconds for r in runs if r.train_seconds > 0]
+        rows.append(
+            {
+                "run": label,
+                "metric_name": runs[0].metric_name,
+                "test_metric": metric,
+                "test_metric_std": spread,
+                "final_state": sizes,
+                "train_seconds": seconds,
+                "speedup_vs_full": full_time / seconds if seconds > 0 else float("nan"),
+                "reduction_events": statistics.mean(reductions),
+                "reduction_time_share": statistics.mean(share) if share else 0.0,
+                "seeds": [r.config["seed"] for r in runs],
+                "status": sorted({r.status for r in runs}),
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The comparison as a markdown table (also readable in a terminal)."""
+    if not rows:
+        return "(no completed runs)"
+    name = rows[0]["metric_name"]
+    scale, unit = (100.0, " %") if name == "accuracy" else (1.0, "")
+    lines = [
+        f"| run | test {name} | final state size | train time [s] | speed-up vs full "
+        "| reductions | time in reductions |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        sizes = ", ".join(f"{v:g}" for v in row["final_state"].values())
+        spread = f" ± {scale * row['test_metric_std']:.2f}" if len(row["seeds"]) > 1 else ""
+        lines.append(
+            f"| {LABELS.get(row['run'], row['run'])} | {scale * row['test_metric']:.2f}{spread}"
+            f"{unit} | {sizes} | {row['train_seconds']:.1f} | {row['speedup_vs_full']:.2f}x "
+            f"| {row['reduction_events']:g} | {100 * row['reduction_time_share']:.2f} % |"
+        )
+    return "\n".join(lines)
+
+
+def plot_hsv_spectra(result: RunResult, path: Path, truth: Sequence[float] | None = None) -> None:
+    """Hankel singular values of every layer at each reduction event (log scale)."""
+    events = [e for e in result.events if e["hsv"]]
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["viridis"]
+    for i, event in enumerate(events):
+        hsv = event["hsv"]
+        ax.semilogy(
+            range(1, len(hsv) + 1),
+            hsv,
+            marker=".",
+            color=cmap(i / max(1, len(events) - 1)),
+            label=f"step {event['step']} {event['layer']} ({event['old_rank']}->"
+            f"{event['new_rank']})",
+        )
+    if truth:
+        ax.semilogy(range(1, len(truth) + 1), truth, "k--", marker="x", label="true system")
+    ax.set_xlabel("index")
+    ax.set_ylabel("Hankel singular value")
+    ax.set_title("HSV spectra at the reduction events")
+    if events or truth:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_state_sizes(results: dict[str, list[RunResult]], path: Path) -> None:
+    """Total state size over training steps (first seed of each run type)."""
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
+    for label, runs in results.items():
+        if runs and runs[0].curve:
+            steps = [0] + [c[0] for c in runs[0].curve]
+            sizes = [sum(runs[0].initial_sizes.values())] + [c[3] for c in runs[0].curve]
+            ax.step(steps, sizes, where="post", label=LABELS.get(label, label))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("total state size")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_accuracy_vs_time(results: dict[str, list[RunResult]], path: Path) -> None:
+    """Validation metric against training wall time (every seed)."""
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
+    colors = {"full": "C0", "compressm": "C1", "small": "C2"}
+    name = "metric"
+    for label, runs in results.items():
+        for i, run in enumerate(runs):
+            name = run.metric_name
+            ax.plot(
+                [c[1] for c in run.curve],
+                [c[2] for c in run.curve],
+                color=colors.get(label),
+                alpha=0.9 if i == 0 else 0.4,
+                label=LABELS.get(label, label) if i == 0 else None,
+            )
+    ax.set_xlabel("training wall time [s]")
+    ax.set_ylabel(f"validation {name}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_report(
+    folder: Path,
+    *,
+    header: dict[str, Any],
+    results: dict[str, list[RunResult]],
+    truth: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Write ``report.json``, ``report.md`` and the plots into ``folder``; return the report."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = comparison_rows(results)
+    report = {
+        **header,
+        "summary": rows,
+        "runs": {label: [asdict(r) for r in runs] for label, runs in results.items()},
+    }
+    plots = {}
+    reduced = results.get("compressm", [])
+    if reduced:
+        plots["hsv_spectra"] = "hsv_spectra.png"
+        plot_hsv_spectra(reduced[0], folder / plots["hsv_spectra"], truth)
+    if any(results.values()):
+        plots["state_size"] = "state_size.png"
+        plot_state_sizes(results, folder / plots["state_size"])
+        plots["metric_vs_time"] = "metric_vs_time.png"
+        plot_accuracy_vs_time(results, folder / plots["metric_vs_time"])
+    report["plots"] = plots
+    (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    md = [f"# compressm {header.get('command', '')}: {header.get('task', '')}", ""]
+    md += [f"- {k}: {v}" for k, v in header.items() if k not in ("command", "config")]
+    md += ["", format_table(rows), ""]
+    md += [f"![{name}]({file})" for name, file in plots.items()]
+    (folder / "report.md").write_text("\n".join(md) + "\n")
+    return report

@@ -1,0 +1,253 @@
+"""One training run of a sequence model, with or without in-training reduction."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from compressm_torch import CompreSSM, SequenceModel, state_sizes
+
+if TYPE_CHECKING:
+    from .data import Task
+
+__all__ = ["RunConfig", "RunResult", "build_model", "evaluate", "train"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run (stored in reports and checkpoints).
+
+    ``d_state`` is the initial state size of every layer, or one size per layer.
+    """
+
+    label: str = "compressm"
+    layer: Literal["lru", "s5"] = "lru"
+    d_model: int = 16
+    d_state: int | tuple[int, ...] = 128
+    n_layers: int = 1
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-2
+    weight_decay: float = 0.01
+    lr_warmup: float = 0.05
+    reduce: bool = True
+    tau: float = 0.2
+    mode: Literal["tolerance", "fixed", "pragmatic"] = "tolerance"
+    fraction: float = 0.1
+    warmup_fraction: float = 0.2
+    num_reductions: int = 4
+    horizon: int | Literal["auto"] | None = None
+    eval_every: int = 100
+    seed: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form."""
+        out = asdict(self)
+        out["d_state"] = list(self.d_state) if isinstance(self.d_state, tuple) else self.d_state
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_dict`."""
+        data = dict(data)
+        if isinstance(data.get("d_state"), list):
+            data["d_state"] = tuple(data["d_state"])
+        return cls(**data)
+
+
+@dataclass
+class RunResult:
+    """What a run measured.
+
+    ``curve`` holds ``(step, training seconds, validation metric, total state size)`` at every
+    evaluation; ``training seconds`` excludes evaluation time.
+    """
+
+    config: dict[str, Any]
+    metric_name: str
+    test_metric: float
+    val_metric: float
+    train_seconds: float
+    reduction_seconds: float
+    initial_sizes: dict[str, int]
+    final_sizes: dict[str, int]
+    curve: list[tuple[int, float, float, int]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    final_loss: float = math.nan
+    status: str = "complete"
+
+
+def build_model(task: Task, config: RunConfig) -> SequenceModel:
+    """The :class:`SequenceModel` of ``config`` for ``task`` (mean pooling for classification)."""
+    torch.manual_seed(config.seed)
+    return SequenceModel(
+        task.d_input,
+        task.d_output,
+        d_model=config.d_model,
+        d_state=config.d_state,
+        n_layers=config.n_layers,
+        layer=config.layer,
+        pool="mean" if task.kind == "classification" else None,
+    ).to(config.device)
+
+
+def _loss(task: Task, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if task.kind == "classification":
+        return F.cross_entropy(out, target)
+    return F.mse_loss(out, target)
+
+
+@torch.no_grad()
+def evaluate(
+    task: Task, model: torch.nn.Module, x: np.ndarray, y: np.ndarray, device: str = "cpu"
+) -> float:
+    """Accuracy (classification) or mean squared error (regression) over ``(x, y)``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(x), 512):
+        xb = torch.from_numpy(x[start : start + 512]).to(device)
+        yb = torch.from_numpy(y[start : start + 512]).to(device)
+        out = model(xb)
+        if task.kind == "classification":
+            total += float((out.argmax(-1) == yb).sum())
+        else:
+            total += float(F.mse_loss(out, yb, reduction="sum")) / yb[0].numel()
+        count += len(xb)
+    model.train(was_training)
+    return total / count
+
+
+def _lr_lambda(steps: int, warmup: float) -> Callable[[int], float]:
+    warm = max(1, round(warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+
+    return factor
+
+
+def train(
+    task: Task,
+    config: RunConfig,
+    *,
+    progress: bool = True,
+    on_event: Callable[[str], None] | None = None,
+) -> tuple[RunResult, SequenceModel, CompreSSM | None]:
+    """Train one model on ``task``; reduce it during training if ``config.reduce``.
+
+    AdamW with linear warm-up and cosine decay, mini-batches drawn with replacement from the
+    training split (seeded), validation every ``eval_every`` steps. Wall time counts the training
+    steps and reduction events, not evaluation.
+
+    Returns
+    -------
+    RunResult, SequenceModel, CompreSSM or None
+        The measurements, the trained model and its controller.
+
+    Raises
+    ------
+    KeyboardInterrupt
+        Re-raised after the partial result is stored on the exception as ``partial_result``.
+    """
+    model = build_model(task, config)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.steps, config.lr_warmup))
+    ctl = None
+    if config.reduce:
+        ctl = CompreSSM(
+            model,
+            opt,
+            total_steps=config.steps,
+            tau=config.tau,
+            mode=config.mode,
+            fraction=config.fraction,
+            warmup_fraction=config.warmup_fraction,
+            num_reductions=config.num_reductions,
+            horizon=config.horizon,
+            lr_scheduler=sched,
+        )
+    metric_name = "accuracy" if task.kind == "classification" else "mse"
+    x = torch.from_numpy(task.x_train).to(config.device)
+    y = torch.from_numpy(task.y_train).to(config.device)
+    gen = torch.Generator().manual_seed(config.seed)
+    result = RunResult(
+        config=config.to_dict(),
+        metric_name=metric_name,
+        test_metric=math.nan,
+        val_metric=math.nan,
+        train_seconds=0.0,
+        reduction_seconds=0.0,
+        initial_sizes=state_sizes(model),
+        final_sizes=state_sizes(model),
+    )
+    bar = tqdm(
+        total=config.steps, desc=config.label, disable=not progress, leave=False, unit="step"
+    )
+    clock = 0.0
+    try:
+        for step in range(1, config.steps + 1):
+            start = time.perf_counter()
+            idx = torch.randint(len(x), (config.batch_size,), generator=gen).to(config.device)
+            loss = _loss(task, model(x[idx]), y[idx])
+            opt.zero_grad()
+            torch.autograd.backward(loss)
+            opt.step()
+            sched.step()
+            events = ctl.step() if ctl is not None else []
+            clock += time.perf_counter() - start
+            for event in events:
+                result.reduction_seconds += event.seconds
+                if event.status != "skipped" and on_event is not None:
+                    on_event(
+                        f"{config.label}: step {event.step}, {event.layer}: {event.status} "
+                        f"{event.old_rank} -> {event.new_rank} ({event.seconds:.2f} s)"
+                    )
+            if step % config.eval_every == 0 or step == config.steps:
+                val = evaluate(task, model, task.x_val, task.y_val, config.device)
+                sizes = state_sizes(model)
+                result.curve.append((step, clock, val, sum(sizes.values())))
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val=f"{val:.3f}", N=sizes)
+            bar.update(1)
+        result.final_loss = float(loss.detach())
+    except KeyboardInterrupt as err:
+        result.status = f"interrupted at step {step}"
+        _finish(result, task, model, ctl, clock, config)
+        err.partial_result = result  # type: ignore[attr-defined]
+        raise
+    finally:
+        bar.close()
+    _finish(result, task, model, ctl, clock, config)
+    return result, model, ctl
+
+
+def _finish(
+    result: RunResult,
+    task: Task,
+    model: SequenceModel,
+    ctl: CompreSSM | None,
+    clock: float,
+    config: RunConfig,
+) -> None:
+    result.train_seconds = clock
+    result.final_sizes = state_sizes(model)
+    result.val_metric = evaluate(task, model, task.x_val, task.y_val, config.device)
+    result.test_metric = evaluate(task, model, task.x_test, task.y_test, config.device)
+    if ctl is not None:
+        result.events = [asdict(e) for e in ctl.history]
+
+
+def sizes_tuple(sizes: dict[str, int], names: Sequence[str]) -> tuple[int, ...]:
+    """Per-layer sizes in layer order."""
+    return tuple(sizes[name] for name in names)

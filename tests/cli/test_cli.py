@@ -1,0 +1,114 @@
+"""The `compressm` command end to end: real (short) training runs, real files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("mnist1d")
+
+from compressm_cli.app import main
+
+FAST = ["--steps", "60", "--eval-every", "20", "--d-state", "16", "--no-progress"]
+
+
+def test_compare_writes_a_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["compare", *FAST, "--out", str(out), "--json", str(tmp_path / "r.json")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "CompreSSM" in printed
+    assert "small from scratch" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report == json.loads((tmp_path / "r.json").read_text())
+    assert report["status"] == "complete"
+    assert report["task"] == "mnist1d"
+    rows = {row["run"]: row for row in report["summary"]}
+    assert set(rows) == {"full", "compressm", "small"}
+    assert rows["full"]["final_state"] == {"blocks.0.ssm": 16}
+    reduced = rows["compressm"]["final_state"]["blocks.0.ssm"]
+    assert reduced < 16
+    assert rows["small"]["final_state"] == {"blocks.0.ssm": reduced}
+    assert rows["full"]["speedup_vs_full"] == pytest.approx(1.0)
+    for row in rows.values():
+        assert 0 <= row["test_metric"] <= 1
+        assert row["train_seconds"] > 0
+    events = report["runs"]["compressm"][0]["events"]
+    assert next(e["step"] for e in events if e["status"] == "reduced") == 3
+    for name in ("report.md", "hsv_spectra.png", "state_size.png", "metric_vs_time.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| CompreSSM |" in (out / "report.md").read_text()
+
+
+def test_train_then_analyze(tmp_path, capsys):
+    out = tmp_path / "train"
+    assert main(["train", *FAST, "--task", "digits", "--out", str(out)]) == 0
+    checkpoint = out / "checkpoint.pt"
+    assert checkpoint.is_file()
+    capsys.readouterr()
+    assert main(["analyze", str(checkpoint), "--taus", "0.05", "0.5", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "blocks.0.ssm" in printed
+    analysis = json.loads((tmp_path / "analysis.json").read_text())
+    layer = analysis["layers"]["blocks.0.ssm"]
+    trained = json.loads((out / "report.json").read_text())["runs"]["compressm"][0]
+    assert layer["state_size"] == trained["final_sizes"]["blocks.0.ssm"]
+    ranks = [row["rank"] for row in layer["ranks"]]
+    assert ranks[0] >= ranks[1] >= 1
+    assert (tmp_path / "hsv.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compare", "--task", "cifar"], "argument --task"),
+        (["compare", "--tau", "1.5"], "argument --tau"),
+        (["compare", "--steps", "0"], "argument --steps"),
+        (["compare", "--device", "gpu0"], "argument --device"),
+        (["train", "--horizon", "-3"], "argument --horizon"),
+        (["analyze", "missing.pt"], "no such file"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_analyze_rejects_a_foreign_checkpoint(tmp_path, capsys):
+    import torch
+
+    path = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", str(path)])
+    assert exc.value.code == 2
+    assert "not a checkpoint written by `compressm train`" in capsys.readouterr().err
+
+
+def test_interrupted_compare_leaves_a_partial_report(tmp_path, monkeypatch):
+    import compressm_cli.training as training
+
+    calls = {"n": 0}
+    original = training._loss
+
+    def interrupting(task, out, target):
+        calls["n"] += 1
+        if calls["n"] == 100:  # inside the second (CompreSSM) run
+            raise KeyboardInterrupt
+        return original(task, out, target)
+
+    monkeypatch.setattr(training, "_loss", interrupting)
+    out = tmp_path / "run"
+    assert main(["compare", *FAST, "--out", str(out)]) == 130
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "interrupted"
+    assert len(report["runs"]["full"]) == 1
+    partial = report["runs"]["compressm"][0]
+    assert partial["status"] == "interrupted at step 40"
+    assert partial["final_sizes"]["blocks.0.ssm"] < 16
+    assert (out / "report.md").is_file()
