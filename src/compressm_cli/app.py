@@ -112,7 +112,7 @@ def parser() -> argparse.ArgumentParser:
         "trained from scratch at the sizes CompreSSM reached; print a table and write a report.",
     )
     _add_training_options(p)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (0 1)")
     p = sub.add_parser(
         "train", help="one run with CompreSSM (or --no-reduce), saving a checkpoint"
     )
