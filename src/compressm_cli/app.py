@@ -62,6 +62,9 @@ def _fraction(text: str) -> float:
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task and model")
     g.add_argument(
+        "--backend", choices=("torch",), default="torch", help="training framework (torch)"
+    )
+    g.add_argument(
         "--task",
         default="mnist1d",
         help="mnist1d (default), digits, sysid, or a .npz file with x_train/y_train/x_test/y_test",

@@ -153,6 +153,19 @@ def plot_accuracy_vs_time(results: dict[str, list[RunResult]], path: Path) -> No
     fig.savefig(path, dpi=120)
 
 
+def _order_note(order: int, rows: list[dict[str, Any]]) -> str:
+    """How the final state sizes compare with a known true order (real states)."""
+    parts = []
+    for row in rows:
+        sizes = ", ".join(f"{v:g}" for v in row["final_state"].values())
+        parts.append(f"{LABELS.get(row['run'], row['run'])}: {sizes}")
+    return (
+        f"True system order: {order} real states = {order / 2:g} complex LRU/S5 states (a "
+        f"complex state with output Re(C x) carries a conjugate pair). Final complex state "
+        f"sizes: {'; '.join(parts)}."
+    )
+
+
 def write_report(
     folder: Path,
     *,
@@ -183,6 +196,9 @@ def write_report(
     md = [f"# compressm {header.get('command', '')}: {header.get('task', '')}", ""]
     md += [f"- {k}: {v}" for k, v in header.items() if k not in ("command", "config")]
     md += ["", format_table(rows), ""]
+    order = header.get("task_info", {}).get("true_order")
+    if order is not None:
+        md += [_order_note(order, rows), ""]
     md += [f"![{name}]({file})" for name, file in plots.items()]
     (folder / "report.md").write_text("\n".join(md) + "\n")
     return report

@@ -112,3 +112,13 @@ def test_interrupted_compare_leaves_a_partial_report(tmp_path, monkeypatch):
     assert partial["status"] == "interrupted at step 40"
     assert partial["final_sizes"]["blocks.0.ssm"] < 16
     assert (out / "report.md").is_file()
+
+
+def test_sysid_report_states_the_true_order(tmp_path):
+    out = tmp_path / "sysid"
+    assert main(["compare", *FAST, "--task", "sysid", "--seeds", "0", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["task_info"]["true_order"] == 6
+    assert len(report["task_info"]["true_hsv"]) == 6
+    assert {row["metric_name"] for row in report["summary"]} == {"mse"}
+    assert "True system order: 6 real states = 3 complex" in (out / "report.md").read_text()
