@@ -69,7 +69,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no completed runs)"
     name = rows[0]["metric_name"]
-    scale, unit = (100.0, " %") if name == "accuracy" else (1.0, "")
+    percent = name == "accuracy"
+
+    def fmt(value: float) -> str:
+        return f"{100 * value:.2f}" if percent else f"{value:.3g}"
+
     lines = [
         f"| run | test {name} | final state size | train time [s] | speed-up vs full "
         "| reductions | time in reductions |",
@@ -77,9 +81,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     ]
     for row in rows:
         sizes = ", ".join(f"{v:g}" for v in row["final_state"].values())
-        spread = f" ± {scale * row['test_metric_std']:.2f}" if len(row["seeds"]) > 1 else ""
+        spread = f" ± {fmt(row['test_metric_std'])}" if len(row["seeds"]) > 1 else ""
+        unit = " %" if percent else ""
         lines.append(
-            f"| {LABELS.get(row['run'], row['run'])} | {scale * row['test_metric']:.2f}{spread}"
+            f"| {LABELS.get(row['run'], row['run'])} | {fmt(row['test_metric'])}{spread}"
             f"{unit} | {sizes} | {row['train_seconds']:.1f} | {row['speedup_vs_full']:.2f}x "
             f"| {row['reduction_events']:g} | {100 * row['reduction_time_share']:.2f} % |"
         )

@@ -121,4 +121,7 @@ def test_sysid_report_states_the_true_order(tmp_path):
     assert report["task_info"]["true_order"] == 6
     assert len(report["task_info"]["true_hsv"]) == 6
     assert {row["metric_name"] for row in report["summary"]} == {"mse"}
-    assert "True system order: 6 real states = 3 complex" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "True system order: 6 real states = 3 complex" in text
+    mse = report["summary"][0]["test_metric"]
+    assert f"| full size | {mse:.3g} |" in text  # not rounded to 0.00
