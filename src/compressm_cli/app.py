@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -166,7 +167,7 @@ def _header(command: str, args: argparse.Namespace, task: Any) -> dict[str, Any]
         "task_info": {k: v for k, v in task.info.items() if k not in ("a", "b", "c", "d")},
         "argv": sys.argv[1:],
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpu_count": len(__import__("os").sched_getaffinity(0)),
+        "cpu_count": len(os.sched_getaffinity(0)),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -189,8 +190,7 @@ def _log(message: str) -> None:
 
 
 def _compare(args: argparse.Namespace, task: Any) -> int:
-    from compressm_cli.report import format_table, write_report
-
+    from .report import format_table, write_report
     from .training import RunResult, train
 
     seeds: list[int] = args.seeds
@@ -199,13 +199,17 @@ def _compare(args: argparse.Namespace, task: Any) -> int:
     header = _header("compare", args, task)
     truth = task.info.get("true_hsv")
     progress = not args.no_progress
+    current = "full"  # the run type in progress, for a partial result on Ctrl-C
     try:
         for seed in seeds:
+            current = "full"
             full = _config(args, label=f"full (seed {seed})", seed=seed, reduce=False)
             results["full"].append(train(task, full, progress=progress, on_event=_log)[0])
+            current = "compressm"
             cfg = _config(args, label=f"CompreSSM (seed {seed})", seed=seed, reduce=True)
             reduced = train(task, cfg, progress=progress, on_event=_log)[0]
             results["compressm"].append(reduced)
+            current = "small"
             small = dataclasses.replace(
                 full,
                 label=f"small (seed {seed})",
@@ -215,10 +219,7 @@ def _compare(args: argparse.Namespace, task: Any) -> int:
     except KeyboardInterrupt as err:
         partial = getattr(err, "partial_result", None)
         if partial is not None:
-            label = partial.config["label"].split(" ")[0].lower()
-            key = {"full": "full", "compressm": "compressm", "small": "small"}.get(label)
-            if key:
-                results[key].append(partial)
+            results[current].append(partial)
         header["status"] = "interrupted"
         report = write_report(folder, header=header, results=results, truth=truth)
         _finish_json(args, report)

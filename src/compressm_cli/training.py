@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -242,12 +242,10 @@ def _finish(
 ) -> None:
     result.train_seconds = clock
     result.final_sizes = state_sizes(model)
-    result.val_metric = evaluate(task, model, task.x_val, task.y_val, config.device)
+    if result.curve and result.curve[-1][0] == config.steps:
+        result.val_metric = result.curve[-1][2]  # evaluated at the last step already
+    else:
+        result.val_metric = evaluate(task, model, task.x_val, task.y_val, config.device)
     result.test_metric = evaluate(task, model, task.x_test, task.y_test, config.device)
     if ctl is not None:
         result.events = [asdict(e) for e in ctl.history]
-
-
-def sizes_tuple(sizes: dict[str, int], names: Sequence[str]) -> tuple[int, ...]:
-    """Per-layer sizes in layer order."""
-    return tuple(sizes[name] for name in names)

@@ -334,7 +334,7 @@ class CompreSSM:
 
     def reduce(self) -> list[ReductionEvent]:
         """Run one reduction event now, on every managed layer (outside the schedule)."""
-        return self._reduce_all(self._target_rank)
+        return self._reduce_all()
 
     def remove_hooks(self) -> None:
         """Remove the forward hooks used by ``horizon="auto"``."""
@@ -405,14 +405,14 @@ class CompreSSM:
 
     def _scheduled(self) -> list[ReductionEvent]:
         if self.mode != "pragmatic":
-            return self._reduce_all(self._target_rank)
+            return self._reduce_all()
         if self._pending is not None:
             reason = "pragmatic mode: the previous reduction has not been validated yet"
         elif self._last_metric is None:
             reason = "pragmatic mode needs a val_metric reported before the reduction"
         else:
             self._pending = self._snapshot()
-            events = self._reduce_all(self._target_rank)
+            events = self._reduce_all()
             if not any(e.status == "reduced" for e in events):
                 self._pending = None
             return events
@@ -480,12 +480,12 @@ class CompreSSM:
             **kw,
         )
 
-    def _reduce_all(self, target: Any) -> list[ReductionEvent]:
-        events = [self._reduce_one(name, layer, target) for name, layer in self.layers.items()]
+    def _reduce_all(self) -> list[ReductionEvent]:
+        events = [self._reduce_one(name, layer) for name, layer in self.layers.items()]
         self.history += events
         return events
 
-    def _reduce_one(self, name: str, layer: nn.Module, target: Any) -> ReductionEvent:
+    def _reduce_one(self, name: str, layer: nn.Module) -> ReductionEvent:
         start = time.perf_counter()
         adapter = get_adapter(layer)
         old = adapter.state_size(layer)
@@ -495,7 +495,7 @@ class CompreSSM:
             hsv = hankel_singular_values(sys, horizon=horizon, real_output=self.real_output)
         except (CompressmError, ValueError, RuntimeError) as err:
             return self._refused(name, old, [], start, err)
-        rank = target(hsv)
+        rank = self._target_rank(hsv)
         total = int(hsv.shape[-1])
         hsv_list = hsv.detach().cpu().tolist()
         if not rank < self.gate * total:
