@@ -1,13 +1,17 @@
 """compressm_torch: PyTorch SSM layers that shrink their state while they train.
 
-Layers (:class:`LRU`, :class:`S5`), adapters that read a layer as a diagonal system and write a
-reduced one back (:func:`to_state_space`, :func:`reduce_layer`, :func:`register_adapter`), the
+Layers (:class:`LRU`, :class:`S5`, the selective :class:`Mamba`), adapters that read a layer
+as a diagonal system and write a reduced one back (:func:`to_state_space`,
+:func:`reduce_layer`, :func:`register_adapter`), selective layers reduced by index selection
+from statistics recorded in training (:class:`SelectiveRecorder`,
+:func:`reduce_selective_layer`), the
 training controller :class:`CompreSSM` that reduces every supported layer of a model at
 scheduled steps and updates the live optimizer, and checkpoints that reload reduced models.
 """
 
 from .adapters import (
     LayerAdapter,
+    SelectiveAdapter,
     find_layers,
     get_adapter,
     register_adapter,
@@ -18,10 +22,12 @@ from .adapters import (
 from .checkpoint import load_checkpoint, save_checkpoint
 from .controller import CompreSSM, ReductionEvent, ReductionWarning, reduction_schedule
 from .lru import LRU
+from .mamba import Mamba
 from .models import SequenceModel, SSMBlock
 from .optim import update_optimizer_state
 from .reduction import LayerReduction, reduce_layer
 from .s5 import S5, hippo_n_eigenpairs
+from .selective import SelectiveRecorder, reduce_selective_layer, selective_importance
 
 __all__ = [
     "LRU",
@@ -29,19 +35,24 @@ __all__ = [
     "CompreSSM",
     "LayerAdapter",
     "LayerReduction",
+    "Mamba",
     "ReductionEvent",
     "ReductionWarning",
     "SSMBlock",
+    "SelectiveAdapter",
+    "SelectiveRecorder",
     "SequenceModel",
     "find_layers",
     "get_adapter",
     "hippo_n_eigenpairs",
     "load_checkpoint",
     "reduce_layer",
+    "reduce_selective_layer",
     "reduction_schedule",
     "register_adapter",
     "resize_layers",
     "save_checkpoint",
+    "selective_importance",
     "state_sizes",
     "to_state_space",
     "update_optimizer_state",

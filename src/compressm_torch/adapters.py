@@ -17,6 +17,7 @@ from .s5 import S5
 
 __all__ = [
     "LayerAdapter",
+    "SelectiveAdapter",
     "find_layers",
     "get_adapter",
     "register_adapter",
@@ -64,12 +65,99 @@ class LayerAdapter:
         name, axis = next(iter(self.state_axes.items()))
         return int(getattr(layer, name).shape[axis])
 
+    def incoming_size(
+        self, layer: nn.Module, state_dict: Mapping[str, object], prefix: str = ""
+    ) -> int | None:
+        """State size of ``layer``'s entries in ``state_dict`` (``None`` if absent)."""
+        name, axis = next(iter(self.state_axes.items()))
+        incoming = state_dict.get(prefix + name)
+        if not torch.is_tensor(incoming) or incoming.ndim <= axis:
+            return None
+        return int(incoming.shape[axis])
 
-_REGISTRY: dict[type[nn.Module], LayerAdapter] = {}
+    def resize(self, layer: nn.Module, size: int) -> None:
+        """Give ``layer`` ``size`` states (uninitialised values, Parameter objects kept)."""
+        for pname, axis in self.state_axes.items():
+            param = getattr(layer, pname)
+            shape = list(param.shape)
+            shape[axis] = size
+            assign(param, param.new_zeros(shape))
+        if self.on_resize is not None:
+            self.on_resize(layer)
 
 
-def register_adapter(layer_type: type[nn.Module], adapter: LayerAdapter) -> None:
+Signals = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SelectiveAdapter:
+    """How to read a selective (Mamba-style) layer's recurrence and keep a subset of its states.
+
+    A selective layer has per channel ``d`` the recursion
+    :math:`s_t[d, n] = e^{\\Delta_t[d] A[d, n]} s_{t-1}[d, n] + \\Delta_t[d] B_t[n] u_t[d]`,
+    :math:`y_t[d] = \\sum_n C_t[n] s_t[d, n]`, with ``B_t``, ``C_t`` shared by all channels (or
+    by the channels of a group). Its state is reduced by keeping the same state indices in every
+    channel of a group; every change is a slice of existing tensors, so the optimizer moments can
+    be sliced exactly.
+
+    Attributes
+    ----------
+    signals : callable
+        ``(layer, hidden_states) -> (dt, A, B, C)`` from the layer's input (batch, L, d_model):
+        ``dt`` (batch, L, D) after softplus, ``A`` (D, N) negative, ``B`` and ``C``
+        (batch, L, N) or (batch, L, G, N) (see
+        :func:`compressm_core.update_selective_statistics`). Called under ``torch.no_grad``.
+    positions : callable
+        ``(layer, indices) -> {parameter name: (axis, positions)}``: for kept state indices
+        ``indices`` of shape (r,) or (G, r), the positions along ``axis`` that every parameter
+        with a state dimension keeps (dotted names such as ``"x_proj.weight"`` allowed).
+    state_size : callable
+        ``layer -> N`` (per group).
+    groups : callable
+        ``layer -> G`` or ``None`` (one index set for all channels).
+    on_resize : callable
+        ``(layer, N) -> None``: update the layer's attributes (``d_state``, convolution groups,
+        ...) after its tensors were sliced to ``N`` states.
+    incoming_size : callable
+        ``(layer, state_dict, prefix) -> N or None``: the state size of the layer's entries in a
+        state dict (used to resize layers before loading).
+    rank_multiple : callable, optional
+        ``(layer, r) -> r'``: the smallest rank ``>= r`` that the layer's kernels accept.
+    """
+
+    signals: Callable[[nn.Module, torch.Tensor], Signals]
+    positions: Callable[[nn.Module, torch.Tensor], dict[str, tuple[int, torch.Tensor]]]
+    state_size: Callable[[nn.Module], int]
+    groups: Callable[[nn.Module], int | None]
+    on_resize: Callable[[nn.Module, int], None]
+    incoming_size: Callable[[nn.Module, Mapping[str, object], str], int | None]
+    rank_multiple: Callable[[nn.Module, int], int] | None = field(default=None)
+
+    def resize(self, layer: nn.Module, size: int) -> None:
+        """Give ``layer`` ``size`` states per group (uninitialised values, Parameter objects
+        kept)."""
+        groups = self.groups(layer) or 1
+        first = torch.arange(size).expand(groups, size)
+        for pname, (axis, pos) in self.positions(layer, first).items():
+            param = layer.get_parameter(pname)
+            shape = list(param.shape)
+            shape[axis] = int(pos.numel())
+            assign(param, param.new_zeros(shape))
+        self.on_resize(layer, size)
+
+
+Adapter = LayerAdapter | SelectiveAdapter
+
+_REGISTRY: dict[type[nn.Module], Adapter] = {}
+# Third-party layers, found by qualified type name so their packages are never imported here.
+_NAMED: dict[str, Adapter] = {}
+
+
+def register_adapter(layer_type: type[nn.Module] | str, adapter: Adapter) -> None:
     """Register ``adapter`` for ``layer_type`` and its subclasses (replacing an earlier one).
+
+    ``layer_type`` may be a qualified class name (``"package.module.Class"``): the class is then
+    matched by name, without importing its package.
 
     Examples
     --------
@@ -77,19 +165,37 @@ def register_adapter(layer_type: type[nn.Module], adapter: LayerAdapter) -> None
     >>> class MyLRU(LRU): ...
     >>> register_adapter(MyLRU, get_adapter(LRU(2, 2)))
     """
-    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
-        msg = f"`layer_type` must be a torch.nn.Module subclass; received {layer_type!r}."
+    named = isinstance(layer_type, str)
+    if not named and not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        msg = (
+            "`layer_type` must be a torch.nn.Module subclass or a qualified class name; "
+            f"received {layer_type!r}."
+        )
         raise TypeError(msg)
-    if not isinstance(adapter, LayerAdapter):
-        msg = f"`adapter` must be a LayerAdapter; received {type(adapter).__name__}."
+    if not isinstance(adapter, (LayerAdapter, SelectiveAdapter)):
+        kind = type(adapter).__name__
+        msg = f"`adapter` must be a LayerAdapter or a SelectiveAdapter; received {kind}."
         raise TypeError(msg)
-    if not adapter.state_axes:
+    if isinstance(adapter, LayerAdapter) and not adapter.state_axes:
         msg = "`adapter.state_axes` must name at least one parameter."
         raise ValueError(msg)
-    _REGISTRY[layer_type] = adapter
+    if isinstance(layer_type, str):
+        _NAMED[layer_type] = adapter
+    else:
+        _REGISTRY[layer_type] = adapter
 
 
-def get_adapter(layer: nn.Module) -> LayerAdapter:
+def _lookup(layer: nn.Module) -> Adapter | None:
+    for klass in type(layer).__mro__:
+        if klass in _REGISTRY:
+            return _REGISTRY[klass]
+        named = _NAMED.get(f"{klass.__module__}.{klass.__qualname__}")
+        if named is not None:
+            return named
+    return None
+
+
+def get_adapter(layer: nn.Module) -> Adapter:
     """The adapter registered for ``type(layer)`` or its nearest registered base class.
 
     Raises
@@ -97,10 +203,10 @@ def get_adapter(layer: nn.Module) -> LayerAdapter:
     TypeError
         If no adapter is registered for the layer's type.
     """
-    for klass in type(layer).__mro__:
-        if klass in _REGISTRY:
-            return _REGISTRY[klass]
-    known = ", ".join(sorted(k.__name__ for k in _REGISTRY))
+    adapter = _lookup(layer)
+    if adapter is not None:
+        return adapter
+    known = ", ".join(sorted([k.__name__ for k in _REGISTRY] + list(_NAMED)))
     msg = (
         f"No adapter registered for `layer` of type {type(layer).__name__}; registered: "
         f"{known}. Use compressm_torch.register_adapter to add one."
@@ -118,15 +224,21 @@ def to_state_space(layer: nn.Module) -> DiagonalStateSpace:
     >>> sys.poles.shape, sys.b.shape, sys.c.shape
     (torch.Size([5]), torch.Size([5, 3]), torch.Size([3, 5]))
     """
-    return get_adapter(layer).to_state_space(layer)
+    adapter = get_adapter(layer)
+    if not isinstance(adapter, LayerAdapter):
+        msg = (
+            f"`layer` of type {type(layer).__name__} is selective: it has no fixed state-space "
+            "system. Use compressm_torch.SelectiveRecorder to collect its statistics."
+        )
+        raise TypeError(msg)
+    return adapter.to_state_space(layer)
 
 
-def _iter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, LayerAdapter]]:
+def _iter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Adapter]]:
     for name, module in model.named_modules():
-        for klass in type(module).__mro__:
-            if klass in _REGISTRY:
-                yield name.replace(_COMPILED_PREFIX, ""), module, _REGISTRY[klass]
-                break
+        adapter = _lookup(module)
+        if adapter is not None:
+            yield name.replace(_COMPILED_PREFIX, ""), module, adapter
 
 
 def find_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -167,15 +279,8 @@ def resize_layers(model: nn.Module, sizes: Mapping[str, int]) -> None:
             msg = f"`sizes[{name!r}]` must be a positive int; received {size!r}."
             raise ValueError(msg)
         layer, adapter = layers[name]
-        if adapter.state_size(layer) == size:
-            continue
-        for pname, axis in adapter.state_axes.items():
-            param = getattr(layer, pname)
-            shape = list(param.shape)
-            shape[axis] = size
-            assign(param, param.new_zeros(shape))
-        if adapter.on_resize is not None:
-            adapter.on_resize(layer)
+        if adapter.state_size(layer) != size:
+            adapter.resize(layer, size)
 
 
 # --- LRU -------------------------------------------------------------------------------------

@@ -16,10 +16,19 @@ from torch import nn
 
 from compressm_core import CompressmError, hankel_singular_values, select_rank
 
-from .adapters import LayerAdapter, get_adapter, resize_layers, state_sizes
+from .adapters import LayerAdapter, SelectiveAdapter, get_adapter, resize_layers, state_sizes
 from .adapters import find_layers as _find_layers
 from .optim import POLICIES, OptimizerStatePolicy, update_optimizer_state
-from .reduction import _SELECTIONS, Selection, _reduce
+from .reduction import _SELECTIONS, LayerReduction, Selection, _reduce
+from .selective import (
+    _AGGREGATES,
+    _IMPORTANCE,
+    Importance,
+    SelectiveRecorder,
+    _rank_for,
+    selective_importance,
+)
+from .selective import reduce_selective_layer as _reduce_selective
 
 __all__ = ["CompreSSM", "ReductionEvent", "ReductionWarning", "reduction_schedule"]
 
@@ -172,6 +181,20 @@ class CompreSSM:
         Names of the layers to manage (default: all supported layers).
     seed : int, optional
         Seed of the random selection.
+    importance : {"gramian", "mean_lti", "random"}, optional
+        Selective (Mamba) layers: the state-importance scores that choose the kept state
+        indices (:func:`reduce_selective_layer`); ``tau``, ``fraction``, ``gate`` and
+        ``min_rank`` apply to them as to the LTI layers.
+    aggregate : {"sum", "energy", "normalized"}, optional
+        Selective layers: how per-channel scores are combined.
+    calibration_steps : int, optional
+        Selective layers: their statistics are recorded from the forward passes of the
+        ``calibration_steps`` training steps before each scheduled reduction (forward
+        pre-hooks; no extra forward pass) and dropped after it.
+    calibration_batches : iterable, optional
+        Selective layers: inputs run through ``model`` (no gradients) when a reduction finds no
+        recorded statistics, e.g. for :meth:`reduce` outside training. Each item is a model
+        input, or a tuple/list whose first element is.
 
     Examples
     --------
@@ -214,6 +237,10 @@ class CompreSSM:
         compute_error: bool = False,
         layers: Iterable[str] | None = None,
         seed: int = 0,
+        importance: Importance = "gramian",
+        aggregate: Literal["sum", "energy", "normalized"] = "sum",
+        calibration_steps: int = 8,
+        calibration_batches: Iterable[Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             msg = f"`model` must be a torch.nn.Module; received {type(model).__name__}."
@@ -235,6 +262,8 @@ class CompreSSM:
             ("method", method, ("sqrt", "bfsr")),
             ("energy", energy, ("sum", "squared")),
             ("metric", metric, ("max", "min")),
+            ("importance", importance, _IMPORTANCE),
+            ("aggregate", aggregate, _AGGREGATES),
         ):
             if value not in allowed:
                 msg = f"`{name}` must be one of {allowed}; received {value!r}."
@@ -254,6 +283,9 @@ class CompreSSM:
         self.mode, self.selection, self.optimizer_state = mode, selection, optimizer_state
         self.horizon, self.method, self.real_output = horizon, method, real_output
         self.energy, self.metric, self.compute_error = energy, metric, compute_error
+        self.importance, self.aggregate, self.seed = importance, aggregate, seed
+        self.calibration_steps = _check_int("calibration_steps", calibration_steps, 1)
+        self.calibration_batches = calibration_batches
         self.schedule: list[int] = schedule
         found = _find_layers(model)
         if layers is not None:
@@ -265,8 +297,8 @@ class CompreSSM:
             found = {name: found[name] for name in wanted}
         if not found:
             msg = (
-                "`model` has no supported SSM layer (LRU, S5 or a registered type); "
-                "see compressm_torch.register_adapter."
+                "`model` has no supported SSM layer (LRU, S5, Mamba, Mamba-2 or a registered "
+                "type); see compressm_torch.register_adapter."
             )
             raise ValueError(msg)
         self.layers: dict[str, nn.Module] = found
@@ -280,8 +312,15 @@ class CompreSSM:
         self._hooks = []
         if horizon == "auto":
             self._hooks = [
-                layer.register_forward_pre_hook(self._record_length) for layer in found.values()
+                layer.register_forward_pre_hook(self._record_length)
+                for layer in found.values()
+                if isinstance(get_adapter(layer), LayerAdapter)
             ]
+        selective = [n for n, m in found.items() if isinstance(get_adapter(m), SelectiveAdapter)]
+        self._recorder: SelectiveRecorder | None = None
+        if selective:
+            self._recorder = SelectiveRecorder(model, layers=selective, active=False)
+            self._update_recording()
 
     # -- public ----------------------------------------------------------------------------
 
@@ -311,6 +350,7 @@ class CompreSSM:
             events += self.report_metric(val_metric)
         if self.num_steps in self.schedule and not self.stopped:
             events += self._scheduled()
+        self._update_recording()
         return events
 
     def report_metric(self, value: float) -> list[ReductionEvent]:
@@ -337,10 +377,12 @@ class CompreSSM:
         return self._reduce_all()
 
     def remove_hooks(self) -> None:
-        """Remove the forward hooks used by ``horizon="auto"``."""
+        """Remove the forward hooks (``horizon="auto"``, statistics of selective layers)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        if self._recorder is not None:
+            self._recorder.remove()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: counters, schedule, history, random state, pending
@@ -382,6 +424,14 @@ class CompreSSM:
             length = int(args[0].shape[-2])
             if self.seen_length is None or length > self.seen_length:
                 self.seen_length = length
+
+    def _update_recording(self) -> None:
+        """Record selective statistics during the forward passes of the next
+        ``calibration_steps`` steps if they end in a scheduled reduction."""
+        if self._recorder is None:
+            return
+        ahead = range(self.num_steps + 1, self.num_steps + self.calibration_steps + 1)
+        self._recorder.active = not self.stopped and any(s in ahead for s in self.schedule)
 
     def _resolved_horizon(self) -> int | None:
         if self.horizon == "auto":
@@ -488,6 +538,8 @@ class CompreSSM:
     def _reduce_one(self, name: str, layer: nn.Module) -> ReductionEvent:
         start = time.perf_counter()
         adapter = get_adapter(layer)
+        if isinstance(adapter, SelectiveAdapter):
+            return self._reduce_selective(name, layer, adapter, start)
         old = adapter.state_size(layer)
         horizon = self._resolved_horizon()
         try:
@@ -503,7 +555,7 @@ class CompreSSM:
             return self._event(
                 name, "skipped", hsv=hsv_list, reason=reason, seconds=time.perf_counter() - start
             )
-        shapes = {p: tuple(getattr(layer, p).shape) for p in adapter.state_axes}
+        shapes = {p: tuple(v.shape) for p, v in layer.named_parameters()}
         try:
             report = _reduce(
                 layer,
@@ -521,14 +573,19 @@ class CompreSSM:
             )
         except (CompressmError, ValueError, RuntimeError) as err:
             return self._refused(name, old, hsv_list, start, err)
-        self._rebind(layer, adapter, shapes, report.indices)
+        self._rebind(layer, adapter, shapes, report)
+        return self._reduced(name, old, hsv_list, report, start)
+
+    def _reduced(
+        self, name: str, old: int, hsv: list[float], report: LayerReduction, start: float
+    ) -> ReductionEvent:
         event = ReductionEvent(
             step=self.num_steps,
             layer=name,
             status="reduced",
             old_rank=old,
             new_rank=report.new_rank,
-            hsv=hsv_list,
+            hsv=hsv,
             error_bound=report.error_bound,
             hinf_error=report.hinf_error,
             seconds=time.perf_counter() - start,
@@ -559,21 +616,95 @@ class CompreSSM:
             reason=reason,
         )
 
+    def _reduce_selective(
+        self, name: str, layer: nn.Module, adapter: SelectiveAdapter, start: float
+    ) -> ReductionEvent:
+        assert self._recorder is not None
+        old = adapter.state_size(layer)
+        if self._recorder.samples(name) == 0 and self.calibration_batches is not None:
+            self._calibrate(name)
+        stats = self._recorder.statistics.get(name)
+        self._recorder.reset([name])
+        if stats is None:
+            err = ValueError(
+                "no statistics were recorded (no training forward pass in the "
+                f"{self.calibration_steps} calibration steps, and no calibration_batches)"
+            )
+            return self._refused(name, old, [], start, err)
+        shapes = {p: tuple(v.shape) for p, v in layer.named_parameters()}
+        options = {"aggregate": self.aggregate, "seed": self.seed + self.num_steps}
+        try:
+            rate = selective_importance(layer, stats, **options)  # type: ignore[arg-type]
+            if self.mode == "tolerance":
+                rank = _rank_for(rate, self.tau)
+            else:
+                rank = math.floor(old * (1 - self.fraction))
+            rank = min(old, max(self.min_rank, rank))
+            if adapter.rank_multiple is not None:
+                rank = adapter.rank_multiple(layer, rank)
+            hsv_list = torch.sort(rate.reshape(-1, old).sum(0), descending=True).values.tolist()
+            if not rank < self.gate * old:
+                reason = f"rank {rank} of {old} is not below the gate {self.gate:g} x {old}"
+                return self._event(
+                    name,
+                    "skipped",
+                    hsv=hsv_list,
+                    reason=reason,
+                    seconds=time.perf_counter() - start,
+                )
+            report = _reduce_selective(
+                layer,
+                stats,
+                rank,
+                importance=self.importance,
+                **options,  # type: ignore[arg-type]
+            )
+        except (CompressmError, ValueError, RuntimeError) as err:
+            return self._refused(name, old, [], start, err)
+        self._rebind(layer, adapter, shapes, report)
+        return self._reduced(name, old, hsv_list, report, start)
+
+    @torch.no_grad()
+    def _calibrate(self, name: str) -> None:
+        assert self._recorder is not None
+        assert self.calibration_batches is not None
+        recorder = self._recorder
+        active, training_only = recorder.active, recorder.training_only
+        recorder.active, recorder.training_only = True, False
+        try:
+            for batch in self.calibration_batches:
+                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                self.model(inputs)
+        finally:
+            recorder.active, recorder.training_only = active, training_only
+
     def _rebind(
         self,
         layer: nn.Module,
-        adapter: LayerAdapter,
+        adapter: LayerAdapter | SelectiveAdapter,
         shapes: dict[str, tuple[int, ...]],
-        indices: torch.Tensor | None,
+        report: LayerReduction,
     ) -> None:
         if self.optimizer is None:
             return
+        if report.slices:
+            for pname, (axis, pos) in report.slices.items():
+                update_optimizer_state(
+                    self.optimizer,
+                    layer.get_parameter(pname),
+                    shapes[pname],
+                    axis=axis,
+                    indices=pos,
+                    policy=self.optimizer_state,
+                )
+            return
+        assert isinstance(adapter, LayerAdapter)
         for pname, axis in adapter.state_axes.items():
             update_optimizer_state(
                 self.optimizer,
                 getattr(layer, pname),
                 shapes[pname],
                 axis=axis,
-                indices=indices,
+                indices=None,
                 policy=self.optimizer_state,
             )

@@ -10,7 +10,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
@@ -327,11 +326,7 @@ def _resize_to_incoming_state(
 ) -> None:
     """``load_state_dict`` pre-hook: resize ``module`` to the state size in ``state_dict``."""
     adapter = get_adapter(module)
-    name, axis = next(iter(adapter.state_axes.items()))
-    incoming = state_dict.get(prefix + name)
-    if not torch.is_tensor(incoming) or incoming.ndim <= axis:
-        return
-    size = int(incoming.shape[axis])
-    if size >= 1 and size != adapter.state_size(module):
+    size = adapter.incoming_size(module, state_dict, prefix)
+    if size is not None and size >= 1 and size != adapter.state_size(module):
         logger.info("compressm: resizing %s to %d states to load a state dict", prefix, size)
         resize_layers(module, {"": size})

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -38,31 +39,39 @@ class LayerReduction:
     old_rank, new_rank : int
         State sizes before and after.
     hsv : (n,) tensor
-        Hankel singular values before the reduction (float64, CPU), descending.
-    error_bound : float
+        Hankel singular values before the reduction (float64, CPU), descending; for a selective
+        layer (:func:`reduce_selective_layer`) its state-importance scores, descending.
+    error_bound : float or None
         Bound on the H-infinity norm of the change of the layer's transfer function:
         :math:`2 \\sum_{\\text{discarded}} \\sigma_i` for balanced truncation, the modal bound
         :math:`\\sum_{\\text{discarded}} \\|c_i\\| \\|b_i\\| / (1 - |\\lambda_i|)` for
-        ``selection="random"``. Only an indicator with ``horizon`` set.
+        ``selection="random"``. Only an indicator with ``horizon`` set. ``None`` for selective
+        layers (no bound exists).
     hinf_error : float or None
         Measured H-infinity norm of the change of the layer's (real) output map, if asked.
     selection : str
-        ``"largest"``, ``"smallest"`` or ``"random"``.
-    indices : (new_rank,) tensor or None
-        Kept state indices for index selection (``"random"``): the parameters, and the optimizer
-        moments, were sliced with them. ``None`` after a change of basis.
+        ``"largest"``, ``"smallest"`` or ``"random"`` (for selective layers, the importance
+        method).
+    indices : (new_rank,) or (G, new_rank) tensor or None
+        Kept state indices for index selection (``"random"``, selective layers): the parameters,
+        and the optimizer moments, were sliced with them. ``None`` after a change of basis.
     changed : tuple of str
         Names of the parameters whose values were replaced (their objects are kept).
+    slices : mapping
+        After an index selection, ``{parameter name: (axis, kept positions)}`` for every sliced
+        parameter (what :func:`update_optimizer_state` needs to slice its moments); empty after
+        a change of basis.
     """
 
     old_rank: int
     new_rank: int
     hsv: torch.Tensor
-    error_bound: float
+    error_bound: float | None
     hinf_error: float | None
     selection: str
     indices: torch.Tensor | None
     changed: tuple[str, ...]
+    slices: Mapping[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
 
 
 def _check_rank(rank: object, total: int) -> int:
@@ -204,6 +213,12 @@ def reduce_layer(
         msg = "`selection='random'` keeps modal states; it cannot be combined with `real_output`."
         raise ValueError(msg)
     adapter = get_adapter(layer)
+    if not isinstance(adapter, LayerAdapter):
+        msg = (
+            f"`layer` of type {type(layer).__name__} is selective; reduce it with "
+            "compressm_torch.reduce_selective_layer."
+        )
+        raise TypeError(msg)
     sys = adapter.to_state_space(layer)
     hsv = hankel_singular_values(sys, horizon=horizon, real_output=real_output)
     if tau is not None:
@@ -275,6 +290,9 @@ def _reduce(
         selection=selection,
         indices=None if indices is None else indices.cpu(),
         changed=tuple(values),
+        slices={}
+        if indices is None
+        else {name: (axis, indices.cpu()) for name, axis in adapter.state_axes.items()},
     )
 
 

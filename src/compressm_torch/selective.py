@@ -1,0 +1,512 @@
+"""Selective (Mamba-style) layers: statistics from forward passes and index-selection reduction.
+
+Adapters for Mamba-1 layers (:class:`~compressm_torch.Mamba`, ``mamba_ssm``'s ``Mamba``,
+Hugging Face's ``MambaMixer``) and Mamba-2 layers (``mamba_ssm``'s ``Mamba2``, Hugging Face's
+``Mamba2Mixer``). Third-party classes are recognised by their qualified names; their packages
+are never imported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.hooks import RemovableHandle
+
+from compressm_core import (
+    SelectiveStatistics,
+    finalize_selective_statistics,
+    init_selective_statistics,
+    select_rank,
+    select_state_indices,
+    state_importance,
+    update_selective_statistics,
+)
+
+from ._params import assign
+from ._precision import full_precision
+from .adapters import SelectiveAdapter, Signals, find_layers, get_adapter, register_adapter
+from .mamba import Mamba
+from .reduction import LayerReduction
+
+__all__ = [
+    "Importance",
+    "SelectiveRecorder",
+    "reduce_selective_layer",
+    "selective_importance",
+]
+
+Importance = Literal["gramian", "mean_lti", "random"]
+_IMPORTANCE = ("gramian", "mean_lti", "random")
+_AGGREGATES = ("sum", "energy", "normalized")
+
+
+def _int(layer: nn.Module, name: str) -> int:
+    value: Any = getattr(layer, name)
+    return int(value)
+
+
+def _causal_conv(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """SiLU of ``layer.conv1d`` (causal, depthwise) of (batch, L, channels) ``x``, same shape."""
+    conv: Any = layer.get_submodule("conv1d")
+    length = x.shape[1]
+    width = conv.weight.shape[-1]
+    y = F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=width - 1, groups=x.shape[-1])
+    return F.silu(y[..., :length]).transpose(1, 2)
+
+
+def _set_attrs(layer: nn.Module, names: Iterable[str], value: int) -> None:
+    for attr in names:
+        if hasattr(layer, attr):
+            setattr(layer, attr, value)
+
+
+def _flat(indices: torch.Tensor) -> torch.Tensor:
+    return indices.reshape(-1).to(torch.long)
+
+
+# --- Mamba-1: A_log (D, N), x_proj rows [dt | B | C] -----------------------------------------
+
+
+def _mamba1_size(layer: nn.Module) -> int:
+    return int(layer.get_parameter("A_log").shape[1])
+
+
+def _mamba1_signals(layer: nn.Module, hidden_states: torch.Tensor) -> Signals:
+    n = _mamba1_size(layer)
+    x = layer.get_submodule("in_proj")(hidden_states).chunk(2, dim=-1)[0]
+    u = _causal_conv(x, layer)
+    x_proj = layer.get_parameter("x_proj.weight")
+    rank = int(x_proj.shape[0]) - 2 * n
+    delta, b, c = torch.split(F.linear(u, x_proj), [rank, n, n], dim=-1)
+    dt = F.softplus(layer.get_submodule("dt_proj")(delta))
+    a = -torch.exp(layer.get_parameter("A_log").float())
+    return dt, a, b, c
+
+
+def _mamba1_positions(layer: nn.Module, indices: torch.Tensor) -> dict[str, tuple[int, Any]]:
+    n = _mamba1_size(layer)
+    idx = _flat(indices).to(layer.get_parameter("A_log").device)
+    rank = int(layer.get_parameter("x_proj.weight").shape[0]) - 2 * n
+    rows = torch.cat([torch.arange(rank, device=idx.device), rank + idx, rank + n + idx])
+    return {"A_log": (1, idx), "x_proj.weight": (0, rows)}
+
+
+def _mamba1_incoming(
+    layer: nn.Module, state_dict: Mapping[str, object], prefix: str
+) -> int | None:
+    incoming = state_dict.get(prefix + "A_log")
+    return int(incoming.shape[1]) if torch.is_tensor(incoming) and incoming.ndim == 2 else None
+
+
+MAMBA_ADAPTER = SelectiveAdapter(
+    signals=_mamba1_signals,
+    positions=_mamba1_positions,
+    state_size=_mamba1_size,
+    groups=lambda layer: None,
+    on_resize=lambda layer, n: _set_attrs(layer, ("d_state", "ssm_state_size"), n),
+    incoming_size=_mamba1_incoming,
+)
+
+
+# --- Mamba-2: scalar A per head, B/C rows of in_proj and channels of conv1d per group --------
+
+
+class _Layout(NamedTuple):
+    states: int  # N per group
+    groups: int  # G
+    heads: int  # number of heads = channels of the core's description
+    d_x: int  # x channels at the start of xBC
+    offset: int  # in_proj rows before xBC
+    dt_limit: tuple[float, float]
+
+
+def _mamba2_layout(layer: nn.Module) -> _Layout:
+    heads = int(layer.get_parameter("A_log").shape[0])
+    rows = int(layer.get_parameter("in_proj.weight").shape[0])
+    conv = int(layer.get_parameter("conv1d.weight").shape[0])
+    if hasattr(layer, "n_groups"):  # transformers Mamba2Mixer: [gate | xBC | dt]
+        groups = _int(layer, "n_groups")
+        d_x = _int(layer, "intermediate_size")
+        offset = rows - conv - heads
+        limit = tuple(getattr(layer, "time_step_limit", (0.0, float("inf"))))
+    else:  # mamba_ssm Mamba2: [z0 | x0 | z | xBC | dt]
+        groups = _int(layer, "ngroups")
+        d_x = _int(layer, "d_ssm")
+        offset = rows - conv - heads
+        limit = tuple(getattr(layer, "dt_limit", (0.0, float("inf"))))
+    states = (conv - d_x) // (2 * groups)
+    return _Layout(states, groups, heads, d_x, offset, (float(limit[0]), float(limit[1])))
+
+
+def _mamba2_signals(layer: nn.Module, hidden_states: torch.Tensor) -> Signals:
+    lay = _mamba2_layout(layer)
+    batch, length, _ = hidden_states.shape
+    proj = layer.get_submodule("in_proj")(hidden_states)
+    gn = lay.groups * lay.states
+    xbc = _causal_conv(proj[..., lay.offset : lay.offset + lay.d_x + 2 * gn], layer)
+    b = xbc[..., lay.d_x : lay.d_x + gn].reshape(batch, length, lay.groups, lay.states)
+    c = xbc[..., lay.d_x + gn :].reshape(batch, length, lay.groups, lay.states)
+    dt = F.softplus(proj[..., -lay.heads :] + layer.get_parameter("dt_bias"))
+    if lay.dt_limit != (0.0, float("inf")):
+        dt = dt.clamp(*lay.dt_limit)
+    a = -torch.exp(layer.get_parameter("A_log").float())
+    return dt, a[:, None].expand(lay.heads, lay.states), b, c
+
+
+def _mamba2_positions(layer: nn.Module, indices: torch.Tensor) -> dict[str, tuple[int, Any]]:
+    lay = _mamba2_layout(layer)
+    weight = layer.get_parameter("in_proj.weight")
+    dev = weight.device
+    idx = indices.to(dev, torch.long).reshape(lay.groups, -1)
+    gn = lay.groups * lay.states
+    sel = (idx + lay.states * torch.arange(lay.groups, device=dev)[:, None]).reshape(-1)
+    start = lay.offset + lay.d_x
+    rows = torch.cat(
+        [
+            torch.arange(start, device=dev),
+            start + sel,
+            start + gn + sel,
+            torch.arange(start + 2 * gn, int(weight.shape[0]), device=dev),
+        ]
+    )
+    channels = torch.cat([torch.arange(lay.d_x, device=dev), lay.d_x + sel, lay.d_x + gn + sel])
+    out = {"in_proj.weight": (0, rows), "conv1d.weight": (0, channels)}
+    if getattr(layer.get_submodule("in_proj"), "bias", None) is not None:
+        out["in_proj.bias"] = (0, rows)
+    if getattr(layer.get_submodule("conv1d"), "bias", None) is not None:
+        out["conv1d.bias"] = (0, channels)
+    return out
+
+
+def _mamba2_resize(layer: nn.Module, n: int) -> None:
+    conv: Any = layer.get_submodule("conv1d")
+    width = int(conv.weight.shape[0])
+    conv.in_channels = conv.out_channels = conv.groups = width
+    _set_attrs(layer, ("d_state", "ssm_state_size"), n)
+    _set_attrs(layer, ("conv_dim",), width)
+
+
+def _mamba2_incoming(
+    layer: nn.Module, state_dict: Mapping[str, object], prefix: str
+) -> int | None:
+    incoming = state_dict.get(prefix + "conv1d.weight")
+    if not torch.is_tensor(incoming):
+        return None
+    lay = _mamba2_layout(layer)
+    return (int(incoming.shape[0]) - lay.d_x) // (2 * lay.groups)
+
+
+def _mamba2_rank_multiple(layer: nn.Module, rank: int) -> int:
+    # Fused Mamba-2 kernels need a multiple of 8 convolution channels: (d_x + 2 G r) % 8 == 0.
+    lay = _mamba2_layout(layer)
+    while (lay.d_x + 2 * lay.groups * rank) % 8 and rank < lay.states:
+        rank += 1
+    return rank
+
+
+MAMBA2_ADAPTER = SelectiveAdapter(
+    signals=_mamba2_signals,
+    positions=_mamba2_positions,
+    state_size=lambda layer: _mamba2_layout(layer).states,
+    groups=lambda layer: _mamba2_layout(layer).groups,
+    on_resize=_mamba2_resize,
+    incoming_size=_mamba2_incoming,
+    rank_multiple=_mamba2_rank_multiple,
+)
+
+register_adapter(Mamba, MAMBA_ADAPTER)
+register_adapter("mamba_ssm.modules.mamba_simple.Mamba", MAMBA_ADAPTER)
+register_adapter("transformers.models.mamba.modeling_mamba.MambaMixer", MAMBA_ADAPTER)
+register_adapter("mamba_ssm.modules.mamba2.Mamba2", MAMBA2_ADAPTER)
+register_adapter("mamba_ssm.modules.mamba2_simple.Mamba2Simple", MAMBA2_ADAPTER)
+register_adapter("transformers.models.mamba2.modeling_mamba2.Mamba2Mixer", MAMBA2_ADAPTER)
+
+
+def _selective_adapter(layer: nn.Module) -> SelectiveAdapter:
+    adapter = get_adapter(layer)
+    if not isinstance(adapter, SelectiveAdapter):
+        msg = (
+            f"`layer` of type {type(layer).__name__} is not selective; reduce it with "
+            "compressm_torch.reduce_layer."
+        )
+        raise TypeError(msg)
+    return adapter
+
+
+# --- statistics from forward passes -----------------------------------------------------------
+
+
+class SelectiveRecorder:
+    """Collect the selective-Gramian statistics of a model's selective layers in forward passes.
+
+    Registers a forward pre-hook on every selective layer (:class:`~compressm_torch.Mamba`,
+    Mamba and Mamba-2 layers of ``mamba_ssm`` and ``transformers``, or any type registered with
+    a :class:`SelectiveAdapter`). While :attr:`active`, each forward pass of a layer adds its
+    batch to ``statistics[name]`` (:func:`compressm_core.update_selective_statistics`): the
+    step sizes and projections are recomputed from the layer's input under ``torch.no_grad``
+    (the projections and the convolution, not the scan), so training needs no extra forward
+    pass. Passes that carry an inference cache (single-step decoding) are ignored: the
+    statistics need whole sequences.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model (or one selective layer).
+    layers : iterable of str, optional
+        Names of the layers to record (default: every selective layer).
+    active : bool, optional
+        Record from the start.
+    training_only : bool, optional
+        Record only passes in training mode (``module.training``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from compressm_torch import Mamba, SelectiveRecorder, reduce_selective_layer
+    >>> layer = Mamba(d_model=8, d_state=16)
+    >>> with SelectiveRecorder(layer) as recorder:
+    ...     _ = layer(torch.randn(4, 32, 8))
+    >>> report = reduce_selective_layer(layer, recorder.statistics[""], rank=6)
+    >>> layer.d_state, layer.A_log.shape, layer.x_proj.weight.shape
+    (6, torch.Size([16, 6]), torch.Size([13, 16]))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        layers: Iterable[str] | None = None,
+        active: bool = True,
+        training_only: bool = True,
+    ) -> None:
+        found = {
+            name: layer
+            for name, layer in find_layers(model).items()
+            if isinstance(get_adapter(layer), SelectiveAdapter)
+        }
+        if layers is not None:
+            wanted = list(layers)
+            missing = sorted(set(wanted) - set(found))
+            if missing:
+                msg = f"`layers` names no selective layer of `model`: {missing}."
+                raise KeyError(msg)
+            found = {name: found[name] for name in wanted}
+        if not found:
+            msg = "`model` has no selective layer (Mamba, Mamba-2 or a registered type)."
+            raise ValueError(msg)
+        self.layers: dict[str, nn.Module] = found
+        self.active = active
+        self.training_only = training_only
+        self.statistics: dict[str, SelectiveStatistics] = {}
+        self._handles: list[RemovableHandle] = [
+            layer.register_forward_pre_hook(self._hook(name), with_kwargs=True)
+            for name, layer in found.items()
+        ]
+
+    def __enter__(self) -> SelectiveRecorder:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+    def samples(self, name: str) -> int:
+        """Number of (sequence, step) samples recorded for layer ``name``."""
+        stats = self.statistics.get(name)
+        return 0 if stats is None else int(stats.count)
+
+    def reset(self, names: Iterable[str] | None = None) -> None:
+        """Forget the statistics of the named layers (default: all)."""
+        for name in list(self.statistics) if names is None else names:
+            self.statistics.pop(name, None)
+
+    def remove(self) -> None:
+        """Remove the hooks (the statistics are kept)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def record(self, name: str, hidden_states: torch.Tensor) -> None:
+        """Add one batch of whole sequences (batch, L, d_model) to layer ``name``'s statistics."""
+        layer = self.layers[name]
+        adapter = _selective_adapter(layer)
+        with torch.no_grad(), full_precision(hidden_states.device):
+            dt, a, b, c = (t.detach().float() for t in adapter.signals(layer, hidden_states))
+            stats = self.statistics.get(name)
+            if stats is None or tuple(stats.poles.shape) != tuple(a.shape):
+                stats = init_selective_statistics(a)
+            self.statistics[name] = update_selective_statistics(stats, dt, a, b, c)
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if not self.active or (self.training_only and not module.training):
+                return
+            if any(kwargs.get(k) is not None for k in ("cache_params", "inference_params")):
+                return
+            if len(args) > 1 and args[1] is not None:  # positional cache / inference params
+                return
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if torch.is_tensor(hidden) and hidden.ndim == 3:
+                self.record(name, hidden.detach())
+
+        return hook
+
+
+# --- reduction --------------------------------------------------------------------------------
+
+
+def selective_importance(
+    layer: nn.Module,
+    statistics: SelectiveStatistics,
+    *,
+    importance: Importance = "gramian",
+    aggregate: Literal["sum", "energy", "normalized"] = "sum",
+    seed: int = 0,
+) -> torch.Tensor:
+    """One score per state index of ``layer`` ((N,), or (G, N) for Mamba-2 groups).
+
+    :func:`compressm_core.state_importance` of the finalized ``statistics``, with the layer's
+    groups. See there for the scores and what they do (not) guarantee.
+    """
+    if importance not in _IMPORTANCE:
+        msg = f"`importance` must be one of {_IMPORTANCE}; received {importance!r}."
+        raise ValueError(msg)
+    if aggregate not in _AGGREGATES:
+        msg = f"`aggregate` must be one of {_AGGREGATES}; received {aggregate!r}."
+        raise ValueError(msg)
+    adapter = _selective_adapter(layer)
+    gramians = finalize_selective_statistics(statistics)
+    scores: torch.Tensor = state_importance(
+        gramians,
+        method=importance,
+        aggregate=aggregate,
+        groups=adapter.groups(layer),
+        seed=seed,
+    )
+    return scores
+
+
+def _rank_for(scores: torch.Tensor, tau: float) -> int:
+    rows = scores.reshape(-1, scores.shape[-1])
+    return max(select_rank(row, tau=tau) for row in rows)
+
+
+def _slice(
+    layer: nn.Module, adapter: SelectiveAdapter, indices: torch.Tensor
+) -> dict[str, tuple[int, torch.Tensor]]:
+    """Keep ``indices`` in every parameter with a state dimension (checked, then all written)."""
+    positions = adapter.positions(layer, indices)
+    staged = {}
+    for name, (axis, pos) in positions.items():
+        param = layer.get_parameter(name)
+        new = param.detach().index_select(axis, pos.to(param.device))
+        if not bool(torch.all(torch.isfinite(new))):
+            msg = f"`{name}` has non-finite entries; the layer is left unchanged."
+            raise ValueError(msg)
+        staged[name] = new.contiguous()
+    for name, new in staged.items():
+        assign(layer.get_parameter(name), new)
+    adapter.on_resize(layer, int(indices.shape[-1]))
+    return {name: (axis, pos.cpu()) for name, (axis, pos) in positions.items()}
+
+
+def reduce_selective_layer(
+    layer: nn.Module,
+    statistics: SelectiveStatistics,
+    rank: int | None = None,
+    *,
+    tau: float | None = None,
+    importance: Importance = "gramian",
+    aggregate: Literal["sum", "energy", "normalized"] = "sum",
+    seed: int = 0,
+) -> LayerReduction:
+    """Keep the ``rank`` most important state indices of a selective layer, in place.
+
+    The scores are :func:`selective_importance` of ``statistics`` (collected with
+    :class:`SelectiveRecorder`); the kept indices are the same in every channel (in every
+    channel of a group for Mamba-2), because ``B_t`` and ``C_t`` are shared projections. Every
+    parameter with a state dimension is sliced (Mamba-1: ``A_log[:, S]`` and the ``B``/``C``
+    rows of ``x_proj``; Mamba-2: the ``B``/``C`` rows of ``in_proj`` and channels of ``conv1d``)
+    and the size attributes are updated, keeping the Parameter objects. With ``tau``, the rank
+    is the smallest that keeps a fraction ``1 - tau`` of the summed scores in every group
+    (:func:`compressm_core.select_rank`; for ``importance="random"`` the rank comes from the
+    ``"gramian"`` scores, so random selection is compared at the same size). Mamba-2 ranks are
+    rounded up to what its fused kernels accept (a multiple of 8 convolution channels).
+
+    There is no error bound: the layer is time-varying and the kept states are original
+    coordinates (modal truncation guided by Hankel-type scores). Check the effect on held-out
+    data.
+
+    Parameters
+    ----------
+    layer : torch.nn.Module
+        A selective layer.
+    statistics : SelectiveStatistics
+        Its statistics (:attr:`SelectiveRecorder.statistics`).
+    rank : int, optional
+        States to keep per group; give exactly one of ``rank`` and ``tau``.
+    tau : float, optional
+        Fraction of the summed scores that may be discarded, in ``[0, 1)``.
+    importance : {"gramian", "mean_lti", "random"}, optional
+        Scores (see :func:`compressm_core.state_importance`).
+    aggregate : {"sum", "energy", "normalized"}, optional
+        How per-channel scores are combined.
+    seed : int, optional
+        Seed of ``importance="random"``.
+
+    Returns
+    -------
+    LayerReduction
+        ``hsv`` holds the scores summed over groups, descending; ``error_bound`` is ``None``;
+        ``indices`` the kept indices ((r,) or (G, r)) and ``slices`` the kept positions of
+        every sliced parameter (for the optimizer's moments).
+
+    Raises
+    ------
+    TypeError
+        If ``layer`` is not selective, or both or neither of ``rank`` and ``tau`` are given.
+    ValueError
+        If ``rank`` is out of range, the statistics are empty, or a parameter is not finite (the
+        layer is then unchanged).
+    """
+    if (rank is None) == (tau is None):
+        msg = f"Give exactly one of `rank` and `tau`; received rank={rank!r}, tau={tau!r}."
+        raise TypeError(msg)
+    adapter = _selective_adapter(layer)
+    old = adapter.state_size(layer)
+    scores = selective_importance(
+        layer, statistics, importance=importance, aggregate=aggregate, seed=seed
+    )
+    if tau is not None:
+        rate = scores
+        if importance == "random":
+            rate = selective_importance(layer, statistics, aggregate=aggregate)
+        rank = _rank_for(rate, tau)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= old:
+        msg = f"`rank` must be an int in [1, {old}]; received {rank!r}."
+        raise ValueError(msg)
+    if adapter.rank_multiple is not None:
+        rank = adapter.rank_multiple(layer, rank)
+    indices = select_state_indices(scores, rank)
+    slices = _slice(layer, adapter, indices)
+    total = scores.reshape(-1, old).sum(0).detach().to("cpu", torch.float64)
+    return LayerReduction(
+        old_rank=old,
+        new_rank=adapter.state_size(layer),
+        hsv=torch.sort(total, descending=True).values,
+        error_bound=None,
+        hinf_error=None,
+        selection=importance,
+        indices=indices.cpu(),
+        changed=tuple(slices),
+        slices=slices,
+    )
