@@ -20,6 +20,7 @@ from .controller import CompreSSM, Mode, ReductionEvent
 from .lru import LRU
 from .optim import OptimizerStatePolicy
 from .reduction import Selection
+from .selective import Importance
 
 __all__ = ["CompreSSMCallback"]
 
@@ -62,6 +63,8 @@ class CompreSSMCallback(Callback):
         As for :class:`~compressm_torch.CompreSSM`.
     energy, rollback_rtol, metric, compute_error, layers, seed : optional
         As for :class:`~compressm_torch.CompreSSM`.
+    importance, aggregate, calibration_steps, calibration_batches : optional
+        Selective (Mamba) layers, as for :class:`~compressm_torch.CompreSSM`.
 
     Attributes
     ----------
@@ -125,6 +128,10 @@ class CompreSSMCallback(Callback):
         compute_error: bool = False,
         layers: Iterable[str] | None = None,
         seed: int = 0,
+        importance: Importance = "gramian",
+        aggregate: Literal["sum", "energy", "normalized"] = "sum",
+        calibration_steps: int = 8,
+        calibration_batches: Iterable[Any] | None = None,
     ) -> None:
         super().__init__()
         if monitor is not None and not isinstance(monitor, str):
@@ -158,6 +165,10 @@ class CompreSSMCallback(Callback):
             "metric": metric,
             "compute_error": compute_error,
             "seed": seed,
+            "importance": importance,
+            "aggregate": aggregate,
+            "calibration_steps": calibration_steps,
+            "calibration_batches": calibration_batches,
         }
         # Validate every option now rather than at on_fit_start: build a throw-away controller
         # on a one-state layer on the meta device (no memory, no draw from the global RNG).
