@@ -96,6 +96,12 @@ def _mamba1_positions(layer: nn.Module, indices: torch.Tensor) -> dict[str, tupl
     return {"A_log": (1, idx), "x_proj.weight": (0, rows)}
 
 
+def _mamba1_resize(layer: nn.Module, n: int) -> None:
+    proj: Any = layer.get_submodule("x_proj")
+    proj.out_features = int(proj.weight.shape[0])
+    _set_attrs(layer, ("d_state", "ssm_state_size"), n)
+
+
 def _mamba1_incoming(
     layer: nn.Module, state_dict: Mapping[str, object], prefix: str
 ) -> int | None:
@@ -108,7 +114,7 @@ MAMBA_ADAPTER = SelectiveAdapter(
     positions=_mamba1_positions,
     state_size=_mamba1_size,
     groups=lambda layer: None,
-    on_resize=lambda layer, n: _set_attrs(layer, ("d_state", "ssm_state_size"), n),
+    on_resize=_mamba1_resize,
     incoming_size=_mamba1_incoming,
 )
 
@@ -187,6 +193,8 @@ def _mamba2_resize(layer: nn.Module, n: int) -> None:
     conv: Any = layer.get_submodule("conv1d")
     width = int(conv.weight.shape[0])
     conv.in_channels = conv.out_channels = conv.groups = width
+    proj: Any = layer.get_submodule("in_proj")
+    proj.out_features = int(proj.weight.shape[0])
     _set_attrs(layer, ("d_state", "ssm_state_size"), n)
     _set_attrs(layer, ("conv_dim",), width)
 
@@ -250,8 +258,8 @@ class SelectiveRecorder:
     batch to ``statistics[name]`` (:func:`compressm_core.update_selective_statistics`): the
     step sizes and projections are recomputed from the layer's input under ``torch.no_grad``
     (the projections and the convolution, not the scan), so training needs no extra forward
-    pass. Passes that carry an inference cache (single-step decoding) are ignored: the
-    statistics need whole sequences.
+    pass. Every pass counts as whole sequences starting from a zero state; single-step passes
+    (cached decoding) are ignored.
 
     Parameters
     ----------
@@ -350,12 +358,8 @@ class SelectiveRecorder:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if not self.active or (self.training_only and not module.training):
                 return
-            if any(kwargs.get(k) is not None for k in ("cache_params", "inference_params")):
-                return
-            if len(args) > 1 and args[1] is not None:  # positional cache / inference params
-                return
             hidden = args[0] if args else kwargs.get("hidden_states")
-            if torch.is_tensor(hidden) and hidden.ndim == 3:
+            if torch.is_tensor(hidden) and hidden.ndim == 3 and hidden.shape[1] > 1:
                 self.record(name, hidden.detach())
 
         return hook
