@@ -21,7 +21,15 @@ def analyze_checkpoint(path: Path, taus: list[float]) -> dict[str, Any]:
     import torch
 
     from compressm_core import hankel_error_bound, hankel_singular_values, select_rank
-    from compressm_torch import SequenceModel, find_layers, load_checkpoint, to_state_space
+    from compressm_torch import (
+        SelectiveAdapter,
+        SequenceModel,
+        find_layers,
+        get_adapter,
+        load_checkpoint,
+        selective_importance,
+        to_state_space,
+    )
 
     from .training import RunConfig
 
@@ -42,16 +50,54 @@ def analyze_checkpoint(path: Path, taus: list[float]) -> dict[str, Any]:
         pool="mean" if dims["kind"] == "classification" else None,
     )
     load_checkpoint(path, model)
+    found = find_layers(model)
+    stats = (
+        _selective_statistics(model, extra.get("task"), config)
+        if any(isinstance(get_adapter(layer), SelectiveAdapter) for layer in found.values())
+        else {}
+    )
     layers = {}
-    for name, layer in find_layers(model).items():
-        hsv = hankel_singular_values(to_state_space(layer))
+    for name, layer in found.items():
+        selective = name in stats
+        if selective:
+            # scores from the task's training data (see selective_importance); no error bound
+            scores = selective_importance(layer, stats[name])
+            total = scores.reshape(-1, scores.shape[-1]).sum(0)
+            spectrum = torch.sort(total, descending=True).values
+        else:
+            spectrum = hankel_singular_values(to_state_space(layer))
         ranks = []
         for tau in taus:
-            rank = select_rank(hsv, tau=tau)
-            bound = float(hankel_error_bound(hsv, rank))
+            rank = select_rank(spectrum, tau=tau)
+            bound = None if selective else float(hankel_error_bound(spectrum, rank))
             ranks.append({"tau": tau, "rank": rank, "error_bound": bound})
-        layers[name] = {"state_size": int(hsv.shape[0]), "hsv": hsv.tolist(), "ranks": ranks}
+        layers[name] = {
+            "state_size": int(spectrum.shape[0]),
+            "kind": "selective" if selective else "lti",
+            "hsv": spectrum.tolist(),
+            "ranks": ranks,
+        }
     return {"checkpoint": str(path), "task": extra.get("task"), "layers": layers}
+
+
+def _selective_statistics(model: Any, task_name: Any, config: Any) -> dict[str, Any]:
+    """Statistics of the selective layers over (at most) 16 batches of the task's training set."""
+    import torch
+
+    from compressm_torch import SelectiveRecorder
+
+    from .data import load_task
+
+    if not isinstance(task_name, str):
+        msg = "the checkpoint records no task, needed to score selective layers"
+        raise ValueError(msg)
+    task = load_task(task_name, seed=config.seed)
+    x = torch.from_numpy(task.x_train)
+    model.eval()
+    with SelectiveRecorder(model, training_only=False) as recorder, torch.no_grad():
+        for start in range(0, min(len(x), 16 * config.batch_size), config.batch_size):
+            model(x[start : start + config.batch_size])
+    return dict(recorder.statistics)
 
 
 def _table(result: dict[str, Any]) -> str:
@@ -61,9 +107,10 @@ def _table(result: dict[str, Any]) -> str:
     ]
     for name, layer in result["layers"].items():
         for row in layer["ranks"]:
+            bound = row["error_bound"]
+            shown = "none (selective layer)" if bound is None else f"{bound:.4g}"
             lines.append(
-                f"| {name} | {layer['state_size']} | {row['tau']:g} | {row['rank']} "
-                f"| {row['error_bound']:.4g} |"
+                f"| {name} | {layer['state_size']} | {row['tau']:g} | {row['rank']} | {shown} |"
             )
     return "\n".join(lines)
 

@@ -70,7 +70,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         default="mnist1d",
         help="mnist1d (default), digits, sysid, or a .npz file with x_train/y_train/x_test/y_test",
     )
-    g.add_argument("--model", choices=("lru", "s5"), default="lru", help="SSM layer (lru)")
+    g.add_argument(
+        "--model", choices=("lru", "s5", "mamba"), default="lru", help="SSM layer (lru)"
+    )
     g.add_argument("--d-model", type=_positive(int), default=16, help="model width (16)")
     g.add_argument("--d-state", type=_positive(int), default=128, help="initial state (128)")
     g.add_argument("--layers", type=_positive(int), default=1, help="SSM blocks (1)")

@@ -29,7 +29,7 @@ class RunConfig:
     """
 
     label: str = "compressm"
-    layer: Literal["lru", "s5"] = "lru"
+    layer: Literal["lru", "s5", "mamba"] = "lru"
     d_model: int = 16
     d_state: int | tuple[int, ...] = 128
     n_layers: int = 1
@@ -162,7 +162,14 @@ def train(
         Re-raised after the partial result is stored on the exception as ``partial_result``.
     """
     model = build_model(task, config)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # Parameters flagged `_no_weight_decay` (Mamba's A_log and D) are not decayed.
+    flagged = [p for p in model.parameters() if getattr(p, "_no_weight_decay", False)]
+    ids = {id(p) for p in flagged}
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in model.parameters() if id(p) not in ids]},
+        {"params": flagged, "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.steps, config.lr_warmup))
     ctl = None
     if config.reduce:

@@ -10,11 +10,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from .lru import LRU
+from .mamba import Mamba
 from .s5 import S5
 
 __all__ = ["SSMBlock", "SequenceModel"]
 
-_LAYERS: dict[str, type[nn.Module]] = {"lru": LRU, "s5": S5}
+_LAYERS: dict[str, type[nn.Module]] = {"lru": LRU, "s5": S5, "mamba": Mamba}
 
 
 class SSMBlock(nn.Module):
@@ -77,8 +78,8 @@ class SequenceModel(nn.Module):
         reached, to train a small model from scratch).
     n_layers : int, optional
         Number of blocks.
-    layer : {"lru", "s5"}, optional
-        SSM layer type (:class:`LRU` or :class:`S5`).
+    layer : {"lru", "s5", "mamba"}, optional
+        SSM layer type (:class:`LRU`, :class:`S5` or the selective :class:`Mamba`).
     pool : {"mean", None}, optional
         ``"mean"``: one output per sequence (classification); ``None``: one per step.
     dropout : float, optional
@@ -105,7 +106,7 @@ class SequenceModel(nn.Module):
         d_model: int = 64,
         d_state: int | Sequence[int] = 64,
         n_layers: int = 1,
-        layer: Literal["lru", "s5"] = "lru",
+        layer: Literal["lru", "s5", "mamba"] = "lru",
         pool: Literal["mean"] | None = "mean",
         dropout: float = 0.0,
         norm: Literal["layer", "batch"] = "layer",

@@ -60,6 +60,29 @@ def test_train_then_analyze(tmp_path, capsys):
     assert (tmp_path / "hsv.png").stat().st_size > 0
 
 
+def test_mamba_compare_train_and_analyze(tmp_path, capsys):
+    out = tmp_path / "mamba"
+    argv = ["--model", "mamba", "--task", "digits", "--seeds", "0"]
+    assert main(["compare", *FAST, *argv, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {row["run"]: row for row in report["summary"]}
+    reduced = rows["compressm"]["final_state"]["blocks.0.ssm"]
+    assert reduced < 16
+    assert rows["small"]["final_state"] == {"blocks.0.ssm": reduced}
+    events = report["runs"]["compressm"][0]["events"]
+    assert all(e["error_bound"] is None for e in events if e["status"] == "reduced")
+    train = tmp_path / "train"
+    assert main(["train", *FAST, "--model", "mamba", "--task", "digits", "--out", str(train)]) == 0
+    capsys.readouterr()
+    checkpoint = str(train / "checkpoint.pt")
+    assert main(["analyze", checkpoint, "--taus", "0.05", "0.5", "--out", str(tmp_path)]) == 0
+    assert "none (selective layer)" in capsys.readouterr().out
+    layer = json.loads((tmp_path / "analysis.json").read_text())["layers"]["blocks.0.ssm"]
+    assert layer["kind"] == "selective"
+    assert layer["hsv"] == sorted(layer["hsv"], reverse=True)
+    assert layer["ranks"][0]["rank"] >= layer["ranks"][1]["rank"] >= 1
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
