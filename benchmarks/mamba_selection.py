@@ -286,7 +286,7 @@ def markdown(report: dict[str, Any]) -> str:
         "(eval mode). Every Mamba layer reduced to rank r from those statistics, no fine-tuning; "
         f"random: {cfg['random_draws']} draws per rank. Test split: 1000 sequences.",
         "",
-        "## Mean over training seeds (test cross-entropy / accuracy)",
+        "### Mean over training seeds (test cross-entropy / accuracy)",
         "",
         "| r | full | gramian | mean_lti | random (mean of draws) | seeds with gramian < "
         "random mean | random draws with higher loss than gramian |",
@@ -304,7 +304,7 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "## Per training seed (test cross-entropy / accuracy; random: mean [min, max])",
+        "### Per training seed (test cross-entropy / accuracy; random: mean [min, max])",
         "",
         "| seed | r | gramian | mean_lti | random loss | random accuracy | gramian < random "
         "mean | draws beaten |",

@@ -42,6 +42,7 @@ from _cpu import BUSY_THRESHOLD, cpu_model, cpu_sample, others_share
 from compressm_torch import CompreSSM, Mamba, SelectiveRecorder
 
 D_STATES = (128, 64, 32, 16, 12)
+IMPLS = {"ours": "`compressm_torch.Mamba` (pure PyTorch)", "mamba_ssm": "`mamba_ssm.Mamba`"}
 
 
 class Block(torch.nn.Module):
@@ -178,7 +179,7 @@ def markdown(result: dict[str, Any]) -> str:
     for impl, rows in result["sweep"].items():
         base = rows[str(max(cfg["d_states"]))]["step"]["seconds"]
         lines += [
-            f"## {impl}",
+            f"### {IMPLS[impl]}",
             "",
             "| d_state | train step [s] | forward [s] | step(128) / step(N) | statistics "
             "update [s] | update / step | update / forward |",
@@ -203,7 +204,7 @@ def markdown(result: dict[str, Any]) -> str:
     if ev is not None:
         step_big = result["sweep"]["ours"][str(ev["from"])]["step"]["seconds"]
         lines += [
-            "## One reduction event",
+            "### One reduction event",
             "",
             f"Controller event {ev['from']} -> {ev['to']} (importance scores, slicing, optimizer "
             f"surgery): {ev['seconds'] * 1e3:.1f} ms = {ev['seconds'] / step_big:.3f} training "
