@@ -194,7 +194,9 @@ class CompreSSM:
     calibration_batches : iterable, optional
         Selective layers: inputs run through ``model`` (no gradients) when a reduction finds no
         recorded statistics, e.g. for :meth:`reduce` outside training. Each item is a model
-        input, or a tuple/list whose first element is.
+        input, or a tuple/list whose first element is. Under ``torch.distributed`` the
+        statistics are summed over all ranks before the scores are computed, so every rank
+        keeps the same states.
 
     Examples
     --------
@@ -623,6 +625,8 @@ class CompreSSM:
         old = adapter.state_size(layer)
         if self._recorder.samples(name) == 0 and self.calibration_batches is not None:
             self._calibrate(name)
+        if name == next(n for n in self.layers if n in self._recorder.layers):
+            self._recorder.all_reduce()  # one collective per event, before the first layer
         stats = self._recorder.statistics.get(name)
         self._recorder.reset([name])
         if stats is None:

@@ -343,6 +343,21 @@ class SelectiveRecorder:
             handle.remove()
         self._handles = []
 
+    def all_reduce(self, group: Any = None) -> None:
+        """Sum the statistics over the processes of ``torch.distributed`` (no-op without it).
+
+        Every field of the statistics is a sum over samples, so the sum over ranks is exactly
+        the statistics of all ranks' batches, and every rank then ranks the states identically.
+        Every rank must call it, with statistics for the same layers (a collective).
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        for name in sorted(self.statistics):
+            fields = [t.clone() for t in self.statistics[name]]
+            for tensor in fields:
+                torch.distributed.all_reduce(tensor, group=group)
+            self.statistics[name] = SelectiveStatistics(*fields)
+
     def record(self, name: str, hidden_states: torch.Tensor) -> None:
         """Add one batch of whole sequences (batch, L, d_model) to layer ``name``'s statistics."""
         layer = self.layers[name]

@@ -1,0 +1,107 @@
+"""torch.distributed (gloo, two CPU processes): every rank makes the same reduction decision."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+mp = pytest.importorskip("torch.multiprocessing")
+
+from compressm_torch import (  # noqa: E402
+    CompreSSM,
+    Mamba,
+    SelectiveRecorder,
+    SequenceModel,
+    reduce_selective_layer,
+    state_sizes,
+)
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
+
+WORLD = 2
+
+
+def data(rank, step):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(4, 12, 8, generator=g)
+
+
+def kept_columns(before, after):
+    return [
+        j
+        for i in range(after.shape[1])
+        for j in range(before.shape[1])
+        if torch.equal(after[:, i], before[:, j])
+    ]
+
+
+def worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        # 1. Statistics from different data on each rank: the decision uses all of them.
+        torch.manual_seed(0)
+        layer = Mamba(8, 12)
+        a_log = layer.A_log.detach().clone()
+        ctl = CompreSSM(
+            layer, None, total_steps=10, mode="fixed", fraction=0.5, reduction_steps=[2]
+        )
+        for step in range(2):
+            layer(data(rank, step))
+            events = ctl.step()
+        columns = kept_columns(a_log, layer.A_log.detach())
+        # 2. A Mamba model trained under DistributedDataParallel with AdamW: the controller
+        # manages the inner model; DDP is rebuilt after a reduction (its gradient buckets
+        # hold the old shapes). Both ranks must stay bit-identical.
+        torch.manual_seed(1)
+        net = SequenceModel(8, 3, d_model=8, d_state=16, n_layers=1, layer="mamba")
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        ctl2 = CompreSSM(net, opt, total_steps=20, tau=0.3, reduction_steps=[3, 6])
+        for step in range(8):
+            loss = ddp(data(rank, 10 + step)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if any(e.status == "reduced" for e in ctl2.step()):
+                ddp = torch.nn.parallel.DistributedDataParallel(net)
+        result = {
+            "events": [(e.status, e.old_rank, e.new_rank) for e in events],
+            "columns": columns,
+            "sizes": state_sizes(net),
+            "state": {k: v.detach().clone() for k, v in net.state_dict().items()},
+        }
+        with open(f"{out_dir}/rank{rank}.pkl", "wb") as f:
+            pickle.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_pool_statistics_and_agree(tmp_path):
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    results = []
+    for rank in range(WORLD):
+        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
+            results.append(pickle.load(f))
+    first, second = results
+    assert first["events"] == [("reduced", 12, 6)]
+    assert first["columns"] == second["columns"]
+    # the same decision as one process that saw both ranks' batches
+    torch.manual_seed(0)
+    layer = Mamba(8, 12)
+    a_log = layer.A_log.detach().clone()
+    with SelectiveRecorder(layer) as recorder:
+        for rank in range(WORLD):
+            for step in range(2):
+                layer(data(rank, step))
+    single = copy.deepcopy(layer)
+    reduce_selective_layer(single, recorder.statistics[""], rank=6)
+    assert kept_columns(a_log, single.A_log.detach()) == first["columns"]
+    # DDP run: the same sizes and bit-identical parameters on both ranks
+    assert first["sizes"] == second["sizes"]
+    assert first["sizes"]["blocks.0.ssm"] < 16
+    for key, value in first["state"].items():
+        assert torch.equal(value, second["state"][key]), key
