@@ -12,6 +12,8 @@ import pytest
 PACKAGES = ["compressm_core"]
 if importlib.util.find_spec("torch") is not None:
     PACKAGES.append("compressm_torch")
+if importlib.util.find_spec("jax") is not None and importlib.util.find_spec("flax") is not None:
+    PACKAGES.append("compressm_jax")
 
 
 def _modules() -> list[str]:

@@ -1,7 +1,7 @@
 """MkDocs hook: warn (an error under ``--strict``) when a public name has no API entry.
 
-Every name in ``compressm_core.__all__`` (``compressm_torch.__all__``) must appear in
-``docs/api/core.md`` (``docs/api/torch.md``) as a
+Every name in ``compressm_core.__all__`` (``compressm_torch``, ``compressm_jax``) must appear in
+``docs/api/core.md`` (``torch.md``, ``jax.md``) as a
 ``::: compressm_core.<name>`` block. ``__all__`` is read from the source with :mod:`ast`, so
 nothing is imported.
 """
@@ -16,7 +16,11 @@ from typing import Any
 
 log = logging.getLogger("mkdocs.hooks.api_coverage")
 
-_PAGES = {"compressm_core": "api/core.md", "compressm_torch": "api/torch.md"}
+_PAGES = {
+    "compressm_core": "api/core.md",
+    "compressm_torch": "api/torch.md",
+    "compressm_jax": "api/jax.md",
+}
 
 
 def _exported(init: Path) -> list[str]:

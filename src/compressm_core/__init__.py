@@ -38,6 +38,7 @@ from .perturbation import (
     ranking_certificate,
 )
 from .rank import hankel_error_bound, select_rank
+from .schedule import ReductionEvent, reduction_schedule
 from .selective import (
     SelectiveGramians,
     SelectiveStatistics,
@@ -66,6 +67,7 @@ __all__ = [
     "GramianFactors",
     "RankTracker",
     "RankingCertificate",
+    "ReductionEvent",
     "SelectiveGramians",
     "SelectiveStatistics",
     "ShapeError",
@@ -92,6 +94,7 @@ __all__ = [
     "ranking_certificate",
     "real_output_realization",
     "rediagonalize",
+    "reduction_schedule",
     "select_rank",
     "select_state_indices",
     "selective_gramians",

@@ -8,13 +8,19 @@ import math
 import time
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from compressm_core import CompressmError, hankel_singular_values, select_rank
+from compressm_core.schedule import (
+    ReductionEvent,
+    _check_fraction,
+    _check_int,
+    reduction_schedule,
+)
 
 from .adapters import LayerAdapter, SelectiveAdapter, get_adapter, resize_layers, state_sizes
 from .adapters import find_layers as _find_layers
@@ -40,86 +46,6 @@ _MODES = ("tolerance", "fixed", "pragmatic")
 
 class ReductionWarning(UserWarning):
     """A scheduled reduction was refused or skipped; the model was left as it was."""
-
-
-@dataclass
-class ReductionEvent:
-    """One entry of :attr:`CompreSSM.history`.
-
-    Attributes
-    ----------
-    step : int
-        Controller step (number of :meth:`CompreSSM.step` calls) at the event.
-    layer : str
-        Qualified name of the layer in the model.
-    status : str
-        ``"reduced"``, ``"skipped"`` (the 5 % gate or nothing to gain), ``"refused"`` (the
-        reduction would have produced an invalid layer; see ``reason``) or ``"rolled_back"``
-        (pragmatic mode undid it).
-    old_rank, new_rank : int
-        State sizes before and after.
-    hsv : list of float
-        Hankel singular values before the event.
-    error_bound : float or None
-        Bound on the H-infinity change of the layer (see :class:`LayerReduction`).
-    hinf_error : float or None
-        Measured H-infinity change, when ``compute_error=True``.
-    seconds : float
-        Wall time spent on this layer (HSVs, truncation, write-back, optimizer surgery).
-    reason : str
-        Why a reduction was skipped, refused or rolled back.
-    """
-
-    step: int
-    layer: str
-    status: str
-    old_rank: int
-    new_rank: int
-    hsv: list[float] = field(default_factory=list)
-    error_bound: float | None = None
-    hinf_error: float | None = None
-    seconds: float = 0.0
-    reason: str = ""
-
-
-def reduction_schedule(
-    total_steps: int, *, warmup_fraction: float = 0.1, num_reductions: int = 4
-) -> list[int]:
-    """Evenly spaced reduction steps inside the warm-up: ``round(k f T / R)``, ``k = 1..R``.
-
-    Examples
-    --------
-    >>> reduction_schedule(1000)
-    [25, 50, 75, 100]
-    """
-    _check_int("total_steps", total_steps, 1)
-    _check_int("num_reductions", num_reductions, 1)
-    if not 0 < warmup_fraction <= 1:
-        msg = f"`warmup_fraction` must be in (0, 1]; received {warmup_fraction!r}."
-        raise ValueError(msg)
-    steps = {
-        max(1, round(total_steps * warmup_fraction * k / num_reductions))
-        for k in range(1, num_reductions + 1)
-    }
-    return sorted(steps)
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        msg = f"`{name}` must be an int >= {low}; received {value!r}."
-        raise ValueError(msg)
-    return value
-
-
-def _check_fraction(name: str, value: object, *, closed: bool = False) -> float:
-    interval = "[0, 1]" if closed else "[0, 1)"
-    msg = f"`{name}` must be a float in {interval}; received {value!r}."
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(msg)
-    number = float(value)
-    if not (0 <= number <= 1 if closed else 0 <= number < 1):
-        raise ValueError(msg)
-    return number
 
 
 class CompreSSM:

@@ -1,0 +1,235 @@
+"""Parameters <-> discrete systems of the LRU and S5 layers, for JAX and for host NumPy.
+
+The forward maps are written once for both namespaces: the layers evaluate them in JAX, the
+reduction evaluates them in NumPy float64 on the host (whatever ``jax_enable_x64`` says). The
+inverse maps run on the host only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compressm_core import DiagonalStateSpace, StabilityError
+
+from ._precision import complex_of, highest_dtype
+
+__all__ = [
+    "LRU_NAMES",
+    "LRU_STATE_AXES",
+    "S5_STATE_AXES",
+    "device_system",
+    "evaluate",
+    "host_system",
+    "lru_discrete",
+    "lru_from_state_space",
+    "s5_continuous",
+    "s5_discrete",
+    "s5_from_state_space",
+    "s5_zoh",
+]
+
+LRU_NAMES = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re", "C_im", "D")
+# Parameters with a state axis, in the argument order of lru_discrete and s5_zoh.
+LRU_STATE_AXES = {
+    "nu_log": 0,
+    "theta_log": 0,
+    "gamma_log": 0,
+    "B_re": 0,
+    "B_im": 0,
+    "C_re": 1,
+    "C_im": 1,
+}
+S5_STATE_AXES = {"Lambda_re": 0, "Lambda_im": 0, "B": 0, "C": 1, "log_step": 0}
+
+
+def _complex(re: Any, im: Any, xp: ModuleType) -> Any:
+    return jax.lax.complex(re, im) if xp is jnp else re + 1j * im
+
+
+def lru_discrete(
+    nu_log: Any,
+    theta_log: Any,
+    gamma_log: Any,
+    b_re: Any,
+    b_im: Any,
+    c_re: Any,
+    c_im: Any,
+    *,
+    xp: ModuleType,
+) -> tuple[Any, Any, Any]:
+    """Poles ``exp(-e^nu + i e^theta)`` (N,), ``diag(e^gamma) B`` (N, H) and ``C`` (H, N)."""
+    radius, phase = xp.exp(-xp.exp(nu_log)), xp.exp(theta_log)
+    poles = _complex(radius * xp.cos(phase), radius * xp.sin(phase), xp)
+    scale = xp.exp(gamma_log)[:, None]
+    return poles, _complex(b_re * scale, b_im * scale, xp), _complex(c_re, c_im, xp)
+
+
+def s5_continuous(
+    lambda_re: Any,
+    lambda_im: Any,
+    b: Any,
+    c: Any,
+    log_step: Any,
+    *,
+    clip_eigs: bool,
+    xp: ModuleType,
+) -> tuple[Any, Any, Any, Any]:
+    """``Lambda`` (P,), ``B~`` (P, H), ``C~`` (H, P), complex, and the steps (P,)."""
+    if clip_eigs:
+        lambda_re = xp.minimum(lambda_re, -1e-4)
+    return (
+        _complex(lambda_re, lambda_im, xp),
+        _complex(b[..., 0], b[..., 1], xp),
+        _complex(c[..., 0], c[..., 1], xp),
+        xp.exp(log_step),
+    )
+
+
+def s5_discrete(
+    lam: Any, b: Any, c: Any, step: Any, *, output_scale: float, xp: ModuleType
+) -> tuple[Any, Any, Any]:
+    """Zero-order hold: ``exp(Lambda dt)``, ``((exp(Lambda dt) - 1) / Lambda) B~``, ``s C~``."""
+    poles = xp.exp(lam * step)
+    return poles, ((poles - 1) / lam)[:, None] * b, output_scale * c
+
+
+def s5_zoh(
+    lambda_re: Any,
+    lambda_im: Any,
+    b: Any,
+    c: Any,
+    log_step: Any,
+    *,
+    clip_eigs: bool,
+    output_scale: float,
+    xp: ModuleType,
+) -> tuple[Any, Any, Any]:
+    """The S5 layer's discrete system from its parameters (:func:`s5_continuous`, then ZOH)."""
+    lam, b_t, c_t, step = s5_continuous(
+        lambda_re, lambda_im, b, c, log_step, clip_eigs=clip_eigs, xp=xp
+    )
+    return s5_discrete(lam, b_t, c_t, step, output_scale=output_scale, xp=xp)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def evaluate(
+    fn: Callable[..., Any], options: tuple[tuple[str, Any], ...], real: Any, values: Any
+) -> Any:
+    """``fn(*values cast to real, **options, xp=jnp)``, compiled once per shape and options."""
+    return fn(*(v.astype(real) for v in values), **dict(options), xp=jnp)
+
+
+def host_system(sys: DiagonalStateSpace) -> DiagonalStateSpace:
+    """``sys`` as host NumPy arrays: complex128 ``poles``, ``b``, ``c``; ``d`` float64 if real."""
+    poles, b, c = (np.asarray(x, dtype=np.complex128) for x in sys[:3])
+    d = None
+    if sys.d is not None:
+        d = np.asarray(sys.d)
+        d = d.astype(np.complex128 if np.iscomplexobj(d) else np.float64)
+    return DiagonalStateSpace(poles, b, c, d)
+
+
+def device_system(sys: DiagonalStateSpace, like: jax.Array | None = None) -> DiagonalStateSpace:
+    """A host system as JAX arrays in the highest precision (complex128 with x64), on ``like``'s
+    device."""
+    real = highest_dtype()
+
+    def move(x: np.ndarray) -> jax.Array:
+        out = jnp.asarray(x, dtype=complex_of(real) if np.iscomplexobj(x) else real)
+        if like is not None and like.sharding.is_fully_replicated:
+            out = jax.device_put(out, like.sharding)
+        return out
+
+    return DiagonalStateSpace(*(None if x is None else move(x) for x in sys))
+
+
+def _check_poles(poles: np.ndarray, what: str) -> np.ndarray:
+    radius: np.ndarray = np.abs(poles)
+    if not np.all(np.isfinite(radius)):
+        msg = f"The reduced {what} has non-finite poles."
+        raise StabilityError(msg)
+    if np.any((radius >= 1) | (radius <= 0)):
+        msg = (
+            f"The reduced {what} has poles outside 0 < |lambda| < 1 (max |lambda| = "
+            f"{float(radius.max()):.6g}, min {float(radius.min()):.3g}); its parameters would "
+            "be non-finite."
+        )
+        raise StabilityError(msg)
+    return radius
+
+
+def _phase(poles: np.ndarray) -> np.ndarray:
+    # arg in (0, 2 pi]: a real positive pole gets 2 pi, so log(phase) stays finite.
+    phase = np.remainder(np.angle(poles), 2 * math.pi)
+    out: np.ndarray = np.where(phase > 0, phase, 2 * math.pi)
+    return out
+
+
+def _host(sys: DiagonalStateSpace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(np.asarray(x, dtype=np.complex128) for x in sys[:3])  # type: ignore[return-value]
+
+
+def lru_from_state_space(sys: DiagonalStateSpace) -> dict[str, np.ndarray]:
+    """LRU parameters (float64, host) that realise ``sys``; ``D`` is not among them.
+
+    ``gamma = sqrt(1 - |mu|^2)`` is re-drawn from the new poles as at initialisation, and ``B``
+    is divided by it, so ``diag(e^gamma) B`` is the system's input matrix exactly.
+
+    Raises
+    ------
+    StabilityError
+        A pole outside ``0 < |mu| < 1`` (its ``nu_log`` would be non-finite).
+    """
+    poles, b, c = _host(sys)
+    radius = _check_poles(poles, "LRU")
+    gamma = np.sqrt(-np.expm1(2 * np.log(radius)))
+    b = b / gamma[:, None]
+    return {
+        "nu_log": np.log(-np.log(radius)),
+        "theta_log": np.log(_phase(poles)),
+        "gamma_log": np.log(gamma),
+        "B_re": b.real,
+        "B_im": b.imag,
+        "C_re": c.real,
+        "C_im": c.imag,
+    }
+
+
+def s5_from_state_space(
+    sys: DiagonalStateSpace, *, log_step: np.ndarray, clip_eigs: bool, output_scale: float
+) -> dict[str, np.ndarray]:
+    """S5 parameters (float64, host) that realise ``sys`` by inverting zero-order hold.
+
+    Every new mode gets the mean of the old ``log_step`` (any step reproduces the same discrete
+    system; the geometric mean keeps the scale of the step's learning dynamics), then
+    :math:`\\Lambda = \\log(\\mu) / \\Delta` and :math:`\\tilde B = \\Lambda / (\\mu - 1) \\bar B`.
+
+    Raises
+    ------
+    StabilityError
+        A pole outside ``0 < |mu| < 1``, or ``Re(Lambda) > -1e-4`` with ``clip_eigs``.
+    """
+    poles, b_bar, c = _host(sys)
+    _check_poles(poles, "S5 layer")
+    mean_log_step = float(np.mean(np.asarray(log_step, dtype=np.float64)))
+    lam = np.log(poles) / math.exp(mean_log_step)
+    if clip_eigs and np.any(lam.real > -1e-4):
+        msg = "The reduced S5 layer has Re(Lambda) > -1e-4, which `clip_eigs` would change."
+        raise StabilityError(msg)
+    b = b_bar * (lam / (poles - 1))[:, None]
+    c = c / output_scale
+    return {
+        "Lambda_re": lam.real,
+        "Lambda_im": lam.imag,
+        "B": np.stack([b.real, b.imag], axis=-1),
+        "C": np.stack([c.real, c.imag], axis=-1),
+        "log_step": np.full(poles.shape[0], mean_log_step),
+    }

@@ -1,0 +1,164 @@
+"""The Linear Recurrent Unit (Orvieto et al., 2023) as a Flax NNX module."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ._precision import working_dtype
+from ._scan import real_output_layer
+from ._systems import LRU_STATE_AXES, evaluate, lru_discrete
+
+__all__ = ["LRU"]
+
+
+def _check_size(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        msg = f"`{name}` must be a positive int; received {value!r}."
+        raise ValueError(msg)
+    return value
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _init_values(
+    key: jax.Array,
+    n: int,
+    h: int,
+    r_min: float,
+    r_max: float,
+    max_phase: float,
+    param_dtype: Any,
+) -> dict[str, jax.Array]:
+    """The LRU initialisation, one compiled function (eager construction compiles once)."""
+    real = working_dtype(jnp.zeros((), param_dtype))
+    uniform_key, normal_key = jax.random.split(key)
+    u1, u2 = jax.random.uniform(uniform_key, (2, n), real)
+    radius_sq = u1 * (r_max**2 - r_min**2) + r_min**2
+    # One draw for B_re, B_im (N, H), C_re, C_im (H, N) and D (H,), split afterwards.
+    z = jax.random.normal(normal_key, (4 * n * h + h,), real)
+    b_re, b_im, c_re, c_im = jnp.split(z[: 4 * n * h], 4)
+    values = {
+        "nu_log": jnp.log(-0.5 * jnp.log(radius_sq)),
+        "theta_log": jnp.log(max_phase * u2),
+        "gamma_log": 0.5 * jnp.log1p(-radius_sq),
+        "B_re": b_re.reshape(n, h) / math.sqrt(2 * h),
+        "B_im": b_im.reshape(n, h) / math.sqrt(2 * h),
+        "C_re": c_re.reshape(h, n) / math.sqrt(n),
+        "C_im": c_im.reshape(h, n) / math.sqrt(n),
+        "D": z[4 * n * h :],
+    }
+    return {name: value.astype(param_dtype) for name, value in values.items()}
+
+
+class LRU(nnx.Module):
+    """Linear Recurrent Unit: a complex diagonal recurrence with a real output.
+
+    .. math::
+
+        \\lambda_j = \\exp(-e^{\\nu_j} + i e^{\\theta_j}), \\qquad
+        x_k = \\lambda \\odot x_{k-1} + \\operatorname{diag}(e^{\\gamma}) (B_{re} + i B_{im}) u_k,
+        \\qquad y_k = \\operatorname{Re}\\big((C_{re} + i C_{im}) x_k\\big) + D \\odot u_k,
+
+    with ``nu_log``, ``theta_log`` and ``gamma_log`` holding :math:`\\nu, \\theta, \\gamma`. The
+    state includes the current input, so the layer's transfer function is
+    :math:`z C (zI - \\Lambda)^{-1} B + D`, whose H-infinity norm equals that of the standard
+    system :math:`(\\Lambda, \\operatorname{diag}(e^\\gamma) B, C)` used for reduction.
+
+    Parameter names, shapes, initialisation and maths are those of
+    :class:`compressm_torch.LRU` (and of the official CompreSSM and minimal-LRU code): ``nu_log``,
+    ``theta_log``, ``gamma_log`` (N,), ``B_re``, ``B_im`` (N, H), ``C_re``, ``C_im`` (H, N),
+    ``D`` (H,), each an :class:`flax.nnx.Param`.
+
+    Parameters
+    ----------
+    d_model : int
+        Input and output width ``H``.
+    d_state : int
+        Number of complex states ``N``; a reduced layer is rebuilt with its reduced size.
+    r_min, r_max : float, optional
+        Pole moduli are initialised uniformly on the ring ``r_min <= |lambda| <= r_max``.
+    max_phase : float, optional
+        Pole phases are initialised uniformly in ``[0, max_phase)``.
+    param_dtype : dtype, optional
+        Dtype of the parameters (real).
+    rngs : flax.nnx.Rngs
+        Random streams; the ``params`` stream (else ``default``) draws the initial values.
+
+    Notes
+    -----
+    Initialisation follows the LRU paper and its reference code: ``B`` entries
+    :math:`\\mathcal{N}(0, 1/(2H))` (real and imaginary parts), ``C`` entries
+    :math:`\\mathcal{N}(0, 1/N)`, ``D`` standard normal, and
+    :math:`\\gamma = \\log\\sqrt{1 - |\\lambda|^2}`. The recurrence is a parallel scan
+    (:func:`jax.lax.associative_scan`) in float32 (float64 for float64 parameters or inputs);
+    the output has the input's dtype.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from compressm_jax import LRU
+    >>> layer = LRU(d_model=4, d_state=16, rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((2, 10, 4))).shape
+    (2, 10, 4)
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int,
+        *,
+        r_min: float = 0.9,
+        r_max: float = 0.999,
+        max_phase: float = 6.28,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        _check_size("d_model", d_model)
+        _check_size("d_state", d_state)
+        if not 0 <= r_min < r_max < 1:
+            msg = f"Need 0 <= `r_min` < `r_max` < 1; received r_min={r_min!r}, r_max={r_max!r}."
+            raise ValueError(msg)
+        if not max_phase > 0:
+            msg = f"`max_phase` must be positive; received {max_phase!r}."
+            raise ValueError(msg)
+        self.d_model = d_model
+        self.r_min, self.r_max, self.max_phase = r_min, r_max, max_phase
+        values = _init_values(
+            rngs.params(), d_state, d_model, r_min, r_max, max_phase, jnp.dtype(param_dtype)
+        )
+        self.nu_log = nnx.Param(values["nu_log"])
+        self.theta_log = nnx.Param(values["theta_log"])
+        self.gamma_log = nnx.Param(values["gamma_log"])
+        self.B_re = nnx.Param(values["B_re"])
+        self.B_im = nnx.Param(values["B_im"])
+        self.C_re = nnx.Param(values["C_re"])
+        self.C_im = nnx.Param(values["C_im"])
+        self.D = nnx.Param(values["D"])
+
+    @property
+    def d_state(self) -> int:
+        """Current number of complex states ``N``."""
+        return int(self.nu_log.shape[0])
+
+    def discrete_system(self, dtype: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Poles :math:`\\lambda` (N,), input matrix :math:`\\operatorname{diag}(e^\\gamma) B`
+        (N, H) and output matrix ``C`` (H, N), complex, in the real precision ``dtype``
+        (default: float32, or float64 for float64 parameters)."""
+        real = working_dtype(self.nu_log) if dtype is None else dtype
+        system: tuple[jax.Array, jax.Array, jax.Array] = evaluate(
+            lru_discrete, (), real, self._values()
+        )
+        return system
+
+    def _values(self) -> tuple[jax.Array, ...]:
+        return tuple(getattr(self, name)[...] for name in LRU_STATE_AXES)
+
+    def __call__(self, u: jax.Array) -> jax.Array:
+        """Map ``u`` of shape (..., length, d_model) to ``y`` of the same shape."""
+        return real_output_layer(u, self.d_model, lru_discrete, self._values(), self.D[...])
