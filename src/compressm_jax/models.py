@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -15,7 +15,7 @@ from .s5 import S5
 
 __all__ = ["SSMBlock", "SequenceModel"]
 
-_LAYERS: dict[str, type[nnx.Module]] = {"lru": LRU, "s5": S5}
+_LAYERS: dict[str, Callable[..., nnx.Module]] = {"lru": LRU, "s5": S5}
 
 
 def _linear(d_in: int, d_out: int, param_dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
