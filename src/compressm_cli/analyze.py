@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,66 @@ __all__ = ["analyze", "analyze_checkpoint"]
 def analyze_checkpoint(path: Path, taus: list[float]) -> dict[str, Any]:
     """Per-layer HSVs, and for each ``tau`` the rank :func:`select_rank` picks and its bound.
 
+    Reads checkpoints of both backends: ``checkpoint.pt`` (torch) and ``checkpoint.npz``
+    (``--backend jax``).
+
     Raises
     ------
     ValueError
         If ``path`` is not a checkpoint written by ``compressm train``.
     """
+    from compressm_core import hankel_error_bound, select_rank
+
+    if _is_jax_checkpoint(path):
+        spectra, task = _jax_spectra(path)
+    else:
+        spectra, task = _torch_spectra(path)
+    layers = {}
+    for name, (spectrum, selective) in spectra.items():
+        ranks = []
+        for tau in taus:
+            rank = select_rank(spectrum, tau=tau)
+            bound = None if selective else float(hankel_error_bound(spectrum, rank))
+            ranks.append({"tau": tau, "rank": rank, "error_bound": bound})
+        layers[name] = {
+            "state_size": int(spectrum.shape[0]),
+            "kind": "selective" if selective else "lti",
+            "hsv": spectrum.tolist(),
+            "ranks": ranks,
+        }
+    return {"checkpoint": str(path), "task": task, "layers": layers}
+
+
+def _is_jax_checkpoint(path: Path) -> bool:
+    """An ``.npz`` with the metadata entry of :func:`compressm_cli.training_jax.save_checkpoint`
+    (a torch checkpoint is a zip file too, without it)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return "compressm.npy" in archive.namelist()
+
+
+def _jax_spectra(path: Path) -> tuple[dict[str, tuple[Any, bool]], Any]:
+    """``{layer: (HSVs, False)}`` of a JAX checkpoint (float64, on the host), and its task."""
+    from compressm_core import hankel_singular_values
+    from compressm_jax import find_layers, get_adapter
+
+    from .training_jax import load_checkpoint
+
+    model, extra = load_checkpoint(path)
+    spectra = {
+        name: (hankel_singular_values(get_adapter(layer).to_state_space(layer)), False)
+        for name, layer in find_layers(model).items()
+    }
+    return spectra, extra.get("task")
+
+
+def _torch_spectra(path: Path) -> tuple[dict[str, tuple[Any, bool]], Any]:
+    """``{layer: (spectrum, selective)}`` of a torch checkpoint, and its task: HSVs, or the
+    state-importance scores of selective layers (no error bound)."""
     import torch
 
-    from compressm_core import hankel_error_bound, hankel_singular_values, select_rank
+    from compressm_core import hankel_singular_values
     from compressm_torch import (
         SelectiveAdapter,
         SequenceModel,
@@ -56,28 +109,16 @@ def analyze_checkpoint(path: Path, taus: list[float]) -> dict[str, Any]:
         if any(isinstance(get_adapter(layer), SelectiveAdapter) for layer in found.values())
         else {}
     )
-    layers = {}
+    spectra: dict[str, tuple[Any, bool]] = {}
     for name, layer in found.items():
-        selective = name in stats
-        if selective:
+        if name in stats:
             # scores from the task's training data (see selective_importance); no error bound
             scores = selective_importance(layer, stats[name])
             total = scores.reshape(-1, scores.shape[-1]).sum(0)
-            spectrum = torch.sort(total, descending=True).values
+            spectra[name] = (torch.sort(total, descending=True).values, True)
         else:
-            spectrum = hankel_singular_values(to_state_space(layer))
-        ranks = []
-        for tau in taus:
-            rank = select_rank(spectrum, tau=tau)
-            bound = None if selective else float(hankel_error_bound(spectrum, rank))
-            ranks.append({"tau": tau, "rank": rank, "error_bound": bound})
-        layers[name] = {
-            "state_size": int(spectrum.shape[0]),
-            "kind": "selective" if selective else "lti",
-            "hsv": spectrum.tolist(),
-            "ranks": ranks,
-        }
-    return {"checkpoint": str(path), "task": extra.get("task"), "layers": layers}
+            spectra[name] = (hankel_singular_values(to_state_space(layer)), False)
+    return spectra, extra.get("task")
 
 
 def _selective_statistics(model: Any, task_name: Any, config: Any) -> dict[str, Any]:

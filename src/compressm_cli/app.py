@@ -63,7 +63,10 @@ def _fraction(text: str) -> float:
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task and model")
     g.add_argument(
-        "--backend", choices=("torch",), default="torch", help="training framework (torch)"
+        "--backend",
+        choices=("torch", "jax"),
+        default="torch",
+        help="training framework: torch (default) or jax (Flax NNX + optax; lru and s5 only)",
     )
     g.add_argument(
         "--task",
@@ -81,8 +84,14 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=_positive(int), default=64, help="batch size (64)")
     g.add_argument("--lr", type=_positive(float), default=1e-2, help="peak AdamW lr (1e-2)")
     g.add_argument("--eval-every", type=_positive(int), default=100, help="validation period")
-    g.add_argument("--device", default="cpu", help="torch device (cpu)")
-    g.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads")
+    g.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device, or with --backend jax a JAX platform[:index] such as gpu (cpu)",
+    )
+    g.add_argument(
+        "--threads", type=_positive(int), default=None, help="torch CPU threads (torch only)"
+    )
     g = p.add_argument_group("reduction")
     g.add_argument("--tau", type=_fraction, default=0.2, help="HSV energy discarded (0.2)")
     g.add_argument(
@@ -157,13 +166,12 @@ def _config(args: argparse.Namespace, *, label: str, seed: int, reduce: bool) ->
         eval_every=QUICK_EVAL_EVERY if quick and args.eval_every == 100 else args.eval_every,
         seed=seed,
         device=args.device,
+        backend=args.backend,
     )
 
 
 def _header(command: str, args: argparse.Namespace, task: Any) -> dict[str, Any]:
-    import torch
-
-    return {
+    header = {
         "command": command,
         "task": task.name,
         "task_info": {k: v for k, v in task.info.items() if k not in ("a", "b", "c", "d")},
@@ -171,11 +179,36 @@ def _header(command: str, args: argparse.Namespace, task: Any) -> dict[str, Any]
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_count": len(os.sched_getaffinity(0)),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": args.device,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "backend": args.backend,
     }
+    if args.backend == "jax":
+        import flax
+        import jax
+
+        from .training_jax import resolve_device
+
+        header["jax"] = jax.__version__
+        header["flax"] = flax.__version__
+        header["jax_device"] = str(resolve_device(args.device))
+    else:
+        import torch
+
+        header["torch"] = torch.__version__
+        header["torch_threads"] = torch.get_num_threads()
+    header["device"] = args.device
+    header["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    return header
+
+
+def _trainer(args: argparse.Namespace) -> Any:
+    """The ``train`` function of the chosen backend."""
+    if args.backend == "jax":
+        from . import training_jax
+
+        return training_jax.train
+    from . import training
+
+    return training.train
 
 
 def _out(args: argparse.Namespace, command: str, task: str) -> Path:
@@ -193,8 +226,9 @@ def _log(message: str) -> None:
 
 def _compare(args: argparse.Namespace, task: Any) -> int:
     from .report import format_table, write_report
-    from .training import RunResult, train
+    from .training import RunResult
 
+    train = _trainer(args)
     seeds: list[int] = args.seeds
     results: dict[str, list[RunResult]] = {"full": [], "compressm": [], "small": []}
     folder = _out(args, "compare", args.task)
@@ -243,11 +277,9 @@ def _finish_json(args: argparse.Namespace, report: dict[str, Any]) -> None:
 
 
 def _train(args: argparse.Namespace, task: Any) -> int:
-    from compressm_torch import save_checkpoint
-
     from .report import format_table, write_report
-    from .training import train
 
+    train = _trainer(args)
     cfg = _config(
         args,
         label="full" if args.no_reduce else "CompreSSM",
@@ -272,22 +304,45 @@ def _train(args: argparse.Namespace, task: Any) -> int:
         results={"full" if args.no_reduce else "compressm": [result]},
         truth=task.info.get("true_hsv"),
     )
-    path = folder / "checkpoint.pt"
-    save_checkpoint(
-        path,
-        model,
-        controller=ctl,
-        extra={
-            "config": cfg.to_dict(),
-            "task": args.task,
-            "model": {"d_input": task.d_input, "d_output": task.d_output, "kind": task.kind},
-            "test_metric": result.test_metric,
-        },
-    )
+    extra = {
+        "config": cfg.to_dict(),
+        "task": args.task,
+        "model": {"d_input": task.d_input, "d_output": task.d_output, "kind": task.kind},
+        "test_metric": result.test_metric,
+    }
+    if args.backend == "jax":
+        from .training_jax import save_checkpoint as save_jax
+
+        path = folder / "checkpoint.npz"
+        save_jax(path, model, controller=ctl, extra=extra)
+    else:
+        from compressm_torch import save_checkpoint
+
+        path = folder / "checkpoint.pt"
+        save_checkpoint(path, model, controller=ctl, extra=extra)
     _finish_json(args, report)
     print(format_table(report["summary"]))
     print(f"\ncheckpoint: {path}\nreport: {folder / 'report.md'}")
     return 0
+
+
+def _check_jax(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    """Options the JAX backend does not support exit with status 2 and a message."""
+    if args.model == "mamba":
+        p.error("argument --model: the JAX backend has no Mamba layer; use --backend torch")
+    if args.threads is not None:
+        p.error("argument --threads: torch only (JAX's CPU threads are set by XLA)")
+    try:
+        import flax  # noqa: F401
+        import optax  # noqa: F401
+
+        from .training_jax import resolve_device
+    except ImportError as err:
+        p.error(f"argument --backend: jax needs `pip install compressm[jax]` ({err})")
+    try:
+        resolve_device(args.device)
+    except ValueError as err:
+        p.error(f"argument --device: {err}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -298,16 +353,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .analyze import analyze
 
         return analyze(args, p)
-    import torch
-
     from .data import load_task
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        torch.device(args.device)
-    except RuntimeError:
-        p.error(f"argument --device: not a torch device: {args.device!r}")
+    if args.backend == "jax":
+        _check_jax(args, p)
+    else:
+        import torch
+
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            p.error(f"argument --device: not a torch device: {args.device!r}")
     try:
         task = load_task(args.task)
     except (ValueError, OSError, ImportError) as err:

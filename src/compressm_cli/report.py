@@ -130,7 +130,8 @@ def plot_state_sizes(results: dict[str, list[RunResult]], path: Path) -> None:
     ax.set_xlabel("training step")
     ax.set_ylabel("total state size")
     ax.set_yscale("log")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # none for a run interrupted before evaluating
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -153,7 +154,8 @@ def plot_accuracy_vs_time(results: dict[str, list[RunResult]], path: Path) -> No
             )
     ax.set_xlabel("training wall time [s]")
     ax.set_ylabel(f"validation {name}")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # none for a run interrupted before evaluating
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

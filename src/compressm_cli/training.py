@@ -6,26 +6,37 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from compressm_core.schedule import ReductionEvent
 from compressm_torch import CompreSSM, SequenceModel, state_sizes
 
 if TYPE_CHECKING:
     from .data import Task
 
-__all__ = ["RunConfig", "RunResult", "build_model", "evaluate", "train"]
+__all__ = [
+    "Controller",
+    "RunConfig",
+    "RunResult",
+    "build_model",
+    "evaluate",
+    "lr_factors",
+    "train",
+    "training_loop",
+]
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a run (stored in reports and checkpoints).
 
-    ``d_state`` is the initial state size of every layer, or one size per layer.
+    ``d_state`` is the initial state size of every layer, or one size per layer; ``backend``
+    the framework that trains the model (``"torch"`` or ``"jax"``, which has no ``"mamba"``).
     """
 
     label: str = "compressm"
@@ -48,6 +59,7 @@ class RunConfig:
     eval_every: int = 100
     seed: int = 0
     device: str = "cpu"
+    backend: Literal["torch", "jax"] = "torch"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form."""
@@ -127,7 +139,9 @@ def evaluate(
     return total / count
 
 
-def _lr_lambda(steps: int, warmup: float) -> Callable[[int], float]:
+def lr_factors(steps: int, warmup: float) -> Callable[[int], float]:
+    """The learning-rate factor of optimizer update ``step`` (0, 1, ...): linear warm-up over a
+    fraction ``warmup`` of ``steps``, then cosine decay to 0 at ``steps``."""
     warm = max(1, round(warmup * steps))
 
     def factor(step: int) -> float:
@@ -170,7 +184,7 @@ def train(
         {"params": flagged, "weight_decay": 0.0},
     ]
     opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.steps, config.lr_warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factors(config.steps, config.lr_warmup))
     ctl = None
     if config.reduce:
         ctl = CompreSSM(
@@ -184,35 +198,113 @@ def train(
             num_reductions=config.num_reductions,
             horizon=config.horizon,
             lr_scheduler=sched,
+            metric="max" if task.kind == "classification" else "min",
         )
-    metric_name = "accuracy" if task.kind == "classification" else "mse"
     x = torch.from_numpy(task.x_train).to(config.device)
     y = torch.from_numpy(task.y_train).to(config.device)
     gen = torch.Generator().manual_seed(config.seed)
+
+    def step() -> torch.Tensor:
+        idx = torch.randint(len(x), (config.batch_size,), generator=gen).to(config.device)
+        loss = _loss(task, model(x[idx]), y[idx])
+        opt.zero_grad()
+        torch.autograd.backward(loss)
+        opt.step()
+        sched.step()
+        return loss.detach()
+
+    result = training_loop(
+        task,
+        config,
+        step=step,
+        evaluate=lambda xs, ys: evaluate(task, model, xs, ys, config.device),
+        sizes=lambda: state_sizes(model),
+        controller=ctl,
+        progress=progress,
+        on_event=on_event,
+    )
+    return result, model, ctl
+
+
+class Controller(Protocol):
+    """What :func:`training_loop` needs of a training controller (torch's or JAX's
+    ``CompreSSM``)."""
+
+    @property
+    def history(self) -> list[ReductionEvent]:
+        """Every event so far."""
+
+    def step(self) -> list[ReductionEvent]:
+        """Advance one training step; reduce if it is scheduled."""
+
+    def report_metric(self, value: float) -> list[ReductionEvent]:
+        """A validation metric (judges pragmatic reductions)."""
+
+
+def training_loop(
+    task: Task,
+    config: RunConfig,
+    *,
+    step: Callable[[], Any],
+    evaluate: Callable[[np.ndarray, np.ndarray], float],
+    sizes: Callable[[], dict[str, int]],
+    controller: Controller | None,
+    progress: bool = True,
+    on_event: Callable[[str], None] | None = None,
+) -> RunResult:
+    """The framework-independent part of a run: steps, reductions, evaluation, timing.
+
+    Parameters
+    ----------
+    task : Task
+        The task (validation and test splits, metric).
+    config : RunConfig
+        The run (``steps``, ``eval_every``, ``label``).
+    step : callable
+        One optimizer update on a fresh mini-batch; returns the loss (anything ``float`` takes),
+        once computed (the clock stops after it returns).
+    evaluate : callable
+        ``(x, y) -> metric`` of the current model.
+    sizes : callable
+        ``() -> {layer: state size}`` of the current model.
+    controller : Controller or None
+        Stepped after every update (reductions).
+    progress : bool, optional
+        Show a tqdm bar.
+    on_event : callable, optional
+        Receives a message for every reduction event that was not skipped.
+
+    Returns
+    -------
+    RunResult
+        The measurements; the wall time counts ``step`` and ``controller.step``, not
+        evaluation.
+
+    Raises
+    ------
+    KeyboardInterrupt
+        Re-raised after the partial result is stored on the exception as ``partial_result``.
+    """
     result = RunResult(
         config=config.to_dict(),
-        metric_name=metric_name,
+        metric_name="accuracy" if task.kind == "classification" else "mse",
         test_metric=math.nan,
         val_metric=math.nan,
         train_seconds=0.0,
         reduction_seconds=0.0,
-        initial_sizes=state_sizes(model),
-        final_sizes=state_sizes(model),
+        initial_sizes=sizes(),
+        final_sizes=sizes(),
     )
     bar = tqdm(
         total=config.steps, desc=config.label, disable=not progress, leave=False, unit="step"
     )
     clock = 0.0
+    step_no = 0
     try:
-        for step in range(1, config.steps + 1):
+        for step_no in range(1, config.steps + 1):
             start = time.perf_counter()
-            idx = torch.randint(len(x), (config.batch_size,), generator=gen).to(config.device)
-            loss = _loss(task, model(x[idx]), y[idx])
-            opt.zero_grad()
-            torch.autograd.backward(loss)
-            opt.step()
-            sched.step()
-            events = ctl.step() if ctl is not None else []
+            loss = step()
+            events = controller.step() if controller is not None else []
             clock += time.perf_counter() - start
             for event in events:
                 result.reduction_seconds += event.seconds
@@ -221,38 +313,44 @@ def train(
                         f"{config.label}: step {event.step}, {event.layer}: {event.status} "
                         f"{event.old_rank} -> {event.new_rank} ({event.seconds:.2f} s)"
                     )
-            if step % config.eval_every == 0 or step == config.steps:
-                val = evaluate(task, model, task.x_val, task.y_val, config.device)
-                sizes = state_sizes(model)
-                result.curve.append((step, clock, val, sum(sizes.values())))
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val=f"{val:.3f}", N=sizes)
+            if step_no % config.eval_every == 0 or step_no == config.steps:
+                val = evaluate(task.x_val, task.y_val)
+                if controller is not None and step_no < config.steps:
+                    # judges a pending pragmatic reduction (rollbacks are events too)
+                    for event in controller.report_metric(val):
+                        if on_event is not None:
+                            on_event(f"{config.label}: step {step_no}, {event.layer}: rolled back")
+                current = sizes()
+                result.curve.append((step_no, clock, val, sum(current.values())))
+                bar.set_postfix(loss=f"{float(loss):.3f}", val=f"{val:.3f}", N=current)
             bar.update(1)
-        result.final_loss = float(loss.detach())
+        result.final_loss = float(loss)
     except KeyboardInterrupt as err:
-        result.status = f"interrupted at step {step}"
-        _finish(result, task, model, ctl, clock, config)
+        result.status = f"interrupted at step {step_no}"
+        _finish(result, task, evaluate, sizes, controller, clock, config)
         err.partial_result = result  # type: ignore[attr-defined]
         raise
     finally:
         bar.close()
-    _finish(result, task, model, ctl, clock, config)
-    return result, model, ctl
+    _finish(result, task, evaluate, sizes, controller, clock, config)
+    return result
 
 
 def _finish(
     result: RunResult,
     task: Task,
-    model: SequenceModel,
-    ctl: CompreSSM | None,
+    evaluate: Callable[[np.ndarray, np.ndarray], float],
+    sizes: Callable[[], dict[str, int]],
+    controller: Controller | None,
     clock: float,
     config: RunConfig,
 ) -> None:
     result.train_seconds = clock
-    result.final_sizes = state_sizes(model)
+    result.final_sizes = sizes()
     if result.curve and result.curve[-1][0] == config.steps:
         result.val_metric = result.curve[-1][2]  # evaluated at the last step already
     else:
-        result.val_metric = evaluate(task, model, task.x_val, task.y_val, config.device)
-    result.test_metric = evaluate(task, model, task.x_test, task.y_test, config.device)
-    if ctl is not None:
-        result.events = [asdict(e) for e in ctl.history]
+        result.val_metric = evaluate(task.x_val, task.y_val)
+    result.test_metric = evaluate(task.x_test, task.y_test)
+    if controller is not None:
+        result.events = [asdict(e) for e in controller.history]

@@ -60,6 +60,17 @@ def test_train_then_analyze(tmp_path, capsys):
     assert (tmp_path / "hsv.png").stat().st_size > 0
 
 
+def test_pragmatic_mode_is_judged_by_the_validation_metric(tmp_path):
+    out = tmp_path / "pragmatic"
+    argv = ["train", "--steps", "100", "--eval-every", "2", "--d-state", "16", "--no-progress"]
+    assert main([*argv, "--task", "digits", "--mode", "pragmatic", "--out", str(out)]) == 0
+    run = json.loads((out / "report.json").read_text())["runs"]["compressm"][0]
+    statuses = {e["status"] for e in run["events"]}
+    # each reduction follows a metric and is judged by the next one: kept or rolled back
+    assert statuses & {"reduced", "rolled_back"}
+    assert not any("needs a val_metric" in e["reason"] for e in run["events"])
+
+
 def test_mamba_compare_train_and_analyze(tmp_path, capsys):
     out = tmp_path / "mamba"
     argv = ["--model", "mamba", "--task", "digits", "--seeds", "0"]
