@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import sys
@@ -224,6 +225,18 @@ def _log(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+def _below_true_order(order: int | None, model: str) -> int | None:
+    """State size one below what a system of ``order`` real states needs, for ``model``.
+
+    A complex LRU/S5 state with output ``Re(C x)`` carries a conjugate pair (two real states);
+    a Mamba state is real.
+    """
+    if order is None:
+        return None
+    needed = order if model == "mamba" else math.ceil(order / 2)
+    return needed - 1 if needed > 1 else None
+
+
 def _compare(args: argparse.Namespace, task: Any) -> int:
     from .report import format_table, write_report
     from .training import RunResult
@@ -234,6 +247,9 @@ def _compare(args: argparse.Namespace, task: Any) -> int:
     folder = _out(args, "compare", args.task)
     header = _header("compare", args, task)
     truth = task.info.get("true_hsv")
+    below = _below_true_order(task.info.get("true_order"), args.model)
+    if below is not None:
+        results["below"] = []
     progress = not args.no_progress
     current = "full"  # the run type in progress, for a partial result on Ctrl-C
     try:
@@ -252,6 +268,14 @@ def _compare(args: argparse.Namespace, task: Any) -> int:
                 d_state=tuple(reduced.final_sizes.values()),
             )
             results["small"].append(train(task, small, progress=progress, on_event=_log)[0])
+            if below is not None:  # a task with a known order: one state fewer than it needs
+                current = "below"
+                under = dataclasses.replace(
+                    full,
+                    label=f"below true order (seed {seed})",
+                    d_state=tuple(below for _ in reduced.final_sizes),
+                )
+                results["below"].append(train(task, under, progress=progress, on_event=_log)[0])
     except KeyboardInterrupt as err:
         partial = getattr(err, "partial_result", None)
         if partial is not None:

@@ -159,3 +159,7 @@ def test_sysid_report_states_the_true_order(tmp_path):
     assert "True system order: 6 real states = 3 complex" in text
     mse = report["summary"][0]["test_metric"]
     assert f"| full size | {mse:.3g} |" in text  # not rounded to 0.00
+    rows = {row["run"]: row for row in report["summary"]}
+    assert rows["below"]["final_state"] == {"blocks.0.ssm": 2}  # 3 complex states needed
+    assert "| small below the true order |" in text
+    assert "One state below the true order" in text
