@@ -459,6 +459,12 @@ class CompreSSM:
         )
 
     def _reduce_all(self) -> list[ReductionEvent]:
+        recorder = self._recorder
+        if recorder is not None:
+            missing = any(recorder.samples(name) == 0 for name in recorder.layers)
+            if missing and self.calibration_batches is not None:
+                self._calibrate()
+            recorder.all_reduce()  # one collective per event, on every rank
         events = [self._reduce_one(name, layer) for name, layer in self.layers.items()]
         self.history += events
         return events
@@ -549,10 +555,6 @@ class CompreSSM:
     ) -> ReductionEvent:
         assert self._recorder is not None
         old = adapter.state_size(layer)
-        if self._recorder.samples(name) == 0 and self.calibration_batches is not None:
-            self._calibrate(name)
-        if name == next(n for n in self.layers if n in self._recorder.layers):
-            self._recorder.all_reduce()  # one collective per event, before the first layer
         stats = self._recorder.statistics.get(name)
         self._recorder.reset([name])
         if stats is None:
@@ -562,9 +564,9 @@ class CompreSSM:
             )
             return self._refused(name, old, [], start, err)
         shapes = {p: tuple(v.shape) for p, v in layer.named_parameters()}
-        options = {"aggregate": self.aggregate, "seed": self.seed + self.num_steps}
+        seed = self.seed + self.num_steps
         try:
-            rate = selective_importance(layer, stats, **options)  # type: ignore[arg-type]
+            rate = selective_importance(layer, stats, aggregate=self.aggregate, seed=seed)
             if self.mode == "tolerance":
                 rank = _rank_for(rate, self.tau)
             else:
@@ -587,7 +589,8 @@ class CompreSSM:
                 stats,
                 rank,
                 importance=self.importance,
-                **options,  # type: ignore[arg-type]
+                aggregate=self.aggregate,
+                seed=seed,
             )
         except (CompressmError, ValueError, RuntimeError) as err:
             return self._refused(name, old, [], start, err)
@@ -595,7 +598,7 @@ class CompreSSM:
         return self._reduced(name, old, hsv_list, report, start)
 
     @torch.no_grad()
-    def _calibrate(self, name: str) -> None:
+    def _calibrate(self) -> None:
         assert self._recorder is not None
         assert self.calibration_batches is not None
         recorder = self._recorder
