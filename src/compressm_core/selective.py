@@ -30,10 +30,10 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import numpy as np
-from array_api_compat import is_jax_namespace
+from array_api_compat import is_jax_namespace, is_torch_namespace
 
 from . import _xp
-from ._typing import Array, Namespace
+from ._typing import Array, DType, Namespace
 from ._validation import check_finite, check_int, check_stable_poles
 from .errors import ShapeError
 from .systems import DiagonalStateSpace
@@ -223,10 +223,12 @@ def _accumulate(
     batch, steps, channels, states, groups = _check_inputs(dt, a, b, c, xp)
     _check_statistics(stats, channels, states)
     block = steps if time_block is None else check_int(time_block, "time_block", low=1, high=2**62)
+    if _use_stepwise(dt, xp):
+        return _accumulate_stepwise(
+            stats, dt, a, b, c, channels, groups, max(block, 1), xp, gramians=gramians
+        )
     work = stats.count.dtype
     dt, a, b, c = (xp.astype(x, work) for x in (dt, a, b, c))
-    if _use_stepwise(dt, xp):
-        return _accumulate_stepwise(stats, dt, a, b, c, channels, groups, xp, gramians=gramians)
     sums = stats._asdict()
     zeros = xp.zeros((batch, channels, states), dtype=work, device=_xp.device_of(a))
     carry_p = carry_r = carry_m = zeros
@@ -262,6 +264,58 @@ def _use_stepwise(dt: Array, xp: Namespace) -> bool:
     return not (is_jax_namespace(xp) or _xp.is_traced(dt))
 
 
+def _step_dtype(work: DType, arrays: tuple[Array, ...], xp: Namespace) -> DType:
+    """Precision of the per-step recursions of the sequential path.
+
+    float32 when every input is real floating of at most single precision (activations of a
+    float32 or mixed-precision model), else the accumulator's precision ``work``.
+    """
+    names = ("float32", "float16", "bfloat16")
+    low = [getattr(xp, name) for name in names if hasattr(xp, name)]
+    if work != xp.float32 and all(x.dtype in low for x in arrays):
+        return xp.float32
+    return work
+
+
+def _mean_sums(
+    dt: Array, b: Array, c: Array, channels: int, groups: int, xp: Namespace
+) -> tuple[Array, Array]:
+    """``sum_s dt_s[d] B_s[n]`` and ``sum_s C_s[n]`` over all samples, as ``(D, N)`` arrays.
+
+    Neither needs a recursion: the first is one matrix product per group over the
+    ``batch * L`` samples, the second a sum over them.
+    """
+    samples = int(dt.shape[0]) * int(dt.shape[1])
+    states = int(b.shape[-1])
+    width = channels // groups
+    dt_g = xp.reshape(dt, (samples, groups, width))
+    b_g = xp.reshape(b, (samples, groups, states))
+    c_g = xp.reshape(c, (samples, groups, states))
+    drive = xp.matmul(xp.permute_dims(dt_g, (1, 2, 0)), xp.permute_dims(b_g, (1, 0, 2)))
+    out = xp.broadcast_to(xp.sum(c_g, axis=0)[:, None, :], (groups, width, states))
+    return xp.reshape(drive, (channels, states)), xp.reshape(out, (channels, states))
+
+
+def _dense_copy(x: Array, dtype: DType, xp: Namespace) -> Array:
+    """A copy of ``x`` in ``dtype`` laid out in row-major order.
+
+    Forward hooks pass transposed views (Mamba's ``(batch, D, L)`` tensors as ``(batch, L, D)``);
+    ``astype`` keeps their strides, and elementwise results then inherit a layout in which one
+    time step is scattered through memory. Assigning into a fresh array fixes the layout.
+    """
+    out = xp.empty(_shape(x), dtype=dtype, device=_xp.device_of(x))
+    out[...] = x
+    return out
+
+
+def _add_product(acc: Array, x: Array, y: Array, xp: Namespace) -> None:
+    """``acc += x * y`` in place (one fused pass on PyTorch, a temporary elsewhere)."""
+    if is_torch_namespace(xp):
+        acc.addcmul_(x, y)
+    else:
+        acc += x * y
+
+
 def _accumulate_stepwise(
     stats: SelectiveStatistics,
     dt: Array,
@@ -270,6 +324,7 @@ def _accumulate_stepwise(
     c: Array,
     channels: int,
     groups: int,
+    block: int,
     xp: Namespace,
     *,
     gramians: bool,
@@ -277,41 +332,60 @@ def _accumulate_stepwise(
     """Sequential form of :func:`_accumulate` for eager backends: one step at a time.
 
     The same recursions, ``p_t = a_t^2 p_{t-1} + b~_t^2``, ``m_t = a_t^2 m_{t-1} + 1``,
-    ``r_t = a_t^2 r_{t-1} + p_t``, on ``(batch, D, N)`` arrays: ``O(L)`` work and no temporary
-    with a time axis (the doubling scan costs ``O(L log L)`` and allocates blocks of
-    ``(batch, T, D, N)``; it is kept for JAX, where a loop over time would be unrolled).
-    Running sums over time are kept per sequence and reduced over the batch once at the end.
+    ``r_t = a_t^2 r_{t-1} + p_t``, updated in place on ``(batch, D, N)`` buffers: ``O(L)`` work,
+    no temporary with a long time axis (the doubling scan costs ``O(L log L)`` and allocates
+    blocks of ``(batch, T, D, N)``; it is kept for JAX, where a loop over time would be
+    unrolled). The poles of ``block`` steps are computed together; the running sums over time
+    are kept per sequence in the step precision (:func:`_step_dtype`) and folded into the
+    accumulator's precision once per block, so no sum in single precision spans more than
+    ``block`` steps.
     """
     batch, steps = int(dt.shape[0]), int(dt.shape[1])
     states = int(a.shape[-1])
-    zeros = xp.zeros((batch, channels, states), dtype=dt.dtype, device=_xp.device_of(a))
-    p = m = r = zeros
-    sum_pole = sum_drive = sum_out = sum_p = sum_q = sum_e = zeros
-    for t in range(steps):
-        step_dt = dt[:, t, :, None]  # (batch, D, 1)
-        pole = xp.exp(step_dt * a)
-        drive = step_dt * _per_channel(b[:, t : t + 1, ...], channels, groups, xp)[:, 0, ...]
-        out = _per_channel(c[:, t : t + 1, ...], channels, groups, xp)[:, 0, ...]
-        sum_pole, sum_drive, sum_out = sum_pole + pole, sum_drive + drive, sum_out + out
+    work = stats.count.dtype
+    step = _step_dtype(work, (dt, a, b, c), xp)
+    dev = _xp.device_of(a)
+    sums = stats._asdict()
+    dt_w, b_w, c_w = (xp.astype(x, work) for x in (dt, b, c))
+    drive_sum, out_sum = _mean_sums(dt_w, b_w, c_w, channels, groups, xp)
+    sums["b"] = sums["b"] + drive_sum
+    sums["c"] = sums["c"] + out_sum
+    sums["count"] = sums["count"] + batch * steps
+    dt, a, b, c = (_dense_copy(x, step, xp) for x in (dt, a, b, c))
+    shape = (batch, channels, states)
+    p, m, r, acc_p, acc_q, acc_e = (xp.zeros(shape, dtype=step, device=dev) for _ in range(6))
+    for lo in range(0, steps, block):
+        hi = min(lo + block, steps)
+        step_dt = dt[:, lo:hi, :, None]  # (batch, T, D, 1)
+        alpha = xp.exp(step_dt * a)  # a_t = exp(dt_t A), (batch, T, D, N)
+        sums["poles"] = sums["poles"] + xp.astype(xp.sum(alpha, axis=(0, 1)), work)
         if not gramians:
             continue
-        alpha = pole * pole
-        p = alpha * p + drive * drive
-        m = alpha * m + 1
-        r = alpha * r + p
+        alpha *= alpha
+        # b~_t^2 = dt_t^2 B_t^2 and C_t^2 as factors, (batch, T, D, 1) and (batch, T, D or 1, N)
+        dt2 = step_dt * step_dt
+        drive = _per_channel(b[:, lo:hi, ...], channels, groups, xp)
+        drive = drive * drive
+        out = _per_channel(c[:, lo:hi, ...], channels, groups, xp)
         gamma = out * out
-        sum_p, sum_q, sum_e = sum_p + p, sum_q + gamma * m, sum_e + gamma * r
-    sums = stats._asdict()
-    for key, total in (
-        ("poles", sum_pole),
-        ("b", sum_drive),
-        ("c", sum_out),
-        ("controllability", sum_p),
-        ("observability", sum_q),
-        ("energy", sum_e),
-    ):
-        sums[key] = sums[key] + xp.sum(total, axis=0)
-    sums["count"] = sums["count"] + batch * steps
+        for t in range(hi - lo):
+            alpha_t = alpha[:, t, ...]
+            p *= alpha_t
+            _add_product(p, dt2[:, t, ...], drive[:, t, ...], xp)
+            m *= alpha_t
+            m += 1
+            r *= alpha_t
+            r += p
+            acc_p += p
+            _add_product(acc_q, gamma[:, t, ...], m, xp)
+            _add_product(acc_e, gamma[:, t, ...], r, xp)
+        for key, acc in (
+            ("controllability", acc_p),
+            ("observability", acc_q),
+            ("energy", acc_e),
+        ):
+            sums[key] = sums[key] + xp.sum(xp.astype(acc, work), axis=0)
+            acc *= 0
     return SelectiveStatistics(**sums)
 
 

@@ -123,6 +123,10 @@ class CompreSSM:
         input, or a tuple/list whose first element is. Under ``torch.distributed`` the
         statistics are summed over all ranks before the scores are computed, so every rank
         keeps the same states.
+    calibration_sequences : int, optional
+        Selective layers: record at most this many sequences of each calibration batch
+        (:class:`SelectiveRecorder`'s ``max_sequences``; default all). The recording cost is
+        proportional to it; the scores are then estimated from fewer samples.
 
     Examples
     --------
@@ -169,6 +173,7 @@ class CompreSSM:
         aggregate: Literal["sum", "energy", "normalized"] = "sum",
         calibration_steps: int = 8,
         calibration_batches: Iterable[Any] | None = None,
+        calibration_sequences: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             msg = f"`model` must be a torch.nn.Module; received {type(model).__name__}."
@@ -214,6 +219,9 @@ class CompreSSM:
         self.importance, self.aggregate, self.seed = importance, aggregate, seed
         self.calibration_steps = _check_int("calibration_steps", calibration_steps, 1)
         self.calibration_batches = calibration_batches
+        if calibration_sequences is not None:
+            _check_int("calibration_sequences", calibration_sequences, 1)
+        self.calibration_sequences = calibration_sequences
         self.schedule: list[int] = schedule
         found = _find_layers(model)
         if layers is not None:
@@ -247,7 +255,9 @@ class CompreSSM:
         selective = [n for n, m in found.items() if isinstance(get_adapter(m), SelectiveAdapter)]
         self._recorder: SelectiveRecorder | None = None
         if selective:
-            self._recorder = SelectiveRecorder(model, layers=selective, active=False)
+            self._recorder = SelectiveRecorder(
+                model, layers=selective, active=False, max_sequences=calibration_sequences
+            )
             self._update_recording()
 
     # -- public ----------------------------------------------------------------------------

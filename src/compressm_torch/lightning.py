@@ -63,7 +63,7 @@ class CompreSSMCallback(Callback):
         As for :class:`~compressm_torch.CompreSSM`.
     energy, rollback_rtol, metric, compute_error, layers, seed : optional
         As for :class:`~compressm_torch.CompreSSM`.
-    importance, aggregate, calibration_steps, calibration_batches : optional
+    importance, aggregate, calibration_steps, calibration_batches, calibration_sequences : optional
         Selective (Mamba) layers, as for :class:`~compressm_torch.CompreSSM`.
 
     Attributes
@@ -132,6 +132,7 @@ class CompreSSMCallback(Callback):
         aggregate: Literal["sum", "energy", "normalized"] = "sum",
         calibration_steps: int = 8,
         calibration_batches: Iterable[Any] | None = None,
+        calibration_sequences: int | None = None,
     ) -> None:
         super().__init__()
         if monitor is not None and not isinstance(monitor, str):
@@ -169,6 +170,7 @@ class CompreSSMCallback(Callback):
             "aggregate": aggregate,
             "calibration_steps": calibration_steps,
             "calibration_batches": calibration_batches,
+            "calibration_sequences": calibration_sequences,
         }
         # Validate every option now rather than at on_fit_start: build a throw-away controller
         # on a one-state layer on the meta device (no memory, no draw from the global RNG).

@@ -26,6 +26,7 @@ from compressm_core import (
     state_importance,
     update_selective_statistics,
 )
+from compressm_core.schedule import _check_int
 
 from ._params import assign
 from ._precision import full_precision
@@ -271,6 +272,12 @@ class SelectiveRecorder:
         Record from the start.
     training_only : bool, optional
         Record only passes in training mode (``module.training``).
+    max_sequences : int, optional
+        Record at most this many sequences of each batch (the first ones; the data loader's
+        shuffling makes them a random sample). The cost of a recorded pass is proportional to
+        the number of sequences recorded, and every statistic is a sum over sequences, so
+        recording ``k`` of ``batch`` sequences estimates the same averages from fewer samples.
+        Default: all.
 
     Examples
     --------
@@ -291,7 +298,10 @@ class SelectiveRecorder:
         layers: Iterable[str] | None = None,
         active: bool = True,
         training_only: bool = True,
+        max_sequences: int | None = None,
     ) -> None:
+        if max_sequences is not None:
+            max_sequences = _check_int("max_sequences", max_sequences, 1)
         found = {
             name: layer
             for name, layer in find_layers(model).items()
@@ -310,6 +320,7 @@ class SelectiveRecorder:
         self.layers: dict[str, nn.Module] = found
         self.active = active
         self.training_only = training_only
+        self.max_sequences = max_sequences
         self.statistics: dict[str, SelectiveStatistics] = {}
         self._handles: list[RemovableHandle] = [
             layer.register_forward_pre_hook(self._hook(name), with_kwargs=True)
@@ -359,8 +370,12 @@ class SelectiveRecorder:
             self.statistics[name] = SelectiveStatistics(*fields)
 
     def record(self, name: str, hidden_states: torch.Tensor) -> None:
-        """Add one batch of whole sequences (batch, L, d_model) to layer ``name``'s statistics."""
+        """Add one batch of whole sequences (batch, L, d_model) to layer ``name``'s statistics.
+
+        Only the first :attr:`max_sequences` sequences are recorded when it is set.
+        """
         layer = self.layers[name]
+        hidden_states = hidden_states[: self.max_sequences]
         adapter = _selective_adapter(layer)
         with torch.no_grad(), full_precision(hidden_states.device):
             dt, a, b, c = (t.detach().float() for t in adapter.signals(layer, hidden_states))

@@ -263,6 +263,26 @@ def test_recorder_equals_direct_statistics_and_streams_exactly():
     assert recorder.samples("") == 50
 
 
+def test_recorder_max_sequences_records_the_first_sequences_of_each_batch():
+    torch.manual_seed(1)
+    layer = Mamba(d_model=8, d_state=6)
+    h1, h2 = torch.randn(5, 10, 8), torch.randn(1, 10, 8)
+    with SelectiveRecorder(layer, max_sequences=2) as recorder:
+        layer(h1)
+        layer(h2)
+    assert recorder.samples("") == (2 + 1) * 10
+    _, _, dt, b, c = layer.selective_inputs(torch.cat([h1[:2], h2]))
+    a = -torch.exp(layer.A_log.detach())
+    direct = update_selective_statistics(
+        init_selective_statistics(a), dt.detach(), a, b.detach(), c.detach()
+    )
+    for x, y in zip(recorder.statistics[""], direct, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="`max_sequences` must be an int >= 1"):
+            SelectiveRecorder(layer, max_sequences=bad)
+
+
 def test_recorder_ignores_single_step_decoding_and_inactive_periods():
     model = hf_mamba(layers=1)
     recorder = SelectiveRecorder(model, active=False)
@@ -551,11 +571,20 @@ def test_controller_refuses_without_statistics_and_uses_calibration_batches():
     ctl.remove_hooks()
 
 
-def test_controller_records_only_in_the_calibration_window():
+@pytest.mark.parametrize("sequences", [None, 1])
+def test_controller_records_only_in_the_calibration_window(sequences):
     torch.manual_seed(0)
     model = Mamba(8, 12)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    ctl = CompreSSM(model, opt, total_steps=20, tau=0.5, reduction_steps=[10], calibration_steps=3)
+    ctl = CompreSSM(
+        model,
+        opt,
+        total_steps=20,
+        tau=0.5,
+        reduction_steps=[10],
+        calibration_steps=3,
+        calibration_sequences=sequences,
+    )
     recorder = ctl._recorder
     seen = []
     for _ in range(12):
@@ -564,9 +593,13 @@ def test_controller_records_only_in_the_calibration_window():
         opt.step()
         opt.zero_grad()
         ctl.step()
-    # steps 8, 9, 10 record (12 samples each); the event at step 10 consumes them
-    assert seen == [0] * 7 + [12, 24, 36, 0, 0]
+    # steps 8, 9, 10 record (12 samples each, 6 with one sequence of the two); the event at
+    # step 10 consumes them
+    per_step = 12 if sequences is None else 6
+    assert seen == [0] * 7 + [per_step, 2 * per_step, 3 * per_step, 0, 0]
     assert model.d_state < 12
+    with pytest.raises(ValueError, match="`calibration_sequences` must be an int >= 1"):
+        CompreSSM(model, opt, total_steps=20, calibration_sequences=0)
 
 
 def test_pragmatic_rollback_restores_a_selective_layer():
