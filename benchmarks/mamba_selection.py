@@ -20,8 +20,13 @@ MNIST-1D comes from :func:`compressm_cli.data.load_task` (regenerated locally by
 package with its published arguments, no download; 3600 train / 400 validation / 1000 test
 sequences of length 40).
 
+The Gramian selection is also repeated from statistics of only the first ``k`` sequences of
+each calibration batch (``--subsample``, default 8 and 1 of 64; the recorder's
+``max_sequences``), to show what cheaper statistics cost in selection quality.
+
 Run: ``OMP_NUM_THREADS=1 python benchmarks/mamba_selection.py [--steps 500] [--seeds 0 1 2]
-[--d-state 16] [--n-layers 1] [--ranks 8 4 2] [--random-draws 5] [--quick]``. The committed
+[--d-state 16] [--n-layers 1] [--ranks 8 4 2] [--random-draws 5] [--subsample 8 1]
+[--quick]``. The committed
 results used ``OMP_NUM_THREADS=1`` and one torch thread (the thread count changes the order of
 floating-point sums, hence the trajectories; it is recorded). ``--quick`` (tiny settings, no
 files) is a smoke test of about half a minute.
@@ -139,13 +144,20 @@ def train(
 
 
 def record(
-    model: nn.Module, task: Task, batches: int, batch: int, seed: int
+    model: nn.Module,
+    task: Task,
+    batches: int,
+    batch: int,
+    seed: int,
+    max_sequences: int | None = None,
 ) -> tuple[dict[str, Any], int]:
-    """Selective statistics of every Mamba layer on ``batches`` random training batches."""
+    """Selective statistics of every Mamba layer on ``batches`` random training batches (the
+    same batches for a seed; only the first ``max_sequences`` of each when it is set)."""
     x = torch.from_numpy(task.x_train)
     g = torch.Generator().manual_seed(10_000 + seed)
     model.eval()
-    with SelectiveRecorder(model, training_only=False) as recorder, torch.no_grad():
+    recorder = SelectiveRecorder(model, training_only=False, max_sequences=max_sequences)
+    with recorder, torch.no_grad():
         for _ in range(batches):
             model(x[torch.randint(len(x), (batch,), generator=g)])
     samples = min(recorder.samples(name) for name in recorder.layers)
@@ -175,6 +187,10 @@ def run_seed(task: Task, args: argparse.Namespace, seed: int, ranks: list[int]) 
     model, info = train(task, args, seed)
     full = evaluate(model, xt, yt)
     stats, samples = record(model, task, args.calibration_batches, args.batch, seed)
+    subsets = {
+        k: record(model, task, args.calibration_batches, args.batch, seed, max_sequences=k)[0]
+        for k in args.subsample
+    }
     scores = {
         name: {
             m: [float(s) for s in selective_importance(layer, stats[name], importance=m)]
@@ -194,6 +210,17 @@ def run_seed(task: Task, args: argparse.Namespace, seed: int, ranks: list[int]) 
         for method in ("gramian", "mean_lti"):
             reduced, kept = reduce_copy(model, stats, rank, method, 0)
             entry[method] = {**evaluate(reduced, xt, yt), "kept": kept}
+        subsampled = {}
+        for k, sub in subsets.items():
+            reduced, kept = reduce_copy(model, sub, rank, "gramian", 0)
+            same = sum(len(set(kept[name]) & set(entry["gramian"]["kept"][name])) for name in kept)
+            total = sum(len(v) for v in kept.values())
+            subsampled[str(k)] = {
+                **evaluate(reduced, xt, yt),
+                "kept": kept,
+                "overlap": same / total,
+            }
+        entry["gramian_subsampled"] = subsampled
         draws = []
         for draw in range(args.random_draws):
             reduced, kept = reduce_copy(model, stats, rank, "random", draw)
@@ -261,6 +288,23 @@ def summarize(runs: list[dict[str, Any]], ranks: list[int]) -> list[dict[str, An
                     e["mean_lti_below_random_mean"] for e in entries
                 ),
                 "draws_beaten_by_gramian": sum(e["gramian_beats_draws"] for e in entries),
+                "subsampled": {
+                    k: {
+                        "loss": statistics.mean(
+                            e["gramian_subsampled"][k]["loss"] for e in entries
+                        ),
+                        "accuracy": statistics.mean(
+                            e["gramian_subsampled"][k]["accuracy"] for e in entries
+                        ),
+                        "overlap": statistics.mean(
+                            e["gramian_subsampled"][k]["overlap"] for e in entries
+                        ),
+                        "same_indices": sum(
+                            e["gramian_subsampled"][k]["overlap"] == 1.0 for e in entries
+                        ),
+                    }
+                    for k in entries[0]["gramian_subsampled"]
+                },
                 "draws": sum(len(e["random"]["draws"]) for e in entries),
                 "seeds": len(entries),
             }
@@ -328,6 +372,29 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{'yes' if e['gramian_below_random_mean'] else 'no'} | "
                 f"{e['gramian_beats_draws']} / {len(rnd['draws'])} |"
             )
+    if cfg.get("subsample"):
+        lines += [
+            "",
+            "### Gramian scores from a subset of each calibration batch (the recorder's "
+            "`max_sequences`, the controller's `calibration_sequences`)",
+            "",
+            "The same calibration batches, recording only the first k of each batch's "
+            f"{cfg['batch']} sequences: the recording cost falls by a factor of "
+            f"{cfg['batch']} / k. Mean over training seeds; overlap = share of the kept indices "
+            "that the full statistics also keep.",
+            "",
+            "| r | k of batch | gramian (all sequences) | gramian (k per batch) | overlap | "
+            "seeds with identical kept indices |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in report["summary"]:
+            for k, sub in row["subsampled"].items():
+                lines.append(
+                    f"| {row['rank']} / {n} | {k} of {cfg['batch']} | "
+                    f"{row['gramian_loss']:.4f} / {100 * row['gramian_accuracy']:.1f} % | "
+                    f"{sub['loss']:.4f} / {100 * sub['accuracy']:.1f} % | "
+                    f"{100 * sub['overlap']:.0f} % | {sub['same_indices']} / {row['seeds']} |"
+                )
     cases = [e for run in report["runs"] for e in run["ranks"]]
     wins = sum(e["gramian_below_random_mean"] for e in cases)
     sweeps = sum(e["gramian_beats_draws"] == len(e["random"]["draws"]) for e in cases)
@@ -365,6 +432,13 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", help="default: N/2, N/4, N/8")
     parser.add_argument("--random-draws", type=int, default=5)
     parser.add_argument("--calibration-batches", type=int, default=8)
+    parser.add_argument(
+        "--subsample",
+        type=int,
+        nargs="*",
+        default=[8, 1],
+        help="also score from only the first k sequences of each calibration batch",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--quick", action="store_true", help="40 steps, N = 8, one seed, 2 draws, no files"
@@ -399,6 +473,7 @@ def main() -> None:
             "ranks": ranks,
             "random_draws": args.random_draws,
             "calibration_batches": args.calibration_batches,
+            "subsample": args.subsample,
             "aggregate": "sum",
         },
         "cpu": cpu_model(),

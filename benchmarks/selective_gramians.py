@@ -22,12 +22,16 @@ extrapolated linearly in ``L`` (every time step and every block of ``time_block`
 same shapes, so the cost is proportional to ``L``; the ratio is measured, not extrapolated);
 the table says so.
 
-Each case also times ``step_loop_statistics``, a sequential step-loop prototype written in this
-file (not part of the library) that computes the same sums, as a measured suggestion.
+Each case also times the update on the first ``k = 1`` sequences of the batch only, what
+``SelectiveRecorder(max_sequences=k)`` (the controller's ``calibration_sequences``) records per
+batch, against the scan of the whole batch; and ``step_loop_statistics``, a sequential
+step-loop prototype written in this file (not part of the library: torch only, ``out=``
+buffers) that computes the same sums, to show how close the library's Array-API loop comes to
+hand-written torch.
 
 A profile section then times variants at ``N = 16``, ``L = 128`` to show where the time goes:
 ``time_block``, a float32 accumulator (``SelectiveStatistics`` of float32 zeros makes the
-update work in float32), NumPy, ``mean_lti_surrogate`` (means only), the prototype, the default
+sums float32 too), NumPy, ``mean_lti_surrogate`` (means only), the prototype, the default
 in processes where glibc does not ``mmap`` large blocks (``MALLOC_MMAP_MAX_=0``) or torch asks
 for transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``), with the CPU user / kernel time and the
 minor page faults of each run, and a ``torch.profiler`` table of the default update.
@@ -77,6 +81,7 @@ from _cpu import BUSY_THRESHOLD, cpu_busy, cpu_model, cpu_sample, others_share
 ROOT = Path(__file__).resolve().parents[1]
 GOAL = 0.10  # update time / scan time
 MIB = 2**20
+SUBSET = 1  # sequences of each batch recorded in the "subset" measurement
 DEFAULT_TIME_BLOCK = (
     inspect.signature(cc.update_selective_statistics).parameters["time_block"].default
 )
@@ -393,14 +398,20 @@ Inputs = dict[str, torch.Tensor]
 
 
 def _update_fn(
-    backend: str, time_block: int | None, precision: str = "float64"
+    backend: str,
+    time_block: int | None,
+    precision: str = "float64",
+    sequences: int | None = None,
 ) -> Callable[[Inputs], cc.SelectiveStatistics]:
     """``update_selective_statistics`` on one batch from an empty accumulator (created inside
-    the timed call: ``(D, N)`` zeros, negligible); ``time_block=None``: the default."""
+    the timed call: ``(D, N)`` zeros, negligible); ``time_block=None``: the default;
+    ``sequences``: only the first ``sequences`` sequences of the batch (what
+    ``SelectiveRecorder(max_sequences=...)`` records)."""
     kwargs = {} if time_block is None else {"time_block": time_block}
 
     def run(x: Inputs) -> cc.SelectiveStatistics:
         dt, a, b, c = hook_views(x, backend)
+        dt, b, c = dt[:sequences], b[:sequences], c[:sequences]
         stats = float32_stats(a) if precision == "float32" else cc.init_selective_statistics(a)
         return cc.update_selective_statistics(stats, dt, a, b, c, **kwargs)
 
@@ -442,7 +453,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         run, _ = best_runs(lambda: fn(x), spec["scan_budget_s"], repeats)
         return {"run": run}
     backend = spec["backend"]
-    fn = _update_fn(backend, spec.get("time_block"), spec.get("precision", "float64"))
+    fn = _update_fn(
+        backend, spec.get("time_block"), spec.get("precision", "float64"), spec.get("sequences")
+    )
     fn(_inputs(spec, WARM_STEPS, 1))
     run, stats = best_runs(lambda: fn(x), budget, repeats, trace=backend == "numpy")
 
@@ -459,7 +472,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 VARIANTS: tuple[tuple[str, str], ...] = (
-    ("library default (time_block=32, float64), torch", "update torch default"),
+    (
+        "library default (time_block=32, float32 steps, float64 sums), torch",
+        "update torch default",
+    ),
     ("library time_block=8, torch", "update torch tb8"),
     ("library float32 accumulator, torch", "update torch f32"),
     ("library time_block=8 + float32 accumulator, torch", "update torch tb8 f32"),
@@ -637,6 +653,9 @@ def measure_case(case: Case, runner: Runner) -> dict[str, Any]:
         backend: runner.measure(runner.spec(case, kind="update", backend=backend))
         for backend in ("torch", "numpy")
     }
+    subset = runner.measure(
+        runner.spec(case, kind="update", backend="torch", sequences=min(SUBSET, case.batch))
+    )
     steploop = runner.measure(runner.spec(case, kind="steploop"))
     extra_cast = cast_bytes(case, cfg.channels, case.full_steps - case.steps) / MIB
 
@@ -683,8 +702,10 @@ def measure_case(case: Case, runner: Runner) -> dict[str, Any]:
             "repeats": fin["repeats"],
             "importance_finite": result["importance_finite"],
         }
+    times["update_torch_subset"] = entry(subset, "casts")
     scan_s = times["scan_torch"]["seconds"]
     ratios = {backend: times[f"update_{backend}"]["seconds"] / scan_s for backend in BACKENDS}
+    ratios["torch_subset"] = times["update_torch_subset"]["seconds"] / scan_s
     prototype = times["prototype_step_loop_float32_torch"]["seconds"] / scan_s
     return {
         "states": case.states,
@@ -694,6 +715,7 @@ def measure_case(case: Case, runner: Runner) -> dict[str, Any]:
         "steps_reported": case.full_steps,
         "extrapolated": case.extrapolated,
         "time_block": cfg.time_block or DEFAULT_TIME_BLOCK,
+        "subset_sequences": min(SUBSET, case.batch),
         "scan_state_tensor_mib_full": case.batch
         * case.full_steps
         * cfg.channels
@@ -798,10 +820,11 @@ def markdown_table(cases: list[dict[str, Any]]) -> str:
     head = (
         "| N | batch × L | scan forward, torch [s] | update, torch [s] | update, NumPy [s] "
         "| update / scan, torch | update / scan, NumPy "
+        "| update, torch, first k sequences [s] | update (k sequences) / scan, torch "
         "| finalize + importance, torch / NumPy [ms] | prototype step loop, float32 torch [s] "
         "| prototype / scan |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 12]
     for c in cases:
         t, ext = c["times"], c["extrapolated"]
         r = c["ratio_update_over_scan"]
@@ -814,6 +837,8 @@ def markdown_table(cases: list[dict[str, Any]]) -> str:
             _t(t["update_numpy"], ext),
             _ratio(r["torch"]),
             _ratio(r["numpy"]),
+            f"{_t(t['update_torch_subset'], ext)} (k = {c['subset_sequences']})",
+            _ratio(r["torch_subset"]),
             f"{1e3 * fin['torch']['seconds']:.3g} / {1e3 * fin['numpy']['seconds']:.3g}",
             _t(t["prototype_step_loop_float32_torch"], ext),
             _ratio(c["ratio_prototype_step_loop_over_scan"]),
@@ -885,9 +910,15 @@ NOTES = [
     "scan forward: mamba_ssm's selective_scan_ref algorithm in plain torch (float32, "
     "torch.no_grad, Python loop over L), including y + u * D and the silu(z) gate.",
     "update: one update_selective_statistics call on the batch (streamed statistics; the "
-    "library's defaults: time_block=32, float64 working precision) from float32 activations "
-    "passed as transposed views of mamba's (batch, D, L) tensors; NumPy: the same arrays as "
-    "NumPy float32. NumPy's elementwise operations use one thread, torch uses all.",
+    "library's defaults: time_block=32, float64 accumulator; float32 activations make the "
+    "per-step recursions run in float32, folded into the float64 sums every block) from "
+    "float32 activations passed as transposed views of mamba's (batch, D, L) tensors; NumPy: "
+    "the same arrays as NumPy float32. NumPy's elementwise operations use one thread, torch "
+    "uses all.",
+    "update, first k sequences: the same call on the first k sequences of the batch only, "
+    "which is what SelectiveRecorder(max_sequences=k) (the controller's calibration_sequences) "
+    "records from each batch; its ratio is to the scan of the whole batch. What this costs in "
+    "selection quality is measured in mamba_selection.md.",
     "Ratio: update time / scan time at the same shape (for an extrapolated row both times are "
     "measured at the reduced L, so the ratio is measured, not extrapolated).",
     "finalize + importance: finalize_selective_statistics then state_importance "
@@ -908,7 +939,7 @@ NOTES = [
     "memory as measured (its buffers do not depend on L).",
     "Profile: all variants run in one process on the same batch (the library rows from an "
     "empty accumulator; 'float32 accumulator' = SelectiveStatistics of float32 zeros, which "
-    "makes the update work in float32); the allocator rows run in fresh processes with the "
+    "makes the sums float32 too); the allocator rows run in fresh processes with the "
     "environment variable shown. CPU user / sys: this process's CPU seconds (all threads) in "
     "user and kernel mode; the kernel time is mostly page faults on freshly mapped memory.",
 ]
@@ -934,11 +965,17 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"Goal: update / scan < {GOAL:.0%} (measured; a miss is reported, not hidden):",
         "",
     ]
+    labels = {
+        "torch": "torch, whole batch",
+        "numpy": "NumPy, whole batch",
+        "torch_subset": "torch, first k sequences of the batch (recorder's max_sequences = k)",
+    }
     for c in result["cases"]:
-        for backend in ("torch", "numpy"):
-            ratio = c["ratio_update_over_scan"][backend]
+        for key, label in labels.items():
+            ratio = c["ratio_update_over_scan"][key]
             mark = "met" if ratio < GOAL else "MISSED"
-            lines.append(f"- N = {c['states']}, {backend}: {ratio:.1%} ({mark})")
+            k = f", k = {c['subset_sequences']}" if key == "torch_subset" else ""
+            lines.append(f"- N = {c['states']}, {label}{k}: {ratio:.1%} ({mark})")
     if result.get("profile"):
         lines += ["", profile_tables(result["profile"])]
     lines += ["", *(f"- {note}" for note in result["notes"])]
