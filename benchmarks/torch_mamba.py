@@ -9,8 +9,10 @@ residual block, loss ``mean(y**2)``, AdamW:
    128 (the speed-up that a reduction from 128 buys);
 2. the cost of the statistics that a reduction needs: one :class:`SelectiveRecorder` update
    (the projections recomputed from the layer's input and the streaming Gramian sums), as a share
-   of a training step and of a forward pass; the controller records them only during
-   ``calibration_steps`` (default 8) steps before each reduction;
+   of a training step and of a forward pass, for the whole batch and for its first sequence
+   only (``SelectiveRecorder(max_sequences=1)``, the controller's ``calibration_sequences``);
+   the controller records them only during ``calibration_steps`` (default 8) steps before each
+   reduction;
 3. one reduction event 128 -> 16 by the controller (importance scores, slicing, optimizer
    surgery).
 
@@ -121,6 +123,10 @@ def step_time(impl: str, cfg: dict[str, Any], d_state: int) -> dict[str, Any]:
         out["statistics_update"] = timed(
             lambda: recorder.record("mixer", hidden), device, 1, cfg["repeats"]
         )
+        recorder.max_sequences = 1
+        out["statistics_update_one_sequence"] = timed(
+            lambda: recorder.record("mixer", hidden), device, 1, cfg["repeats"]
+        )
         recorder.remove()
     return out
 
@@ -182,18 +188,22 @@ def markdown(result: dict[str, Any]) -> str:
             f"### {IMPLS[impl]}",
             "",
             "| d_state | train step [s] | forward [s] | step(128) / step(N) | statistics "
-            "update [s] | update / step | update / forward |",
-            "|---|---|---|---|---|---|---|",
+            "update [s] | update / step | update / forward | update, 1 sequence of the batch "
+            "[s] | update (1 sequence) / forward |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for n in cfg["d_states"]:
             row = rows[str(n)]
             step, fwd = row["step"]["seconds"], row["forward"]["seconds"]
             mark = " (disturbed)" if row["step"]["disturbed"] else ""
             upd = row.get("statistics_update")
-            cells = ["–", "–", "–"]
+            one = row.get("statistics_update_one_sequence")
+            cells = ["–"] * 5
             if upd is not None:
                 u = upd["seconds"]
-                cells = [f"{u:.3g}", f"{u / step:.1%}", f"{u / fwd:.1%}"]
+                cells[:3] = [f"{u:.3g}", f"{u / step:.1%}", f"{u / fwd:.1%}"]
+            if one is not None:
+                cells[3:] = [f"{one['seconds']:.3g}", f"{one['seconds'] / fwd:.1%}"]
             lines.append(
                 f"| {n} | {step:.3g}{mark} | {fwd:.3g} | {base / step:.2f}x | "
                 + " | ".join(cells)
