@@ -280,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "sweep": sweep,
         "event": event_time(cfg),
     }
-    out = args.out or Path("benchmarks/results") / ("quick" if args.quick else "")
+    out = args.out or Path(__file__).resolve().parent / "results" / ("quick" if args.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     stem = "torch_mamba" + ("_cuda" if args.device == "cuda" else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
