@@ -8,7 +8,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from .adapters import resize_layers, state_sizes
+from .adapters import _COMPILED_PREFIX, resize_layers, state_sizes
 from .controller import CompreSSM
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
@@ -16,6 +16,22 @@ __all__ = ["load_checkpoint", "save_checkpoint"]
 FORMAT = "compressm.torch/1"
 
 PathLike = str | os.PathLike[str] | IO[bytes]
+
+
+def _plain_key(key: str) -> str:
+    """A state-dict key without the ``_orig_mod.`` segments that ``torch.compile`` adds."""
+    return key.replace(_COMPILED_PREFIX, "")
+
+
+def _plain_state_dict(model: nn.Module) -> dict[str, Any]:
+    return {_plain_key(k): v for k, v in model.state_dict().items()}
+
+
+def _to_model_keys(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """Rename plain keys to ``model``'s own (compiled or not); unknown keys pass through, so
+    ``load_state_dict`` reports them."""
+    own = {_plain_key(k): k for k in model.state_dict()}
+    return {own.get(_plain_key(k), k): v for k, v in state.items()}
 
 
 def save_checkpoint(
@@ -40,12 +56,17 @@ def save_checkpoint(
     extra : dict, optional
         Anything else to keep (epoch, data-loader state, ...), returned by
         :func:`load_checkpoint`.
+
+    Notes
+    -----
+    Parameter names are stored without the ``_orig_mod.`` segments of ``torch.compile``, so a
+    checkpoint of a compiled model loads into an uncompiled one and the other way round.
     """
     torch.save(
         {
             "format": FORMAT,
             "state_sizes": state_sizes(model),
-            "model": model.state_dict(),
+            "model": _plain_state_dict(model),
             "optimizer": None if optimizer is None else optimizer.state_dict(),
             "controller": None if controller is None else controller.state_dict(),
             "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
@@ -85,7 +106,7 @@ def load_checkpoint(
         msg = f"`f` is not a compressm checkpoint (expected format {FORMAT!r})."
         raise ValueError(msg)
     resize_layers(model, ckpt["state_sizes"])
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(_to_model_keys(model, ckpt["model"]))
     for name, obj in (
         ("optimizer", optimizer),
         ("controller", controller),

@@ -98,3 +98,32 @@ def test_checkpoint_of_model_only_and_errors():
     other.seek(0)
     with pytest.raises(ValueError, match="not a compressm checkpoint"):
         load_checkpoint(other, fresh)
+
+
+@pytest.mark.parametrize("compiled", ["saved", "loaded", "submodule"])
+def test_compiled_and_uncompiled_models_share_checkpoints(compiled):
+    """Keys are stored without torch.compile's `_orig_mod.` segments: a checkpoint of a
+    compiled model (whole or a submodule) loads into an uncompiled one and vice versa."""
+    model, opt, sched, ctl = build(0)
+    run(model, opt, sched, ctl, data()[:8])  # reduced
+    x = torch.randn(4, 12, 2)
+    model.eval()
+    expected = model(x)
+    source = model
+    if compiled == "saved":
+        source = torch.compile(model, backend="eager")
+    elif compiled == "submodule":
+        model.blocks[0] = torch.compile(model.blocks[0], backend="eager")
+    buf = io.BytesIO()
+    save_checkpoint(buf, source, opt)
+    buf.seek(0)
+    stored = torch.load(buf, weights_only=True)["model"]
+    assert not any("_orig_mod" in key for key in stored)
+    buf.seek(0)
+    fresh, opt2, *_ = build(1)
+    target = torch.compile(fresh, backend="eager") if compiled == "loaded" else fresh
+    load_checkpoint(buf, target, opt2)
+    assert state_sizes(fresh) == state_sizes(model)
+    fresh.eval()
+    torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+    assert opt2.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
