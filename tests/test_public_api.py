@@ -50,3 +50,17 @@ def test_top_level_exports_are_sorted_and_documented(package: str) -> None:
     for n in module.__all__:
         obj = getattr(module, n)
         assert obj.__doc__, f"{n} has no docstring"
+
+
+def test_controllers_share_the_event_record_and_the_warning() -> None:
+    """One ReductionEvent and one ReductionWarning for every framework, so histories compare
+    and one ``warnings.filterwarnings`` covers both controllers."""
+    core = importlib.import_module("compressm_core")
+    for package in ("compressm_torch", "compressm_jax"):
+        if importlib.util.find_spec(package.replace("compressm_", "")) is None:
+            continue
+        module = importlib.import_module(package)
+        assert module.ReductionWarning is core.ReductionWarning
+        assert issubclass(core.ReductionWarning, UserWarning)
+        if package == "compressm_torch":
+            assert module.ReductionEvent is core.ReductionEvent

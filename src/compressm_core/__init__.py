@@ -38,7 +38,7 @@ from .perturbation import (
     ranking_certificate,
 )
 from .rank import hankel_error_bound, select_rank
-from .schedule import ReductionEvent, reduction_schedule
+from .schedule import ReductionEvent, ReductionWarning, reduction_schedule
 from .selective import (
     SelectiveGramians,
     SelectiveStatistics,
@@ -68,6 +68,7 @@ __all__ = [
     "RankTracker",
     "RankingCertificate",
     "ReductionEvent",
+    "ReductionWarning",
     "SelectiveGramians",
     "SelectiveStatistics",
     "ShapeError",

@@ -1,14 +1,19 @@
 """When to reduce, and the record of a reduction: shared by the framework controllers.
 
 Plain Python (no arrays): the training controllers of ``compressm_torch`` and ``compressm_jax``
-use the same schedule and the same event record, so their histories compare one to one.
+use the same schedule, the same event record and the same warning, so their histories compare
+one to one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ReductionEvent", "reduction_schedule"]
+__all__ = ["ReductionEvent", "ReductionWarning", "reduction_schedule"]
+
+
+class ReductionWarning(UserWarning):
+    """A scheduled reduction was refused or skipped; the model was left as it was."""
 
 
 @dataclass

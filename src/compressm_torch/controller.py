@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from compressm_core import CompressmError, hankel_singular_values, select_rank
+from compressm_core import CompressmError, hankel_singular_values
+from compressm_core._controller import ControllerBase, Mode
 from compressm_core.schedule import (
     ReductionEvent,
-    _check_fraction,
+    ReductionWarning,
     _check_int,
     reduction_schedule,
 )
@@ -38,17 +37,8 @@ from .selective import reduce_selective_layer as _reduce_selective
 
 __all__ = ["CompreSSM", "ReductionEvent", "ReductionWarning", "reduction_schedule"]
 
-logger = logging.getLogger("compressm")
 
-Mode = Literal["tolerance", "fixed", "pragmatic"]
-_MODES = ("tolerance", "fixed", "pragmatic")
-
-
-class ReductionWarning(UserWarning):
-    """A scheduled reduction was refused or skipped; the model was left as it was."""
-
-
-class CompreSSM:
+class CompreSSM(ControllerBase[nn.Module]):
     """Reduce the state of a model's SSM layers during training (CompreSSM).
 
     Call :meth:`step` once after every ``optimizer.step()``. At each scheduled step every
@@ -182,68 +172,49 @@ class CompreSSM:
             kind = type(optimizer).__name__
             msg = f"`optimizer` must be a torch.optim.Optimizer or None; received {kind}."
             raise TypeError(msg)
-        self.total_steps = _check_int("total_steps", total_steps, 1)
-        self.tau = _check_fraction("tau", tau)
-        self.fraction = _check_fraction("fraction", fraction)
-        self.gate = _check_fraction("gate", gate, closed=True)
-        self.rollback_rtol = _check_fraction("rollback_rtol", rollback_rtol, closed=True)
-        self.min_rank = _check_int("min_rank", min_rank, 1)
-        for name, value, allowed in (
-            ("mode", mode, _MODES),
-            ("selection", selection, _SELECTIONS),
-            ("optimizer_state", optimizer_state, POLICIES),
-            ("method", method, ("sqrt", "bfsr")),
-            ("energy", energy, ("sum", "squared")),
-            ("metric", metric, ("max", "min")),
-            ("importance", importance, _IMPORTANCE),
-            ("aggregate", aggregate, _AGGREGATES),
-        ):
-            if value not in allowed:
-                msg = f"`{name}` must be one of {allowed}; received {value!r}."
-                raise ValueError(msg)
-        if selection == "random" and real_output:
-            msg = "`selection='random'` keeps modal states; it excludes `real_output=True`."
-            raise ValueError(msg)
+        self._configure(
+            total_steps=total_steps,
+            tau=tau,
+            mode=mode,
+            warmup_fraction=warmup_fraction,
+            num_reductions=num_reductions,
+            reduction_steps=reduction_steps,
+            fraction=fraction,
+            selection=selection,
+            selections=_SELECTIONS,
+            gate=gate,
+            min_rank=min_rank,
+            method=method,
+            real_output=real_output,
+            energy=energy,
+            rollback_rtol=rollback_rtol,
+            metric=metric,
+            compute_error=compute_error,
+            seed=seed,
+            choices=(
+                ("optimizer_state", optimizer_state, POLICIES),
+                ("importance", importance, _IMPORTANCE),
+                ("aggregate", aggregate, _AGGREGATES),
+            ),
+        )
         if horizon is not None and horizon != "auto":
             _check_int("horizon", horizon, 1)
-        if reduction_steps is None:
-            schedule = reduction_schedule(
-                total_steps, warmup_fraction=warmup_fraction, num_reductions=num_reductions
-            )
-        else:
-            schedule = sorted({_check_int("reduction_steps[i]", s, 1) for s in reduction_steps})
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
-        self.mode, self.selection, self.optimizer_state = mode, selection, optimizer_state
-        self.horizon, self.method, self.real_output = horizon, method, real_output
-        self.energy, self.metric, self.compute_error = energy, metric, compute_error
-        self.importance, self.aggregate, self.seed = importance, aggregate, seed
+        self.optimizer_state, self.horizon = optimizer_state, horizon
+        self.importance, self.aggregate = importance, aggregate
         self.calibration_steps = _check_int("calibration_steps", calibration_steps, 1)
         self.calibration_batches = calibration_batches
         if calibration_sequences is not None:
             _check_int("calibration_sequences", calibration_sequences, 1)
         self.calibration_sequences = calibration_sequences
-        self.schedule: list[int] = schedule
-        found = _find_layers(model)
-        if layers is not None:
-            wanted = list(layers)
-            missing = sorted(set(wanted) - set(found))
-            if missing:
-                msg = f"`layers` names layers that `model` does not have: {missing}."
-                raise KeyError(msg)
-            found = {name: found[name] for name in wanted}
-        if not found:
-            msg = (
-                "`model` has no supported SSM layer (LRU, S5, Mamba, Mamba-2 or a registered "
-                "type); see compressm_torch.register_adapter."
-            )
-            raise ValueError(msg)
-        self.layers: dict[str, nn.Module] = found
-        self.history: list[ReductionEvent] = []
-        self.stopped = False
-        self.num_steps = 0
+        self._select_layers(
+            _find_layers(model),
+            layers,
+            "`model` has no supported SSM layer (LRU, S5, Mamba, Mamba-2 or a registered "
+            "type); see compressm_torch.register_adapter.",
+        )
+        found = self.layers
         self.seen_length: int | None = None
-        self._last_metric: float | None = None
-        self._pending: dict[str, Any] | None = None
         self._generator = torch.Generator().manual_seed(seed)
         self._hooks = []
         if horizon == "auto":
@@ -262,58 +233,6 @@ class CompreSSM:
 
     # -- public ----------------------------------------------------------------------------
 
-    @property
-    def state_sizes(self) -> dict[str, int]:
-        """Current state size of every managed layer."""
-        return {name: get_adapter(layer).state_size(layer) for name, layer in self.layers.items()}
-
-    def step(self, val_metric: float | None = None) -> list[ReductionEvent]:
-        """Advance one training step; reduce if this step is scheduled.
-
-        Parameters
-        ----------
-        val_metric : float, optional
-            A validation metric measured at this step (needed by ``"pragmatic"`` mode: the first
-            metric after a reduction decides whether it is kept; the last one before a
-            reduction is its baseline).
-
-        Returns
-        -------
-        list of ReductionEvent
-            The events of this step (empty on most steps).
-        """
-        self.num_steps += 1
-        events: list[ReductionEvent] = []
-        if val_metric is not None:
-            events += self.report_metric(val_metric)
-        if self.num_steps in self.schedule and not self.stopped:
-            events += self._scheduled()
-        self._update_recording()
-        return events
-
-    def report_metric(self, value: float) -> list[ReductionEvent]:
-        """Report a validation metric without advancing the step count.
-
-        In ``"pragmatic"`` mode the first metric after a reduction decides it: if it fell by more
-        than ``rollback_rtol`` (relative) below the metric reported before the reduction, the
-        snapshot is restored and reductions stop. The metric also becomes the baseline of the
-        next reduction.
-
-        Returns
-        -------
-        list of ReductionEvent
-            ``"rolled_back"`` events, if this metric triggered a rollback.
-        """
-        value = float(value)
-        if math.isnan(value):
-            msg = f"`value` must be a finite number; received {value!r}."
-            raise ValueError(msg)
-        return self._on_metric(value)
-
-    def reduce(self) -> list[ReductionEvent]:
-        """Run one reduction event now, on every managed layer (outside the schedule)."""
-        return self._reduce_all()
-
     def remove_hooks(self) -> None:
         """Remove the forward hooks (``horizon="auto"``, statistics of selective layers)."""
         for handle in self._hooks:
@@ -326,34 +245,18 @@ class CompreSSM:
         """Everything needed to resume: counters, schedule, history, random state, pending
         pragmatic snapshot."""
         return {
-            "num_steps": self.num_steps,
-            "schedule": list(self.schedule),
-            "stopped": self.stopped,
+            **self._base_state(),
             "seen_length": self.seen_length,
-            "last_metric": self._last_metric,
             "pending": self._pending,
             "generator": self._generator.get_state(),
-            "history": [asdict(e) for e in self.history],
-            "state_sizes": self.state_sizes,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (the layers must already have the recorded sizes)."""
-        sizes = self.state_sizes
-        if state.get("state_sizes", sizes) != sizes:
-            msg = (
-                f"The model's state sizes {sizes} differ from the recorded "
-                f"{state['state_sizes']}; restore the model first (load_checkpoint does)."
-            )
-            raise ValueError(msg)
-        self.num_steps = int(state["num_steps"])
-        self.schedule = [int(s) for s in state["schedule"]]
-        self.stopped = bool(state["stopped"])
+        self._load_base_state(state, "load_checkpoint does")
         self.seen_length = state["seen_length"]
-        self._last_metric = state["last_metric"]
         self._pending = state["pending"]
         self._generator.set_state(state["generator"])
-        self.history = [ReductionEvent(**e) for e in state["history"]]
 
     # -- internals -------------------------------------------------------------------------
 
@@ -362,6 +265,12 @@ class CompreSSM:
             length = int(args[0].shape[-2])
             if self.seen_length is None or length > self.seen_length:
                 self.seen_length = length
+
+    def _layer_state_size(self, layer: nn.Module) -> int:
+        return get_adapter(layer).state_size(layer)
+
+    def _after_step(self) -> None:
+        self._update_recording()
 
     def _update_recording(self) -> None:
         """Record selective statistics during the forward passes of the next
@@ -383,59 +292,8 @@ class CompreSSM:
             return self.seen_length
         return self.horizon
 
-    def _target_rank(self, hsv: torch.Tensor) -> int:
-        total = int(hsv.shape[-1])
-        if self.mode == "tolerance":
-            rank = select_rank(hsv, tau=self.tau, energy=self.energy)
-        else:
-            rank = math.floor(total * (1 - self.fraction))
-        return min(total, max(self.min_rank, rank))
-
-    def _scheduled(self) -> list[ReductionEvent]:
-        if self.mode != "pragmatic":
-            return self._reduce_all()
-        if self._pending is not None:
-            reason = "pragmatic mode: the previous reduction has not been validated yet"
-        elif self._last_metric is None:
-            reason = "pragmatic mode needs a val_metric reported before the reduction"
-        else:
-            self._pending = self._snapshot()
-            events = self._reduce_all()
-            if not any(e.status == "reduced" for e in events):
-                self._pending = None
-            return events
-        warnings.warn(
-            f"Reduction at step {self.num_steps} skipped: {reason}.",
-            ReductionWarning,
-            stacklevel=3,
-        )
-        return [self._event(name, "skipped", reason=reason) for name in self.layers]
-
-    def _on_metric(self, value: float) -> list[ReductionEvent]:
-        events: list[ReductionEvent] = []
-        pending = self._pending
-        if pending is not None:
-            base = pending["metric"]
-            slack = self.rollback_rtol * abs(base)
-            worse = value < base - slack if self.metric == "max" else value > base + slack
-            self._pending = None
-            if worse:
-                reason = f"validation metric {value:.6g} vs {base:.6g} before the reduction"
-                before = self.state_sizes
-                self._restore(pending)
-                self.stopped = True
-                events = [
-                    self._event(name, "rolled_back", before[name], size, reason=reason)
-                    for name, size in self.state_sizes.items()
-                ]
-                self.history += events
-                logger.info("compressm: rolled back (%s); reductions stopped", reason)
-        self._last_metric = value
-        return events
-
     def _snapshot(self) -> dict[str, Any]:
         return {
-            "metric": self._last_metric,
             "sizes": state_sizes(self.model),
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
             "optimizer": None
@@ -453,20 +311,6 @@ class CompreSSM:
             self.optimizer.load_state_dict(snap["optimizer"])
         if self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(snap["lr_scheduler"])
-
-    def _event(
-        self, name: str, status: str, old: int | None = None, new: int | None = None, **kw: Any
-    ) -> ReductionEvent:
-        layer = self.layers[name]
-        size = get_adapter(layer).state_size(layer)
-        return ReductionEvent(
-            step=self.num_steps,
-            layer=name,
-            status=status,
-            old_rank=size if old is None else old,
-            new_rank=size if new is None else new,
-            **kw,
-        )
 
     def _reduce_all(self) -> list[ReductionEvent]:
         recorder = self._recorder
@@ -490,7 +334,7 @@ class CompreSSM:
             sys = adapter.to_state_space(layer)
             hsv = hankel_singular_values(sys, horizon=horizon, real_output=self.real_output)
         except (CompressmError, ValueError, RuntimeError) as err:
-            return self._refused(name, old, [], start, err)
+            return self._refused(name, old, err, time.perf_counter() - start)
         rank = self._target_rank(hsv)
         total = int(hsv.shape[-1])
         hsv_list = hsv.detach().cpu().tolist()
@@ -516,49 +360,9 @@ class CompreSSM:
                 max_condition=1e8,
             )
         except (CompressmError, ValueError, RuntimeError) as err:
-            return self._refused(name, old, hsv_list, start, err)
+            return self._refused(name, old, err, time.perf_counter() - start, hsv_list)
         self._rebind(layer, adapter, shapes, report)
-        return self._reduced(name, old, hsv_list, report, start)
-
-    def _reduced(
-        self, name: str, old: int, hsv: list[float], report: LayerReduction, start: float
-    ) -> ReductionEvent:
-        event = ReductionEvent(
-            step=self.num_steps,
-            layer=name,
-            status="reduced",
-            old_rank=old,
-            new_rank=report.new_rank,
-            hsv=hsv,
-            error_bound=report.error_bound,
-            hinf_error=report.hinf_error,
-            seconds=time.perf_counter() - start,
-        )
-        logger.info(
-            "compressm: step %d, %s: %d -> %d states", self.num_steps, name, old, report.new_rank
-        )
-        return event
-
-    def _refused(
-        self, name: str, old: int, hsv: list[float], start: float, err: Exception
-    ) -> ReductionEvent:
-        reason = f"{type(err).__name__}: {err}"
-        warnings.warn(
-            f"Reduction of layer {name!r} at step {self.num_steps} refused; the layer is "
-            f"unchanged. {reason}",
-            ReductionWarning,
-            stacklevel=4,
-        )
-        return ReductionEvent(
-            step=self.num_steps,
-            layer=name,
-            status="refused",
-            old_rank=old,
-            new_rank=old,
-            hsv=hsv,
-            seconds=time.perf_counter() - start,
-            reason=reason,
-        )
+        return self._reduced(name, old, report, hsv_list, time.perf_counter() - start)
 
     def _reduce_selective(
         self, name: str, layer: nn.Module, adapter: SelectiveAdapter, start: float
@@ -572,7 +376,7 @@ class CompreSSM:
                 "no statistics were recorded (no training forward pass in the "
                 f"{self.calibration_steps} calibration steps, and no calibration_batches)"
             )
-            return self._refused(name, old, [], start, err)
+            return self._refused(name, old, err, time.perf_counter() - start)
         shapes = {p: tuple(v.shape) for p, v in layer.named_parameters()}
         seed = self.seed + self.num_steps
         try:
@@ -603,9 +407,9 @@ class CompreSSM:
                 seed=seed,
             )
         except (CompressmError, ValueError, RuntimeError) as err:
-            return self._refused(name, old, [], start, err)
+            return self._refused(name, old, err, time.perf_counter() - start)
         self._rebind(layer, adapter, shapes, report)
-        return self._reduced(name, old, hsv_list, report, start)
+        return self._reduced(name, old, report, hsv_list, time.perf_counter() - start)
 
     @torch.no_grad()
     def _calibrate(self) -> None:

@@ -15,8 +15,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from compressm_core._controller import Mode
+
 from .adapters import find_layers, get_adapter, resize_layers, state_sizes
-from .controller import CompreSSM, Mode, ReductionEvent
+from .controller import CompreSSM, ReductionEvent
 from .lru import LRU
 from .optim import OptimizerStatePolicy
 from .reduction import Selection

@@ -1,0 +1,331 @@
+"""Framework-free bookkeeping of the training controllers.
+
+``compressm_torch.CompreSSM`` and ``compressm_jax.CompreSSM`` differ only in how they read,
+reduce, snapshot and restore a model. Everything else lives here, once: option checks, the
+schedule, step counting, the rank rule and gate inputs, the pragmatic snapshot / rollback flow,
+event records and the framework-free part of ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
+from typing import Any, Generic, Literal, TypeVar
+
+from ._typing import Array
+from .rank import select_rank
+from .schedule import (
+    ReductionEvent,
+    ReductionWarning,
+    _check_fraction,
+    _check_int,
+    reduction_schedule,
+)
+
+__all__ = ["MODES", "ControllerBase", "Mode", "Selection"]
+
+logger = logging.getLogger("compressm")
+
+MODES = ("tolerance", "fixed", "pragmatic")
+
+Mode = Literal["tolerance", "fixed", "pragmatic"]
+Selection = Literal["largest", "smallest", "random"]
+
+Layer = TypeVar("Layer")
+
+
+class ControllerBase(Generic[Layer]):
+    """Shared state and flow of a controller; subclasses supply the framework parts.
+
+    Subclasses call :meth:`_configure` and :meth:`_select_layers` from ``__init__`` and
+    implement :meth:`_layer_state_size`, :meth:`_snapshot`, :meth:`_restore` and
+    :meth:`_reduce_all` (which appends its events to :attr:`history`).
+    """
+
+    layers: dict[str, Layer]
+    history: list[ReductionEvent]
+    schedule: list[int]
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def _configure(
+        self,
+        *,
+        total_steps: int,
+        tau: float,
+        mode: Mode,
+        warmup_fraction: float,
+        num_reductions: int,
+        reduction_steps: Sequence[int] | None,
+        fraction: float,
+        selection: Selection,
+        selections: Sequence[str],
+        gate: float,
+        min_rank: int,
+        method: Literal["sqrt", "bfsr"],
+        real_output: bool,
+        energy: Literal["sum", "squared"],
+        rollback_rtol: float,
+        metric: Literal["max", "min"],
+        compute_error: bool,
+        seed: int,
+        choices: Iterable[tuple[str, object, Sequence[str]]] = (),
+    ) -> None:
+        """Check and store the options every controller has; ``choices`` adds
+        ``(name, value, allowed)`` checks of framework-specific options."""
+        self.total_steps = _check_int("total_steps", total_steps, 1)
+        self.tau = _check_fraction("tau", tau)
+        self.fraction = _check_fraction("fraction", fraction)
+        self.gate = _check_fraction("gate", gate, closed=True)
+        self.rollback_rtol = _check_fraction("rollback_rtol", rollback_rtol, closed=True)
+        self.min_rank = _check_int("min_rank", min_rank, 1)
+        for name, value, allowed in (
+            ("mode", mode, MODES),
+            ("selection", selection, tuple(selections)),
+            ("method", method, ("sqrt", "bfsr")),
+            ("energy", energy, ("sum", "squared")),
+            ("metric", metric, ("max", "min")),
+            *((n, v, tuple(a)) for n, v, a in choices),
+        ):
+            if value not in allowed:
+                msg = f"`{name}` must be one of {allowed}; received {value!r}."
+                raise ValueError(msg)
+        if selection == "random" and real_output:
+            msg = "`selection='random'` keeps modal states; it excludes `real_output=True`."
+            raise ValueError(msg)
+        if reduction_steps is None:
+            self.schedule = reduction_schedule(
+                total_steps, warmup_fraction=warmup_fraction, num_reductions=num_reductions
+            )
+        else:
+            steps = {_check_int("reduction_steps[i]", s, 1) for s in reduction_steps}
+            self.schedule = sorted(steps)
+        self.mode, self.selection, self.method = mode, selection, method
+        self.real_output, self.energy, self.metric = real_output, energy, metric
+        self.compute_error, self.seed = compute_error, seed
+        self.history = []
+        self.stopped = False
+        self.num_steps = 0
+        self._last_metric: float | None = None
+        self._pending: dict[str, Any] | None = None
+
+    def _select_layers(
+        self, found: Mapping[str, Layer], layers: Iterable[str] | None, none_found: str
+    ) -> None:
+        """Keep the layers named by ``layers`` (default all of ``found``)."""
+        chosen = dict(found)
+        if layers is not None:
+            wanted = list(layers)
+            missing = sorted(set(wanted) - set(chosen))
+            if missing:
+                msg = f"`layers` names layers that `model` does not have: {missing}."
+                raise KeyError(msg)
+            chosen = {name: chosen[name] for name in wanted}
+        if not chosen:
+            raise ValueError(none_found)
+        self.layers = chosen
+
+    # -- framework parts ---------------------------------------------------------------------
+
+    def _layer_state_size(self, layer: Layer) -> int:
+        raise NotImplementedError
+
+    def _snapshot(self) -> dict[str, Any]:
+        """What :meth:`_restore` needs to undo a reduction event."""
+        raise NotImplementedError
+
+    def _restore(self, snapshot: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _reduce_all(self) -> list[ReductionEvent]:
+        raise NotImplementedError
+
+    def _after_step(self) -> None:
+        """Called at the end of every :meth:`step`."""
+
+    # -- public ------------------------------------------------------------------------------
+
+    @property
+    def state_sizes(self) -> dict[str, int]:
+        """Current state size of every managed layer."""
+        return {name: self._layer_state_size(layer) for name, layer in self.layers.items()}
+
+    def step(self, val_metric: float | None = None) -> list[ReductionEvent]:
+        """Advance one training step; reduce if this step is scheduled.
+
+        Parameters
+        ----------
+        val_metric : float, optional
+            A validation metric measured at this step (needed by ``"pragmatic"`` mode: the first
+            metric after a reduction decides whether it is kept; the last one before a
+            reduction is its baseline). See :meth:`report_metric`.
+
+        Returns
+        -------
+        list of ReductionEvent
+            The events of this step (empty on most steps).
+        """
+        self.num_steps += 1
+        events: list[ReductionEvent] = []
+        if val_metric is not None:
+            events += self.report_metric(val_metric)
+        if self.num_steps in self.schedule and not self.stopped:
+            events += self._scheduled()
+        self._after_step()
+        return events
+
+    def report_metric(self, value: float) -> list[ReductionEvent]:
+        """Report a validation metric without advancing the step count.
+
+        In ``"pragmatic"`` mode the first metric after a reduction decides it: if it fell by more
+        than ``rollback_rtol`` (relative) below the metric reported before the reduction, the
+        snapshot is restored and reductions stop. The metric also becomes the baseline of the
+        next reduction.
+
+        Returns
+        -------
+        list of ReductionEvent
+            ``"rolled_back"`` events, if this metric triggered a rollback.
+        """
+        value = float(value)
+        if math.isnan(value):
+            msg = f"`value` must be a finite number; received {value!r}."
+            raise ValueError(msg)
+        events: list[ReductionEvent] = []
+        pending = self._pending
+        if pending is not None:
+            base = pending["metric"]
+            slack = self.rollback_rtol * abs(base)
+            worse = value < base - slack if self.metric == "max" else value > base + slack
+            self._pending = None
+            if worse:
+                reason = f"validation metric {value:.6g} vs {base:.6g} before the reduction"
+                before = self.state_sizes
+                self._restore(pending)
+                self.stopped = True
+                events = [
+                    self._event(name, "rolled_back", before[name], size, reason=reason)
+                    for name, size in self.state_sizes.items()
+                ]
+                self.history += events
+                logger.info("compressm: rolled back (%s); reductions stopped", reason)
+        self._last_metric = value
+        return events
+
+    def reduce(self) -> list[ReductionEvent]:
+        """Run one reduction event now, on every managed layer (outside the schedule)."""
+        return self._reduce_all()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _scheduled(self) -> list[ReductionEvent]:
+        if self.mode != "pragmatic":
+            return self._reduce_all()
+        if self._pending is not None:
+            reason = "pragmatic mode: the previous reduction has not been validated yet"
+        elif self._last_metric is None:
+            reason = "pragmatic mode needs a val_metric reported before the reduction"
+        else:
+            self._pending = {"metric": self._last_metric, **self._snapshot()}
+            events = self._reduce_all()
+            if not any(e.status == "reduced" for e in events):
+                self._pending = None
+            return events
+        warnings.warn(
+            f"Reduction at step {self.num_steps} skipped: {reason}.",
+            ReductionWarning,
+            stacklevel=3,
+        )
+        return [self._event(name, "skipped", reason=reason) for name in self.layers]
+
+    def _target_rank(self, hsv: Array) -> int:
+        """The rank the mode asks for, clipped to ``[min_rank, N]`` (before the gate)."""
+        total = int(hsv.shape[-1])
+        if self.mode == "tolerance":
+            rank = select_rank(hsv, tau=self.tau, energy=self.energy)
+        else:
+            rank = math.floor(total * (1 - self.fraction))
+        return min(total, max(self.min_rank, rank))
+
+    def _event(
+        self, name: str, status: str, old: int | None = None, new: int | None = None, **kw: Any
+    ) -> ReductionEvent:
+        size = self._layer_state_size(self.layers[name])
+        return ReductionEvent(
+            step=self.num_steps,
+            layer=name,
+            status=status,
+            old_rank=size if old is None else old,
+            new_rank=size if new is None else new,
+            **kw,
+        )
+
+    def _reduced(
+        self, name: str, old: int, report: Any, hsv: list[float], seconds: float
+    ) -> ReductionEvent:
+        """Record a reduction (``report``: the adapter's ``LayerReduction``)."""
+        logger.info(
+            "compressm: step %d, %s: %d -> %d states", self.num_steps, name, old, report.new_rank
+        )
+        return ReductionEvent(
+            step=self.num_steps,
+            layer=name,
+            status="reduced",
+            old_rank=old,
+            new_rank=report.new_rank,
+            hsv=hsv,
+            error_bound=report.error_bound,
+            hinf_error=report.hinf_error,
+            seconds=seconds,
+        )
+
+    def _refused(
+        self, name: str, old: int, err: Exception, seconds: float, hsv: Sequence[float] = ()
+    ) -> ReductionEvent:
+        """Warn about a reduction that raised and record it; the layer is unchanged."""
+        reason = f"{type(err).__name__}: {err}"
+        warnings.warn(
+            f"Reduction of layer {name!r} at step {self.num_steps} refused; the layer is "
+            f"unchanged. {reason}",
+            ReductionWarning,
+            stacklevel=4,
+        )
+        return ReductionEvent(
+            step=self.num_steps,
+            layer=name,
+            status="refused",
+            old_rank=old,
+            new_rank=old,
+            hsv=list(hsv),
+            seconds=seconds,
+            reason=reason,
+        )
+
+    def _base_state(self) -> dict[str, Any]:
+        """The framework-free part of ``state_dict`` (JSON-safe)."""
+        return {
+            "num_steps": self.num_steps,
+            "schedule": list(self.schedule),
+            "stopped": self.stopped,
+            "last_metric": self._last_metric,
+            "history": [asdict(e) for e in self.history],
+            "state_sizes": self.state_sizes,
+        }
+
+    def _load_base_state(self, state: Mapping[str, Any], how: str) -> None:
+        """Restore :meth:`_base_state`; ``how`` says how to give the model its sizes first."""
+        sizes = self.state_sizes
+        if dict(state.get("state_sizes", sizes)) != sizes:
+            msg = (
+                f"The model's state sizes {sizes} differ from the recorded "
+                f"{state['state_sizes']}; restore the model first ({how})."
+            )
+            raise ValueError(msg)
+        self.num_steps = int(state["num_steps"])
+        self.schedule = [int(s) for s in state["schedule"]]
+        self.stopped = bool(state["stopped"])
+        self._last_metric = state["last_metric"]
+        self.history = [ReductionEvent(**e) for e in state["history"]]
