@@ -641,8 +641,9 @@ BACKENDS = ("torch", "numpy")
 
 
 def cast_bytes(case: Case, channels: int, steps: int) -> int:
-    """Bytes of the float64 copies of ``dt``, ``b``, ``c`` that the update makes up front."""
-    return case.batch * steps * (channels + 2 * case.states) * 8
+    """Bytes of the copies of ``dt``, ``b``, ``c`` that the update makes up front: float64 for
+    the mean sums and dense float32 for the recursions (12 bytes per element)."""
+    return case.batch * steps * (channels + 2 * case.states) * 12
 
 
 def measure_case(case: Case, runner: Runner) -> dict[str, Any]:
@@ -934,9 +935,9 @@ NOTES = [
     "kept and show less (all runs are in the JSON). tracemalloc: NumPy buffers only.",
     "Extrapolated rows (run at a shorter L): times × L_full / L_run (every step and block has "
     "the same shapes); scan memory × L_full / L_run (every large tensor of the scan has an L "
-    "axis); update memory + the float64 copies of dt, b, c for the missing steps "
-    "(batch × ΔL × (D + 2N) × 8 bytes; its block temporaries do not depend on L); prototype "
-    "memory as measured (its buffers do not depend on L).",
+    "axis); update memory + the float64 and dense float32 copies of dt, b, c for the missing "
+    "steps (batch × ΔL × (D + 2N) × 12 bytes; its block temporaries do not depend on L); "
+    "prototype memory as measured (its buffers do not depend on L).",
     "Profile: all variants run in one process on the same batch (the library rows from an "
     "empty accumulator; 'float32 accumulator' = SelectiveStatistics of float32 zeros, which "
     "makes the sums float32 too); the allocator rows run in fresh processes with the "
