@@ -352,7 +352,7 @@ def _accumulate_stepwise(
     sums["c"] = sums["c"] + out_sum
     sums["count"] = sums["count"] + batch * steps
     dt, a, b, c = (_dense_copy(x, step, xp) for x in (dt, a, b, c))
-    shape = (batch, channels, states)
+    shape = (batch, channels, states) if gramians else (0,)  # the means need no buffers
     p, m, r, acc_p, acc_q, acc_e = (xp.zeros(shape, dtype=step, device=dev) for _ in range(6))
     for lo in range(0, steps, block):
         hi = min(lo + block, steps)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from compressm_core import CompressmError, hankel_singular_values
-from compressm_core._controller import ControllerBase
+from compressm_core._controller import ControllerBase, Mode
 from compressm_core.schedule import ReductionEvent, ReductionWarning, _check_int
 
 from .adapters import find_layers, get_adapter
@@ -19,8 +19,6 @@ from .optim import ParamChange, _path_key, resize_optimizer_state
 from .reduction import _SELECTIONS, LayerReduction, Selection, reduce_layer
 
 __all__ = ["CompreSSM", "ReductionWarning", "resize_layers"]
-
-Mode = Literal["tolerance", "fixed", "pragmatic"]
 
 
 def resize_layers(model: nnx.Module, sizes: Mapping[str, int]) -> None:
