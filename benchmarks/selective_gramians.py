@@ -1,8 +1,12 @@
 """Selective-Gramian statistics at Mamba-130M-like shapes, against one forward pass of the scan.
 
 A Mamba-130M layer has ``D = 1536`` channels (``d_inner``) and ``N = 16`` states; ``N = 128``
-is the Mamba2 state size. For a batch of ``batch = 8`` calibration sequences of ``L = 1024``
-steps with float32 activations (CPU), this script times and measures the peak memory of
+is the Mamba2 state size. Two ``N = 128`` cases are run: per-channel step sizes and ``A`` (a
+Mamba-1 layer with a large state), and the Mamba-2 layout, where step size and ``A`` are per
+head of 64 channels (24 heads), so the statistics, which only depend on the step size, ``A``,
+``B`` and ``C``, have 64 times fewer (channel, state) pairs than the scan. For a batch of
+``batch = 8`` calibration sequences of ``L = 1024`` steps with float32 activations (CPU), this
+script times and measures the peak memory of
 
 * **scan forward**: a reference selective scan in plain torch, the algorithm of
   ``mamba_ssm``'s ``selective_scan_ref`` (``deltaA = exp(einsum(delta, A))``,
@@ -99,6 +103,7 @@ class Case:
     batch: int
     steps: int
     full_steps: int
+    headdim: int | None = None  # Mamba-2 layout: dt and A per head of `headdim` channels
 
     @property
     def extrapolated(self) -> bool:
@@ -130,7 +135,7 @@ class Config:
 
 FULL = Config(
     channels=1536,
-    cases=(Case(16, 8, 1024, 1024), Case(128, 8, 64, 1024)),
+    cases=(Case(16, 8, 1024, 1024), Case(128, 8, 64, 1024), Case(128, 8, 64, 1024, headdim=64)),
     profile_case=Case(16, 8, 128, 128),
     profiler_steps=64,
     time_block=None,
@@ -144,7 +149,7 @@ FULL = Config(
 
 QUICK = Config(
     channels=256,
-    cases=(Case(16, 2, 256, 256), Case(128, 2, 64, 256)),
+    cases=(Case(16, 2, 256, 256), Case(128, 2, 64, 256), Case(128, 2, 64, 256, headdim=64)),
     profile_case=Case(16, 2, 64, 64),
     profiler_steps=64,
     time_block=None,
@@ -186,7 +191,7 @@ class IdleGate:
 
 
 def make_inputs(
-    batch: int, steps: int, channels: int, states: int, seed: int
+    batch: int, steps: int, channels: int, states: int, seed: int, headdim: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Float32 activations of one Mamba layer, in mamba's layout.
 
@@ -194,14 +199,31 @@ def make_inputs(
     ``[1e-3, 1e-1]``, the Mamba initialisation) plus noise; ``A = -(1, ..., N)`` per channel
     (S4D-real, Mamba's ``A_log`` initialisation); ``B, C (batch, N, L)``, ``u, z (batch, D, L)``
     standard normal; ``D`` ones.
+
+    With ``headdim`` (Mamba-2 layout): one step size and one scalar ``A`` (uniform in
+    ``-[1, 16]``, Mamba-2's initialisation) per head of ``headdim`` channels, repeated over the
+    head's channels for the scan; ``delta_heads (batch, H, L)`` and ``A_heads (H, N)`` are what
+    the statistics receive (the library's Mamba-2 adapter passes heads as channels).
     """
     gen = torch.Generator().manual_seed(seed)
-    dt0 = torch.exp(torch.empty(channels).uniform_(np.log(1e-3), np.log(1e-1), generator=gen))
+    width = 1 if headdim is None else headdim
+    units = channels // width
+    dt0 = torch.exp(torch.empty(units).uniform_(np.log(1e-3), np.log(1e-1), generator=gen))
     bias = torch.log(torch.expm1(dt0))  # inverse softplus, as mamba's dt_proj.bias
-    noise = 0.5 * torch.randn(batch, channels, steps, generator=gen)
+    noise = 0.5 * torch.randn(batch, units, steps, generator=gen)
+    delta = torch.nn.functional.softplus(bias[None, :, None] + noise)
+    if headdim is None:
+        a = -torch.arange(1, states + 1, dtype=torch.float32).repeat(channels, 1)
+        heads = {}
+    else:
+        a_heads = -torch.empty(units, 1).uniform_(1.0, 16.0, generator=gen).expand(units, states)
+        heads = {"delta_heads": delta, "A_heads": a_heads.contiguous()}
+        delta = delta.repeat_interleave(headdim, dim=1)
+        a = a_heads.repeat_interleave(headdim, dim=0)
     return {
-        "delta": torch.nn.functional.softplus(bias[None, :, None] + noise),
-        "A": -torch.arange(1, states + 1, dtype=torch.float32).repeat(channels, 1),
+        **heads,
+        "delta": delta,
+        "A": a,
         "B": torch.randn(batch, states, steps, generator=gen),
         "C": torch.randn(batch, states, steps, generator=gen),
         "u": torch.randn(batch, channels, steps, generator=gen),
@@ -228,8 +250,11 @@ def selective_scan_ref(x: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def hook_views(x: dict[str, torch.Tensor], backend: str) -> tuple[Any, Any, Any, Any]:
-    """``(dt, a, b, c)`` in the library's layout, as a forward hook would pass them."""
+    """``(dt, a, b, c)`` in the library's layout, as a forward hook would pass them (per
+    head for the Mamba-2 layout)."""
     dt, a, b, c = x["delta"], x["A"], x["B"], x["C"]
+    if "delta_heads" in x:
+        dt, a = x["delta_heads"], x["A_heads"]
     if backend == "numpy":
         dt, a, b, c = (t.numpy() for t in (dt, a, b, c))
         return np.swapaxes(dt, 1, 2), a, np.swapaxes(b, 1, 2), np.swapaxes(c, 1, 2)
@@ -433,6 +458,7 @@ def _inputs(spec: dict[str, Any], steps: int | None = None, seed: int | None = N
         spec["channels"],
         spec["states"],
         spec["seed"] if seed is None else seed,
+        spec.get("headdim"),
     )
 
 
@@ -577,6 +603,7 @@ class Runner:
             "states": case.states,
             "batch": case.batch,
             "steps": case.steps,
+            "headdim": case.headdim,
             "seed": self.cfg.seed,
             "threads": self.threads,
             "budget_s": self.cfg.budget_s,
@@ -625,7 +652,8 @@ class Runner:
         if "run" in kept:
             run = kept["run"]
             print(
-                f"[N={spec['states']} batch={spec['batch']} L={spec['steps']}] {label}: "
+                f"[N={spec['states']} headdim={spec['headdim']} batch={spec['batch']} "
+                f"L={spec['steps']}] {label}: "
                 f"{run['seconds']:.3g} s, peak +{run.get('peak_rss_mib', float('nan')):.0f} MiB"
                 f"{' (disturbed)' if run['disturbed'] else ''}",
                 file=sys.stderr,
@@ -658,7 +686,8 @@ def measure_case(case: Case, runner: Runner) -> dict[str, Any]:
         runner.spec(case, kind="update", backend="torch", sequences=min(SUBSET, case.batch))
     )
     steploop = runner.measure(runner.spec(case, kind="steploop"))
-    extra_cast = cast_bytes(case, cfg.channels, case.full_steps - case.steps) / MIB
+    units = cfg.channels // (case.headdim or 1)  # channels of the statistics' dt
+    extra_cast = cast_bytes(case, units, case.full_steps - case.steps) / MIB
 
     def entry(result: dict[str, Any], memory: str) -> dict[str, Any]:
         run = result["run"]
@@ -711,6 +740,8 @@ def measure_case(case: Case, runner: Runner) -> dict[str, Any]:
     return {
         "states": case.states,
         "channels": cfg.channels,
+        "heads": None if case.headdim is None else units,
+        "headdim": case.headdim,
         "batch": case.batch,
         "steps_run": case.steps,
         "steps_reported": case.full_steps,
@@ -807,6 +838,14 @@ def _mem(entry: dict[str, Any], key: str, extrapolated: bool) -> str:
     return f"{full:,.0f}" + (f" (extrap.; run {measured:,.0f})" if extrapolated else "")
 
 
+def _states(c: dict[str, Any]) -> str:
+    """N, with the Mamba-2 layout named."""
+    heads = c.get("heads")
+    return str(c["states"]) + (
+        "" if heads is None else f" (Mamba-2: {heads} heads × {c['headdim']})"
+    )
+
+
 def _shape(c: dict[str, Any]) -> str:
     shape = f"{c['batch']} × {c['steps_reported']}"
     return shape + (f" (run at L = {c['steps_run']})" if c["extrapolated"] else "")
@@ -831,7 +870,7 @@ def markdown_table(cases: list[dict[str, Any]]) -> str:
         r = c["ratio_update_over_scan"]
         fin = c["finalize_importance"]
         row = [
-            str(c["states"]),
+            _states(c),
             _shape(c),
             _t(t["scan_torch"], ext),
             _t(t["update_torch"], ext),
@@ -858,7 +897,7 @@ def memory_table(cases: list[dict[str, Any]]) -> str:
     for c in cases:
         t, ext = c["times"], c["extrapolated"]
         row = [
-            str(c["states"]),
+            _states(c),
             _shape(c),
             _mem(t["scan_torch"], "peak_rss_mib", ext),
             _mem(t["update_torch"], "peak_rss_mib", ext),
@@ -916,6 +955,9 @@ NOTES = [
     "float32 activations passed as transposed views of mamba's (batch, D, L) tensors; NumPy: "
     "the same arrays as NumPy float32. NumPy's elementwise operations use one thread, torch "
     "uses all.",
+    "Mamba-2 layout: step size and A per head of headdim channels, repeated over the head's "
+    "channels for the scan; the update receives them per head (dt (batch, L, H), a (H, N)), "
+    "as compressm_torch's Mamba-2 adapter passes them.",
     "update, first k sequences: the same call on the first k sequences of the batch only, "
     "which is what SelectiveRecorder(max_sequences=k) (the controller's calibration_sequences) "
     "records from each batch; its ratio is to the scan of the whole batch. What this costs in "
@@ -976,7 +1018,7 @@ def markdown_report(result: dict[str, Any]) -> str:
             ratio = c["ratio_update_over_scan"][key]
             mark = "met" if ratio < GOAL else "MISSED"
             k = f", k = {c['subset_sequences']}" if key == "torch_subset" else ""
-            lines.append(f"- N = {c['states']}, {label}{k}: {ratio:.1%} ({mark})")
+            lines.append(f"- N = {_states(c)}, {label}{k}: {ratio:.1%} ({mark})")
     if result.get("profile"):
         lines += ["", profile_tables(result["profile"])]
     lines += ["", *(f"- {note}" for note in result["notes"])]
