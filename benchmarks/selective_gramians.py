@@ -988,9 +988,15 @@ NOTES = [
 ]
 
 
+# The docs include the summary (tables and goals) by this section name (pymdownx.snippets).
+SUMMARY_START = "<!-- --8<-- [start:summary] -->"
+SUMMARY_END = "<!-- --8<-- [end:summary] -->"
+
+
 def markdown_report(result: dict[str, Any]) -> str:
     info = result["machine"]
     lines = [
+        SUMMARY_START,
         f"CPU: {info['processor']}, {info['usable_cpus']} cores, {info['memory_gib']:.0f} GiB, "
         f"torch threads {info['torch_threads']}; NumPy {info['numpy']}, torch {info['torch']}, "
         f"compressm_core {info['compressm_core']}. D = {result['cases'][0]['channels']} channels, "
@@ -1019,6 +1025,7 @@ def markdown_report(result: dict[str, Any]) -> str:
             mark = "met" if ratio < GOAL else "MISSED"
             k = f", k = {c['subset_sequences']}" if key == "torch_subset" else ""
             lines.append(f"- N = {_states(c)}, {label}{k}: {ratio:.1%} ({mark})")
+    lines.append(SUMMARY_END)
     if result.get("profile"):
         lines += ["", profile_tables(result["profile"])]
     lines += ["", *(f"- {note}" for note in result["notes"])]
