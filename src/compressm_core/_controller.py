@@ -25,7 +25,7 @@ from .schedule import (
     reduction_schedule,
 )
 
-__all__ = ["MODES", "ControllerBase", "Mode", "Selection"]
+__all__ = ["MODES", "SELECTIONS", "ControllerBase", "Mode", "Selection"]
 
 logger = logging.getLogger("compressm")
 
@@ -33,6 +33,7 @@ MODES = ("tolerance", "fixed", "pragmatic")
 
 Mode = Literal["tolerance", "fixed", "pragmatic"]
 Selection = Literal["largest", "smallest", "random"]
+SELECTIONS = ("largest", "smallest", "random")
 
 Layer = TypeVar("Layer")
 
@@ -62,7 +63,6 @@ class ControllerBase(Generic[Layer]):
         reduction_steps: Sequence[int] | None,
         fraction: float,
         selection: Selection,
-        selections: Sequence[str],
         gate: float,
         min_rank: int,
         method: Literal["sqrt", "bfsr"],
@@ -84,7 +84,7 @@ class ControllerBase(Generic[Layer]):
         self.min_rank = _check_int("min_rank", min_rank, 1)
         for name, value, allowed in (
             ("mode", mode, MODES),
-            ("selection", selection, tuple(selections)),
+            ("selection", selection, SELECTIONS),
             ("method", method, ("sqrt", "bfsr")),
             ("energy", energy, ("sum", "squared")),
             ("metric", metric, ("max", "min")),

@@ -16,7 +16,7 @@ from compressm_core.schedule import ReductionEvent, ReductionWarning, _check_int
 
 from .adapters import find_layers, get_adapter
 from .optim import ParamChange, _path_key, resize_optimizer_state
-from .reduction import _SELECTIONS, LayerReduction, Selection, reduce_layer
+from .reduction import LayerReduction, Selection, reduce_layer
 
 __all__ = ["CompreSSM", "ReductionWarning", "resize_layers"]
 
@@ -136,7 +136,6 @@ class CompreSSM(ControllerBase[nnx.Module]):
             reduction_steps=reduction_steps,
             fraction=fraction,
             selection=selection,
-            selections=_SELECTIONS,
             gate=gate,
             min_rank=min_rank,
             method=method,

@@ -23,14 +23,12 @@ from compressm_core import (
     rediagonalize,
     select_rank,
 )
+from compressm_core._controller import SELECTIONS, Selection
 
 from ._systems import host_system
 from .adapters import LayerAdapter, get_adapter
 
 __all__ = ["LayerReduction", "Selection", "reduce_layer"]
-
-Selection = Literal["largest", "smallest", "random"]
-_SELECTIONS = ("largest", "smallest", "random")
 
 
 @dataclass(frozen=True)
@@ -80,8 +78,8 @@ def _check_arguments(
     if (rank is None) == (tau is None):
         msg = f"Give exactly one of `rank` and `tau`; received rank={rank!r}, tau={tau!r}."
         raise TypeError(msg)
-    if selection not in _SELECTIONS:
-        msg = f"`selection` must be one of {_SELECTIONS}; received {selection!r}."
+    if selection not in SELECTIONS:
+        msg = f"`selection` must be one of {SELECTIONS}; received {selection!r}."
         raise ValueError(msg)
     if selection == "random" and real_output:
         msg = "`selection='random'` keeps modal states; it cannot be combined with `real_output`."

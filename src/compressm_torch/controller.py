@@ -24,7 +24,7 @@ from compressm_core.schedule import (
 from .adapters import LayerAdapter, SelectiveAdapter, get_adapter, resize_layers, state_sizes
 from .adapters import find_layers as _find_layers
 from .optim import POLICIES, OptimizerStatePolicy, update_optimizer_state
-from .reduction import _SELECTIONS, LayerReduction, Selection, _reduce
+from .reduction import LayerReduction, Selection, _reduce
 from .selective import (
     _AGGREGATES,
     _IMPORTANCE,
@@ -181,7 +181,6 @@ class CompreSSM(ControllerBase[nn.Module]):
             reduction_steps=reduction_steps,
             fraction=fraction,
             selection=selection,
-            selections=_SELECTIONS,
             gate=gate,
             min_rank=min_rank,
             method=method,
