@@ -29,6 +29,7 @@ from compressm_core import (
     controllability_gramian,
     h2_norm,
     hankel_singular_values,
+    pole_order,
 )
 
 __all__ = ["TASKS", "Task", "load_task"]
@@ -440,7 +441,7 @@ def _sysid_arrays() -> tuple[
     system = StateSpace(a, b, c, d)
     hsv = np.asarray(hankel_singular_values(system))
     poles = np.linalg.eigvals(a)
-    poles = poles[np.lexsort((-poles.imag, -np.abs(poles)))]
+    poles = poles[np.asarray(pole_order(poles))]
     u_test, y_test = u[_SYSID_TRAIN:], y[_SYSID_TRAIN:]
     truncation_mse = []
     for r in range(1, _SYSID_ORDER + 1):

@@ -29,6 +29,7 @@ from .gramians import (
 from .hankel import hankel_singular_values
 from .lyapunov import solve_discrete_lyapunov
 from .norms import frequency_response, h2_norm, h_infinity_norm
+from .ordering import pole_order, tolerant_argsort
 from .perturbation import (
     RankingCertificate,
     RankTracker,
@@ -92,6 +93,7 @@ __all__ = [
     "mean_lti_surrogate",
     "merge_selective_statistics",
     "observability_gramian",
+    "pole_order",
     "ranking_certificate",
     "real_output_realization",
     "rediagonalize",
@@ -103,5 +105,6 @@ __all__ = [
     "state_importance",
     "time_varying_gramians",
     "to_dense",
+    "tolerant_argsort",
     "update_selective_statistics",
 ]

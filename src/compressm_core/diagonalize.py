@@ -11,19 +11,16 @@ from ._typing import Array, Namespace
 from ._validation import check_system
 from .errors import ConditioningError, StabilityError
 from .linalg import eig
+from .ordering import ULPS, pole_order
 from .systems import DiagonalStateSpace, StateSpace
 
 __all__ = ["rediagonalize"]
 
 
 def _sort_modes(w: Array, v: Array, xp: Namespace) -> tuple[Array, Array]:
-    """Deterministic order: descending modulus, ties by descending imaginary part."""
-    order = xp.argsort(-xp.imag(w), axis=-1, stable=True)
-    w, v = (
-        xp.take_along_axis(w, order, axis=-1),
-        xp.take_along_axis(v, order[..., None, :], axis=-1),
-    )
-    order = xp.argsort(-xp.abs(w), axis=-1, stable=True)
+    """Deterministic order of :func:`~compressm_core.pole_order` (modulus descending, ties by
+    imaginary then real part descending, compared with a tolerance of a few hundred ulps)."""
+    order = pole_order(w, xp=xp)
     return xp.take_along_axis(w, order, axis=-1), xp.take_along_axis(
         v, order[..., None, :], axis=-1
     )
@@ -39,7 +36,11 @@ def _balance_modes(b: Array, c: Array, xp: Namespace) -> tuple[Array, Array]:
     ok = (nb > 0) & (nc > 0)
     one = xp.ones_like(nb)
     mag = xp.where(ok, xp.sqrt(xp.where(ok, nb, one) / xp.where(ok, nc, one)), one)
-    idx = xp.argmax(xp.abs(b), axis=-1, keepdims=True)
+    # the first entry within a few hundred ulps of the largest, not the last bits' winner
+    mags = xp.abs(b)
+    top = xp.max(mags, axis=-1, keepdims=True) if b.shape[-1] else mags
+    rtol = ULPS * float(xp.finfo(mags.dtype).eps)
+    idx = xp.argmax(xp.astype(mags >= top * (1 - rtol), xp.int8), axis=-1, keepdims=True)
     pivot = xp.take_along_axis(b, idx, axis=-1)[..., 0]
     pmag = xp.abs(pivot)
     phase = xp.where(
@@ -107,8 +108,11 @@ def rediagonalize(
     Returns
     -------
     DiagonalStateSpace
-        Poles sorted by descending modulus (ties: descending imaginary part); each mode scaled
-        so that ``||b_i|| = ||c_i||`` with the largest-modulus entry of ``b_i`` real positive.
+        Poles in the order of :func:`~compressm_core.pole_order`: descending modulus, ties by
+        descending imaginary part, then descending real part, where values within a few hundred
+        ulps tie (so the order does not depend on the rounding of the eigenvalue routine). Each
+        mode is scaled so that ``||b_i|| = ||c_i||`` with the largest-modulus entry of ``b_i``
+        (the first one, among entries equal up to rounding) real positive.
 
     Raises
     ------

@@ -36,6 +36,7 @@ from . import _xp
 from ._typing import Array, DType, Namespace
 from ._validation import check_finite, check_int, check_stable_poles
 from .errors import ShapeError
+from .ordering import ULPS, tolerant_argsort
 from .systems import DiagonalStateSpace
 
 __all__ = [
@@ -891,8 +892,10 @@ def select_state_indices(importance: Array, rank: int, *, xp: Namespace | None =
     -------
     (..., rank) integer array
         Sorted indices to keep, e.g. for slicing ``A_log[:, idx]`` and the ``B``/``C`` rows of
-        the input projection. Ties are broken towards the lower index. Traceable: the shape
-        depends only on ``rank``.
+        the input projection. Scores within a few hundred ulps of each other (relative to the
+        largest) tie, and ties are broken towards the lower index, so rounding noise in the
+        scores never decides which state is kept. Traceable: the shape depends only on
+        ``rank``.
 
     Raises
     ------
@@ -906,5 +909,7 @@ def select_state_indices(importance: Array, rank: int, *, xp: Namespace | None =
         msg = f"`importance` must have shape (..., N); received shape {_shape(importance)}."
         raise ShapeError(msg)
     rank = check_int(rank, "rank", low=1, high=int(importance.shape[-1]))
-    order = xp.argsort(importance, axis=-1, descending=True, stable=True)
+    scale = xp.max(xp.abs(importance), axis=-1, keepdims=True)
+    tol = ULPS * float(xp.finfo(importance.dtype).eps) * scale
+    order = tolerant_argsort([-importance], tol=tol, xp=xp)
     return xp.sort(order[..., :rank], axis=-1)
