@@ -50,6 +50,17 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        msg = f"expected an integer >= 0, received {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -94,7 +105,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         "--threads", type=_positive(int), default=None, help="torch CPU threads (torch only)"
     )
     g = p.add_argument_group("reduction")
-    g.add_argument("--tau", type=_fraction, default=0.2, help="HSV energy discarded (0.2)")
+    g.add_argument("--tau", type=_fraction, default=0.1, help="HSV energy discarded (0.1)")
     g.add_argument(
         "--mode", choices=("tolerance", "fixed", "pragmatic"), default="tolerance", help="mode"
     )
@@ -108,6 +119,18 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         "--warmup-fraction", type=_fraction, default=0.2, help="reductions happen in (0.2)"
     )
     g.add_argument("--num-reductions", type=_positive(int), default=4, help="events (4)")
+    g.add_argument(
+        "--schedule",
+        choices=("steps", "certified"),
+        default="steps",
+        help="fixed reduction steps, or cuts certified stable after learning starts (steps)",
+    )
+    g.add_argument(
+        "--rewarmup-steps",
+        type=_nonnegative_int,
+        default=0,
+        help="learning-rate re-warm-up steps after each cut (0)",
+    )
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/...)")
     p.add_argument("--json", type=Path, default=None, help="also write the report JSON here")
     p.add_argument("--quick", action="store_true", help="tiny preset (< 1 minute on 2 cores)")
@@ -163,6 +186,8 @@ def _config(args: argparse.Namespace, *, label: str, seed: int, reduce: bool) ->
         mode=args.mode,
         warmup_fraction=args.warmup_fraction,
         num_reductions=args.num_reductions,
+        schedule=args.schedule,
+        rewarmup_steps=args.rewarmup_steps,
         horizon=args.horizon,
         eval_every=QUICK_EVAL_EVERY if quick and args.eval_every == 100 else args.eval_every,
         seed=seed,

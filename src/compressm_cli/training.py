@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -13,7 +14,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from compressm_core.schedule import ReductionEvent
+from compressm_core.schedule import ReductionEvent, ReductionWarning
 from compressm_torch import CompreSSM, SequenceModel, state_sizes
 
 if TYPE_CHECKING:
@@ -50,11 +51,14 @@ class RunConfig:
     weight_decay: float = 0.01
     lr_warmup: float = 0.05
     reduce: bool = True
-    tau: float = 0.2
+    tau: float = 0.1
     mode: Literal["tolerance", "fixed", "pragmatic"] = "tolerance"
     fraction: float = 0.1
     warmup_fraction: float = 0.2
     num_reductions: int = 4
+    schedule: Literal["steps", "certified"] = "steps"
+    rewarmup_steps: int = 0
+    selection: Literal["largest", "smallest", "random"] = "largest"
     horizon: int | Literal["auto"] | None = None
     eval_every: int = 100
     seed: int = 0
@@ -197,6 +201,9 @@ def train(
             warmup_fraction=config.warmup_fraction,
             num_reductions=config.num_reductions,
             horizon=config.horizon,
+            schedule=config.schedule,
+            rewarmup_steps=config.rewarmup_steps,
+            selection=config.selection,
             lr_scheduler=sched,
             metric="max" if task.kind == "classification" else "min",
         )
@@ -234,8 +241,8 @@ class Controller(Protocol):
     def history(self) -> list[ReductionEvent]:
         """Every event so far."""
 
-    def step(self) -> list[ReductionEvent]:
-        """Advance one training step; reduce if it is scheduled."""
+    def step(self, *, loss: Any = None) -> list[ReductionEvent]:
+        """Advance one training step (``loss``: its training loss); reduce if it is due."""
 
     def report_metric(self, value: float) -> list[ReductionEvent]:
         """A validation metric (judges pragmatic reductions)."""
@@ -304,7 +311,7 @@ def training_loop(
         for step_no in range(1, config.steps + 1):
             start = time.perf_counter()
             loss = step()
-            events = controller.step() if controller is not None else []
+            events = _step_controller(controller, loss, on_event)
             clock += time.perf_counter() - start
             for event in events:
                 result.reduction_seconds += event.seconds
@@ -334,6 +341,24 @@ def training_loop(
         bar.close()
     _finish(result, task, evaluate, sizes, controller, clock, config)
     return result
+
+
+def _step_controller(
+    controller: Controller | None, loss: Any, on_event: Callable[[str], None] | None
+) -> list[ReductionEvent]:
+    """``controller.step(loss=loss)``; its :class:`ReductionWarning` s become event lines."""
+    if controller is None:
+        return []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ReductionWarning)
+        events = controller.step(loss=loss)
+    for item in caught:
+        if issubclass(item.category, ReductionWarning):
+            if on_event is not None:
+                on_event(f"warning: {item.message}")
+        else:
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+    return events
 
 
 def _finish(

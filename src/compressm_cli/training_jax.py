@@ -151,8 +151,8 @@ class _Refreshing:
     def history(self) -> list[ReductionEvent]:
         return self.controller.history
 
-    def step(self) -> list[ReductionEvent]:
-        return self._refreshed(self.controller.step())
+    def step(self, *, loss: Any = None) -> list[ReductionEvent]:
+        return self._refreshed(self.controller.step(loss=loss))
 
     def report_metric(self, value: float) -> list[ReductionEvent]:
         return self._refreshed(self.controller.report_metric(value))
@@ -224,6 +224,9 @@ def train(
                 fraction=config.fraction,
                 warmup_fraction=config.warmup_fraction,
                 num_reductions=config.num_reductions,
+                schedule=config.schedule,
+                rewarmup_steps=config.rewarmup_steps,
+                selection=config.selection,
                 horizon=task.x_train.shape[1] if horizon == "auto" else horizon,
                 metric="max" if task.kind == "classification" else "min",
             )

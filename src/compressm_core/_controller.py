@@ -15,7 +15,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, Generic, Literal, TypeVar
 
+import numpy as np
+
 from ._typing import Array
+from .certified import CertifiedSchedule
+from .perturbation import hsv_perturbation_bound
 from .rank import select_rank
 from .schedule import (
     ReductionEvent,
@@ -25,7 +29,7 @@ from .schedule import (
     reduction_schedule,
 )
 
-__all__ = ["MODES", "SELECTIONS", "ControllerBase", "Mode", "Selection"]
+__all__ = ["MODES", "SCHEDULES", "SELECTIONS", "ControllerBase", "Mode", "Schedule", "Selection"]
 
 logger = logging.getLogger("compressm")
 
@@ -34,6 +38,11 @@ MODES = ("tolerance", "fixed", "pragmatic")
 Mode = Literal["tolerance", "fixed", "pragmatic"]
 Selection = Literal["largest", "smallest", "random"]
 SELECTIONS = ("largest", "smallest", "random")
+Schedule = Literal["steps", "certified"]
+SCHEDULES = ("steps", "certified")
+
+#: Fraction of ``total_steps`` between two checks when ``check_every`` is not given.
+CHECK_FRACTION = 0.01
 
 Layer = TypeVar("Layer")
 
@@ -72,6 +81,12 @@ class ControllerBase(Generic[Layer]):
         metric: Literal["max", "min"],
         compute_error: bool,
         seed: int,
+        schedule: Schedule = "steps",
+        check_every: int | None = None,
+        certify_window: int = 3,
+        learning_drop: float = 0.2,
+        rank_rtol: float = 0.1,
+        rewarmup_steps: int = 0,
         choices: Iterable[tuple[str, object, Sequence[str]]] = (),
     ) -> None:
         """Check and store the options every controller has; ``choices`` adds
@@ -88,6 +103,7 @@ class ControllerBase(Generic[Layer]):
             ("method", method, ("sqrt", "bfsr")),
             ("energy", energy, ("sum", "squared")),
             ("metric", metric, ("max", "min")),
+            ("schedule", schedule, SCHEDULES),
             *((n, v, tuple(a)) for n, v, a in choices),
         ):
             if value not in allowed:
@@ -96,6 +112,29 @@ class ControllerBase(Generic[Layer]):
         if selection == "random" and real_output:
             msg = "`selection='random'` keeps modal states; it excludes `real_output=True`."
             raise ValueError(msg)
+        if schedule == "certified" and mode == "pragmatic":
+            msg = (
+                "`schedule='certified'` works with mode 'tolerance' or 'fixed'; "
+                "received mode 'pragmatic'."
+            )
+            raise ValueError(msg)
+        if schedule == "certified" and reduction_steps is not None:
+            msg = "`reduction_steps` is an explicit schedule; it excludes `schedule='certified'`."
+            raise ValueError(msg)
+        if check_every is None:
+            check_every = max(1, round(CHECK_FRACTION * total_steps))
+        self.rewarmup_steps = _check_int("rewarmup_steps", rewarmup_steps, 0)
+        self.certify = CertifiedSchedule(
+            [],
+            check_every=check_every,
+            deadline=max(1, round(warmup_fraction * total_steps)),
+            window=certify_window,
+            num_reductions=num_reductions,
+            learning_drop=learning_drop,
+            rank_rtol=rank_rtol,
+        )
+        self.schedule_kind: Schedule = schedule
+        self._last_cut_step: int | None = None
         if reduction_steps is None:
             self.schedule = reduction_schedule(
                 total_steps, warmup_fraction=warmup_fraction, num_reductions=num_reductions
@@ -127,6 +166,19 @@ class ControllerBase(Generic[Layer]):
         if not chosen:
             raise ValueError(none_found)
         self.layers = chosen
+        old = self.certify
+        self.certify = CertifiedSchedule(
+            chosen,
+            check_every=old.check_every,
+            deadline=old.deadline,
+            window=old.window,
+            num_reductions=old.num_reductions,
+            learning_drop=old.learning_drop,
+            rank_rtol=old.rank_rtol,
+        )
+        self._previous: dict[str, Any] = {}
+        if self.schedule_kind == "certified":
+            self.schedule = [old.deadline]
 
     # -- framework parts ---------------------------------------------------------------------
 
@@ -140,11 +192,30 @@ class ControllerBase(Generic[Layer]):
     def _restore(self, snapshot: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def _reduce_all(self) -> list[ReductionEvent]:
+    def _reduce_all(self, names: Iterable[str] | None = None) -> list[ReductionEvent]:
+        """Reduce the layers ``names`` (default all) now; append the events to the history."""
         raise NotImplementedError
 
     def _after_step(self) -> None:
         """Called at the end of every :meth:`step`."""
+
+    def _observe(self, name: str, layer: Layer) -> tuple[Array, Any, Any] | None:
+        """A check of the certified schedule: ``(hsv, system, kept)`` of the current
+        parameters. ``system`` (a core system, for the Weyl bound between checks) or ``kept``
+        (the state indices a selective layer would keep at ``rank``) is ``None``; ``None`` if
+        the layer cannot be observed now."""
+        raise NotImplementedError
+
+    def _after_checks(self) -> None:
+        """Called at the end of a check, after its cuts (drop recorded statistics)."""
+
+    def _agree(self, flag: bool) -> bool:
+        """The same decision on every process (logical AND across ranks where distributed)."""
+        return flag
+
+    def _bound_options(self) -> dict[str, Any]:
+        """Keyword options of :func:`hsv_perturbation_bound` (horizon, real output)."""
+        return {"real_output": self.real_output}
 
     # -- public ------------------------------------------------------------------------------
 
@@ -153,8 +224,10 @@ class ControllerBase(Generic[Layer]):
         """Current state size of every managed layer."""
         return {name: self._layer_state_size(layer) for name, layer in self.layers.items()}
 
-    def step(self, val_metric: float | None = None) -> list[ReductionEvent]:
-        """Advance one training step; reduce if this step is scheduled.
+    def step(
+        self, val_metric: float | None = None, *, loss: float | Any | None = None
+    ) -> list[ReductionEvent]:
+        """Advance one training step; reduce if this step is scheduled (or certified).
 
         Parameters
         ----------
@@ -162,6 +235,12 @@ class ControllerBase(Generic[Layer]):
             A validation metric measured at this step (needed by ``"pragmatic"`` mode: the first
             metric after a reduction decides whether it is kept; the last one before a
             reduction is its baseline). See :meth:`report_metric`.
+        loss : float or 0-D tensor, optional
+            The training loss of this step. With it the controller knows whether learning has
+            started (the loss of the last ``check_every`` steps fell by ``learning_drop`` below
+            its initial level): the certified schedule waits for it, and a cut made before it
+            raises a :class:`ReductionWarning`. Tensors are summed as they are and read on the
+            host once per ``check_every`` steps (no synchronisation at every step).
 
         Returns
         -------
@@ -169,13 +248,35 @@ class ControllerBase(Generic[Layer]):
             The events of this step (empty on most steps).
         """
         self.num_steps += 1
+        certify = self.certify
+        if loss is not None:
+            certify.observe_loss(loss)
         events: list[ReductionEvent] = []
         if val_metric is not None:
             events += self.report_metric(val_metric)
-        if self.num_steps in self.schedule and not self.stopped:
-            events += self._scheduled()
+        if self.num_steps % certify.check_every == 0:
+            certify.close_interval()
+        check = certify.is_check(self.num_steps)
+        if self.stopped:
+            pass
+        elif self.schedule_kind == "certified":
+            if check:
+                events += self._certified_check()
+            if self.num_steps == certify.deadline:
+                events += self._deadline()
+        elif self.num_steps in self.schedule:
+            events += self._annotate(self._scheduled(), "scheduled")
         self._after_step()
         return events
+
+    @property
+    def lr_factor(self) -> float:
+        """Factor of the learning rate at the next optimizer update: ``min(1, k / K)`` in the
+        ``K = rewarmup_steps`` updates after a cut (``k = 1 .. K``), else 1."""
+        if not self.rewarmup_steps or self._last_cut_step is None:
+            return 1.0
+        since = self.num_steps - self._last_cut_step + 1
+        return min(1.0, since / (self.rewarmup_steps + 1))
 
     def report_metric(self, value: float) -> list[ReductionEvent]:
         """Report a validation metric without advancing the step count.
@@ -240,6 +341,98 @@ class ControllerBase(Generic[Layer]):
             stacklevel=3,
         )
         return [self._event(name, "skipped", reason=reason) for name in self.layers]
+
+    def _certified_check(self) -> list[ReductionEvent]:
+        """One check: observe every layer with cuts left; cut those certified."""
+        certify = self.certify
+        if not self._agree(certify.learning_started is not False):
+            return []
+        due: list[str] = []
+        margins: dict[str, float | None] = {}
+        triggers: dict[str, str] = {}
+        try:
+            for name, layer in self.layers.items():
+                if certify.remaining(name) <= 0:
+                    continue
+                seen = self._observe(name, layer)
+                if seen is None:
+                    continue
+                hsv, system, kept = seen
+                values = np.asarray(hsv, dtype=np.float64)
+                rank = self._target_rank(values)
+                bound = None
+                previous = self._previous.get(name)
+                if system is not None:
+                    self._previous[name] = system
+                    if previous is not None:
+                        opts = self._bound_options()
+                        bound = float(hsv_perturbation_bound(previous, system, **opts))
+                trigger, margin = certify.update(name, values, rank=rank, bound=bound, kept=kept)
+                margins[name] = margin
+                if self._agree(trigger is not None and rank < self.gate * values.size):
+                    due.append(name)
+                    triggers[name] = trigger or "stable"
+            events: list[ReductionEvent] = []
+            for trigger in sorted(set(triggers.values())):
+                names = [name for name in due if triggers[name] == trigger]
+                events += self._cut(names, trigger, margins)
+            return events
+        finally:
+            self._after_checks()
+
+    def _deadline(self) -> list[ReductionEvent]:
+        """Force every remaining cut (one event per round while a layer still reduces)."""
+        events: list[ReductionEvent] = []
+        while True:
+            due = [name for name in self.layers if self.certify.remaining(name) > 0]
+            if not due:
+                return events
+            batch = self._cut(due, "deadline", {})
+            events += batch
+            for event in batch:
+                if event.status != "reduced":
+                    self.certify.exhaust(event.layer)
+
+    def _cut(
+        self, names: list[str], trigger: str, margins: Mapping[str, float | None]
+    ) -> list[ReductionEvent]:
+        events = self._annotate(self._reduce_all(names), trigger, margins)
+        for event in events:
+            if event.status == "reduced":
+                self.certify.cut(event.layer)
+                self._previous.pop(event.layer, None)
+        return events
+
+    def _annotate(
+        self,
+        events: list[ReductionEvent],
+        trigger: str,
+        margins: Mapping[str, float | None] | None = None,
+    ) -> list[ReductionEvent]:
+        """Record trigger, margin and loss on the events; warn about cuts before learning."""
+        certify = self.certify
+        started = certify.learning_started
+        reduced = False
+        for event in events:
+            event.trigger = trigger
+            event.loss = certify.recent_loss
+            if margins:
+                event.margin = margins.get(event.layer)
+            reduced = reduced or event.status == "reduced"
+        if reduced:
+            self._last_cut_step = self.num_steps
+            if started is False:
+                loss, first = certify.recent_loss, certify.initial_loss
+                warnings.warn(
+                    f"Reduction at step {self.num_steps} ({trigger}) made while the training loss "
+                    f"({loss:.4g}) has not fallen by `learning_drop`={certify.learning_drop:g} "
+                    f"below its initial level ({first:.4g}); the HSVs may still reflect the "
+                    "initialisation. Reduce later (a larger `warmup_fraction`) or use "
+                    "`schedule='certified'`.",
+                    ReductionWarning,
+                    stacklevel=4,
+                )
+        return events
 
     def _target_rank(self, hsv: Array) -> int:
         """The rank the mode asks for, clipped to ``[min_rank, N]`` (before the gate)."""
@@ -313,6 +506,8 @@ class ControllerBase(Generic[Layer]):
             "last_metric": self._last_metric,
             "history": [asdict(e) for e in self.history],
             "state_sizes": self.state_sizes,
+            "certify": self.certify.state_dict(),
+            "last_cut_step": self._last_cut_step,
         }
 
     def _load_base_state(self, state: Mapping[str, Any], how: str) -> None:
@@ -329,3 +524,7 @@ class ControllerBase(Generic[Layer]):
         self.stopped = bool(state["stopped"])
         self._last_metric = state["last_metric"]
         self.history = [ReductionEvent(**e) for e in state["history"]]
+        if "certify" in state:
+            self.certify.load_state_dict(state["certify"])
+            self._last_cut_step = state["last_cut_step"]
+        self._previous = {}

@@ -43,6 +43,17 @@ class ReductionEvent:
         Wall time spent on this layer (HSVs, truncation, write-back, optimizer surgery).
     reason : str
         Why a reduction was skipped, refused or rolled back.
+    trigger : str
+        What made the controller cut: ``"scheduled"`` (a step of the fixed schedule),
+        ``"certified"`` (learning had started and the cut was certified stable),
+        ``"deadline"`` (the certified schedule's deadline forced it) or ``""`` (a direct
+        :meth:`reduce` call, a rollback).
+    margin : float or None
+        Certified schedule: the certificate margin :math:`g_r - 2 A_r` of the cut when it was
+        made (``None`` for selective layers and other triggers).
+    loss : float or None
+        Mean training loss of the last ``check_every`` steps before the event, when the loss is
+        passed to ``step``.
     """
 
     step: int
@@ -55,6 +66,9 @@ class ReductionEvent:
     hinf_error: float | None = None
     seconds: float = 0.0
     reason: str = ""
+    trigger: str = ""
+    margin: float | None = None
+    loss: float | None = None
 
 
 def _check_int(name: str, value: object, low: int) -> int:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from compressm_core import CompressmError, hankel_singular_values
-from compressm_core._controller import ControllerBase, Mode
+from compressm_core._controller import ControllerBase, Mode, Schedule
 from compressm_core.schedule import ReductionEvent, ReductionWarning, _check_int
 
 from .adapters import find_layers, get_adapter
@@ -80,6 +80,11 @@ class CompreSSM(ControllerBase[nnx.Module]):
         As for :class:`compressm_torch.CompreSSM` (``horizon`` is ``None`` or an int).
     rollback_rtol, metric, compute_error, layers, seed : optional
         As for :class:`compressm_torch.CompreSSM`.
+    schedule, check_every, certify_window, learning_drop, rank_rtol : optional
+        The certified schedule, as for :class:`compressm_torch.CompreSSM` (pass ``loss`` to
+        :meth:`step`). A learning-rate re-warm-up after each cut is :attr:`lr_factor`
+        (``rewarmup_steps``); multiply it into the learning rate of the next updates, e.g.
+        through ``optax.inject_hyperparams``.
 
     Examples
     --------
@@ -119,6 +124,12 @@ class CompreSSM(ControllerBase[nnx.Module]):
         compute_error: bool = False,
         layers: Iterable[str] | None = None,
         seed: int = 0,
+        schedule: Schedule = "steps",
+        check_every: int | None = None,
+        certify_window: int = 3,
+        learning_drop: float = 0.2,
+        rank_rtol: float = 0.1,
+        rewarmup_steps: int = 0,
     ) -> None:
         if not isinstance(model, nnx.Module):
             msg = f"`model` must be a flax.nnx.Module; received {type(model).__name__}."
@@ -145,6 +156,12 @@ class CompreSSM(ControllerBase[nnx.Module]):
             metric=metric,
             compute_error=compute_error,
             seed=seed,
+            schedule=schedule,
+            check_every=check_every,
+            certify_window=certify_window,
+            learning_drop=learning_drop,
+            rank_rtol=rank_rtol,
+            rewarmup_steps=rewarmup_steps,
         )
         if horizon is not None:
             _check_int("horizon", horizon, 1)
@@ -172,6 +189,14 @@ class CompreSSM(ControllerBase[nnx.Module]):
     def _layer_state_size(self, layer: nnx.Module) -> int:
         return get_adapter(layer).state_size(layer)
 
+    def _observe(self, name: str, layer: nnx.Module) -> tuple[Any, Any, Any] | None:
+        sys = get_adapter(layer).to_state_space(layer)
+        hsv = hankel_singular_values(sys, horizon=self.horizon, real_output=self.real_output)
+        return hsv, sys, None
+
+    def _bound_options(self) -> dict[str, Any]:
+        return {"real_output": self.real_output, "horizon": self.horizon}
+
     def _snapshot(self) -> dict[str, Any]:
         return {
             "model": jax.tree.map(lambda x: x, nnx.state(self.model)),
@@ -185,13 +210,13 @@ class CompreSSM(ControllerBase[nnx.Module]):
         if self.optimizer is not None:
             nnx.update(self.optimizer, snapshot["optimizer"])
 
-    def _reduce_all(self) -> list[ReductionEvent]:
+    def _reduce_all(self, names: Iterable[str] | None = None) -> list[ReductionEvent]:
         wrt = self.optimizer.wrt if self.optimizer is not None else nnx.Param
         before = jax.tree.map(lambda x: x, nnx.state(self.model, wrt))
         reports: dict[str, LayerReduction] = {}
         events = []
-        for name, layer in self.layers.items():
-            event, report = self._reduce_one(name, layer)
+        for name in list(self.layers) if names is None else list(names):
+            event, report = self._reduce_one(name, self.layers[name])
             events.append(event)
             if report is not None:
                 reports[name] = report

@@ -12,8 +12,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from compressm_core import CompressmError, hankel_singular_values
-from compressm_core._controller import ControllerBase, Mode
+from compressm_core import CompressmError, hankel_singular_values, select_state_indices
+from compressm_core._controller import ControllerBase, Mode, Schedule
 from compressm_core.schedule import (
     ReductionEvent,
     ReductionWarning,
@@ -117,6 +117,32 @@ class CompreSSM(ControllerBase[nn.Module]):
         Selective layers: record at most this many sequences of each calibration batch
         (:class:`SelectiveRecorder`'s ``max_sequences``; default all). The recording cost is
         proportional to it; the scores are then estimated from fewer samples.
+    schedule : {"steps", "certified"}, optional
+        ``"steps"``: reduce at the fixed steps (``reduction_steps``, or ``num_reductions``
+        evenly spaced in the first ``warmup_fraction``; the paper). ``"certified"``: check the
+        layers every ``check_every`` steps before the deadline ``warmup_fraction *
+        total_steps``; cut a layer once learning has started (pass ``loss`` to :meth:`step`)
+        and the cut at the rank the rule asks for has been certified stable for
+        ``certify_window`` checks (Weyl bound of :class:`~compressm_core.RankTracker`; for
+        selective layers, an unchanged set of kept states) or the rule's rank has stayed within
+        ``rank_rtol`` over ``certify_window + 1`` checks, at most ``num_reductions`` times; the
+        deadline forces the remaining cuts. See :mod:`compressm_core.certified`.
+    check_every : int, optional
+        Steps between checks of the certified schedule and between readings of the training
+        loss (default 1 % of ``total_steps``).
+    certify_window : int, optional
+        Consecutive certified checks a cut needs (certified schedule).
+    learning_drop : float, optional
+        Relative fall of the mean training loss below its first ``check_every`` steps that
+        counts as "learning has started".
+    rank_rtol : float, optional
+        Relative spread of the rule's rank over the last checks that counts as stable
+        (certified schedule).
+    rewarmup_steps : int, optional
+        After each event that reduced a layer, scale the learning rate of the next
+        ``rewarmup_steps`` optimizer updates by ``k / (rewarmup_steps + 1)``, ``k = 1, 2, ...``
+        (a brief re-warm-up). Applied around ``optimizer.step()`` by step hooks and undone
+        after it, so any LR scheduler (chainable ones included) sees its own values.
 
     Examples
     --------
@@ -164,6 +190,12 @@ class CompreSSM(ControllerBase[nn.Module]):
         calibration_steps: int = 8,
         calibration_batches: Iterable[Any] | None = None,
         calibration_sequences: int | None = None,
+        schedule: Schedule = "steps",
+        check_every: int | None = None,
+        certify_window: int = 3,
+        learning_drop: float = 0.2,
+        rank_rtol: float = 0.1,
+        rewarmup_steps: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             msg = f"`model` must be a torch.nn.Module; received {type(model).__name__}."
@@ -190,6 +222,12 @@ class CompreSSM(ControllerBase[nn.Module]):
             metric=metric,
             compute_error=compute_error,
             seed=seed,
+            schedule=schedule,
+            check_every=check_every,
+            certify_window=certify_window,
+            learning_drop=learning_drop,
+            rank_rtol=rank_rtol,
+            rewarmup_steps=rewarmup_steps,
             choices=(
                 ("optimizer_state", optimizer_state, POLICIES),
                 ("importance", importance, _IMPORTANCE),
@@ -222,6 +260,13 @@ class CompreSSM(ControllerBase[nn.Module]):
                 for layer in found.values()
                 if isinstance(get_adapter(layer), LayerAdapter)
             ]
+        self._stats_step: int | None = None
+        self._saved_lrs: list[float] | None = None
+        if optimizer is not None and self.rewarmup_steps:
+            self._hooks += [
+                optimizer.register_step_pre_hook(self._scale_lr),
+                optimizer.register_step_post_hook(self._unscale_lr),
+            ]
         selective = [n for n, m in found.items() if isinstance(get_adapter(m), SelectiveAdapter)]
         self._recorder: SelectiveRecorder | None = None
         if selective:
@@ -233,7 +278,8 @@ class CompreSSM(ControllerBase[nn.Module]):
     # -- public ----------------------------------------------------------------------------
 
     def remove_hooks(self) -> None:
-        """Remove the forward hooks (``horizon="auto"``, statistics of selective layers)."""
+        """Remove the hooks (``horizon="auto"``, statistics of selective layers, the
+        learning-rate re-warm-up)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
@@ -277,7 +323,10 @@ class CompreSSM(ControllerBase[nn.Module]):
         if self._recorder is None:
             return
         ahead = range(self.num_steps + 1, self.num_steps + self.calibration_steps + 1)
-        self._recorder.active = not self.stopped and any(s in ahead for s in self.schedule)
+        due = any(s in ahead for s in self.schedule)
+        if self.schedule_kind == "certified" and self.certify.learning_started is not False:
+            due = due or any(self.certify.is_check(s) for s in ahead)
+        self._recorder.active = not self.stopped and due
 
     def _resolved_horizon(self) -> int | None:
         if self.horizon == "auto":
@@ -311,16 +360,87 @@ class CompreSSM(ControllerBase[nn.Module]):
         if self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(snap["lr_scheduler"])
 
-    def _reduce_all(self) -> list[ReductionEvent]:
-        recorder = self._recorder
-        if recorder is not None:
-            missing = any(recorder.samples(name) == 0 for name in recorder.layers)
-            if missing and self.calibration_batches is not None:
-                self._calibrate()
-            recorder.all_reduce()  # one collective per event, on every rank
-        events = [self._reduce_one(name, layer) for name, layer in self.layers.items()]
+    def _reduce_all(self, names: Iterable[str] | None = None) -> list[ReductionEvent]:
+        chosen = list(self.layers) if names is None else list(names)
+        self._gather_statistics()
+        events = [self._reduce_one(name, self.layers[name]) for name in chosen]
         self.history += events
         return events
+
+    def _gather_statistics(self) -> None:
+        """Calibrate if needed and sum the selective statistics over ranks, once per step."""
+        recorder = self._recorder
+        if recorder is None or self._stats_step == self.num_steps:
+            return
+        self._stats_step = self.num_steps
+        missing = any(recorder.samples(name) == 0 for name in recorder.layers)
+        if missing and self.calibration_batches is not None:
+            self._calibrate()
+        recorder.all_reduce()  # one collective per event, on every rank
+
+    def _observe(self, name: str, layer: nn.Module) -> tuple[Any, Any, Any] | None:
+        adapter = get_adapter(layer)
+        if isinstance(adapter, SelectiveAdapter):
+            self._gather_statistics()
+            assert self._recorder is not None
+            stats = self._recorder.statistics.get(name)
+            if stats is None:
+                return None
+            old = adapter.state_size(layer)
+            seed = self.seed + self.num_steps
+            rate = selective_importance(layer, stats, aggregate=self.aggregate, seed=seed)
+            scores = rate.reshape(-1, old).sum(0)
+            rank = self._selective_rank(layer, adapter, rate, old)
+            kept = tuple(select_state_indices(scores, rank).tolist())
+            return torch.sort(scores, descending=True).values.double().cpu(), None, kept
+        sys = adapter.to_state_space(layer)
+        hsv = hankel_singular_values(
+            sys, horizon=self._resolved_horizon(), real_output=self.real_output
+        )
+        return hsv.detach().cpu(), sys, None
+
+    def _after_checks(self) -> None:
+        if self._recorder is not None:
+            self._recorder.reset()
+
+    def _agree(self, flag: bool) -> bool:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int64)
+        if torch.distributed.get_backend() == "nccl":
+            value = value.cuda()
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+        return bool(value.item())
+
+    def _bound_options(self) -> dict[str, Any]:
+        return {"real_output": self.real_output, "horizon": self._resolved_horizon()}
+
+    def _scale_lr(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        factor = self.lr_factor
+        if factor == 1.0:
+            return
+        self._saved_lrs = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * factor
+
+    def _unscale_lr(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        if self._saved_lrs is None:
+            return
+        for group, lr in zip(optimizer.param_groups, self._saved_lrs, strict=True):
+            group["lr"] = lr
+        self._saved_lrs = None
+
+    def _selective_rank(
+        self, layer: nn.Module, adapter: SelectiveAdapter, rate: torch.Tensor, old: int
+    ) -> int:
+        if self.mode == "tolerance":
+            rank = _rank_for(rate, self.tau)
+        else:
+            rank = math.floor(old * (1 - self.fraction))
+        rank = min(old, max(self.min_rank, rank))
+        if adapter.rank_multiple is not None:
+            rank = adapter.rank_multiple(layer, rank)
+        return rank
 
     def _reduce_one(self, name: str, layer: nn.Module) -> ReductionEvent:
         start = time.perf_counter()
@@ -380,13 +500,7 @@ class CompreSSM(ControllerBase[nn.Module]):
         seed = self.seed + self.num_steps
         try:
             rate = selective_importance(layer, stats, aggregate=self.aggregate, seed=seed)
-            if self.mode == "tolerance":
-                rank = _rank_for(rate, self.tau)
-            else:
-                rank = math.floor(old * (1 - self.fraction))
-            rank = min(old, max(self.min_rank, rank))
-            if adapter.rank_multiple is not None:
-                rank = adapter.rank_multiple(layer, rank)
+            rank = self._selective_rank(layer, adapter, rate, old)
             hsv_list = torch.sort(rate.reshape(-1, old).sum(0), descending=True).values.tolist()
             if not rank < self.gate * old:
                 reason = f"rank {rank} of {old} is not below the gate {self.gate:g} x {old}"

@@ -6,16 +6,17 @@ This module imports :mod:`lightning`; ``import compressm_torch`` does not.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from compressm_core._controller import Mode
+from compressm_core._controller import Mode, Schedule
 
 from .adapters import find_layers, get_adapter, resize_layers, state_sizes
 from .controller import CompreSSM, ReductionEvent
@@ -67,6 +68,10 @@ class CompreSSMCallback(Callback):
         As for :class:`~compressm_torch.CompreSSM`.
     importance, aggregate, calibration_steps, calibration_batches, calibration_sequences : optional
         Selective (Mamba) layers, as for :class:`~compressm_torch.CompreSSM`.
+    schedule, check_every, certify_window, learning_drop, rank_rtol, rewarmup_steps : optional
+        The certified schedule and the learning-rate re-warm-up, as for
+        :class:`~compressm_torch.CompreSSM`. The training loss is read from what
+        ``training_step`` returns (a tensor, or a mapping with ``"loss"``).
 
     Attributes
     ----------
@@ -135,6 +140,12 @@ class CompreSSMCallback(Callback):
         calibration_steps: int = 8,
         calibration_batches: Iterable[Any] | None = None,
         calibration_sequences: int | None = None,
+        schedule: Schedule = "steps",
+        check_every: int | None = None,
+        certify_window: int = 3,
+        learning_drop: float = 0.2,
+        rank_rtol: float = 0.1,
+        rewarmup_steps: int = 0,
     ) -> None:
         super().__init__()
         if monitor is not None and not isinstance(monitor, str):
@@ -173,6 +184,12 @@ class CompreSSMCallback(Callback):
             "calibration_steps": calibration_steps,
             "calibration_batches": calibration_batches,
             "calibration_sequences": calibration_sequences,
+            "schedule": schedule,
+            "check_every": check_every,
+            "certify_window": certify_window,
+            "learning_drop": learning_drop,
+            "rank_rtol": rank_rtol,
+            "rewarmup_steps": rewarmup_steps,
         }
         # Validate every option now rather than at on_fit_start: build a throw-away controller
         # on a one-state layer on the meta device (no memory, no draw from the global RNG).
@@ -272,10 +289,13 @@ class CompreSSMCallback(Callback):
     ) -> None:
         """Advance the controller once per optimizer step taken since the last call."""
         controller = self.controller
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, torch.Tensor):
+            loss = None
         while self._last_step < trainer.global_step:
             self._last_step += 1
             metric, self._metric = self._metric, None
-            controller.step(val_metric=metric)
+            controller.step(val_metric=metric, loss=None if loss is None else loss.detach())
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the ``monitor`` metric for the controller's next step."""

@@ -1,0 +1,238 @@
+"""Fidelity study: does CompreSSM beat a small model trained from scratch, task by task?
+
+For every task and seed, with the same steps and the same seeds (paired), it trains
+
+- ``full``: the model at the initial state size, never reduced;
+- ``compressm``: CompreSSM with the ``compressm compare`` defaults (fixed steps);
+- ``compressm_certified``: CompreSSM with ``schedule="certified"``;
+- ``small``: a model trained from scratch at the per-layer sizes the ``compressm`` run of the
+  same seed reached;
+- ``random`` and ``smallest``: CompreSSM keeping random modal states or the weakest balanced
+  states (the paper's selection ablations), with the defaults otherwise.
+
+Every run is ``compressm_cli.training.train`` with a ``RunConfig`` (AdamW, warm-up + cosine,
+batch 64, 3000 steps, ``d_model`` 16, ``N0`` 128 unless changed). Runs go to a pool of
+``--workers`` processes with one torch thread each, so wall times of runs in the same study
+compare with each other (not with runs on an idle machine).
+
+Writes ``results/fidelity.json`` (per task: ``metric``, ``higher_is_better``, ``arms: {name:
+{"test": [...], "sizes": [...], "seconds": [...]}}`` with one entry per seed) and
+``results/fidelity.md`` (mean ± std, paired differences ``compressm - small`` per seed, their
+mean and a sign count).
+
+Run: ``python benchmarks/fidelity.py [--tasks mnist1d digits sysid] [--seeds 0 1 2 3 4]
+[--workers 2] [--steps 3000] [--arms ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+ARMS = ("full", "compressm", "compressm_certified", "small", "random", "smallest")
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "full": {"reduce": False},
+    "compressm": {},
+    "compressm_certified": {"schedule": "certified"},
+    "random": {"selection": "random"},
+    "smallest": {"selection": "smallest"},
+}
+
+
+def _run(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    from compressm_cli.data import load_task
+    from compressm_cli.training import RunConfig, train
+
+    task = load_task(job["task"], seed=job["seed"])
+    config = RunConfig(label=job["arm"], seed=job["seed"], **job["config"])
+    result = train(task, config, progress=False)[0]
+    return {
+        "task": job["task"],
+        "arm": job["arm"],
+        "seed": job["seed"],
+        "test": result.test_metric,
+        "sizes": list(result.final_sizes.values()),
+        "seconds": result.train_seconds,
+        "metric": result.metric_name,
+        "triggers": sorted(
+            {e.get("trigger", "") for e in result.events if e["status"] == "reduced"}
+        ),
+    }
+
+
+def _jobs(args: argparse.Namespace, arms: list[str]) -> list[dict[str, Any]]:
+    base = {"steps": args.steps, "d_state": args.d_state, "layer": args.model}
+    return [
+        {"task": t, "arm": a, "seed": s, "config": {**base, **OVERRIDES[a]}}
+        for t in args.tasks
+        for s in args.seeds
+        for a in arms
+        if a != "small"
+    ]
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.4g} ± {std:.2g}"
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Fidelity study",
+        "",
+        f"{report['machine']}; torch {report['torch']}; {report['workers']} worker(s), one "
+        f"thread each; {report['steps']} steps; seeds {report['seeds']}; "
+        f"{report['elapsed_s']:.0f} s in all.",
+        "",
+    ]
+    for task, entry in report["tasks"].items():
+        arms = entry["arms"]
+        sign = 1 if entry["higher_is_better"] else -1
+        scale = 100.0 if entry["metric"] == "accuracy" else 1.0
+        unit = " (%)" if scale == 100 else ""
+        lines += [
+            f"## {task} ({entry['metric']}{unit}, {'higher' if sign > 0 else 'lower'} is better)",
+            "",
+            "| arm | test | final size | seconds |",
+            "|---|---|---|---|",
+        ]
+        for name, arm in arms.items():
+            sizes = [statistics.fmean(s) for s in arm["sizes"]]
+            test = [scale * v for v in arm["test"]]
+            lines.append(
+                f"| {name} | {_mean_std(test)} | {_mean_std(sizes)} | "
+                f"{_mean_std(arm['seconds'])} |"
+            )
+        lines.append("")
+        for other in ("small", "full"):
+            if "compressm" in arms and other in arms:
+                diffs = [
+                    scale * (a - b)
+                    for a, b in zip(arms["compressm"]["test"], arms[other]["test"], strict=True)
+                ]
+                better = sum(1 for d in diffs if sign * d > 0)
+                per_seed = ", ".join(f"{d:+.2f}" for d in diffs)
+                lines.append(
+                    f"- compressm − {other}, per seed: {per_seed}; mean "
+                    f"{statistics.fmean(diffs):+.2f}; compressm better on {better} of "
+                    f"{len(diffs)} seeds."
+                )
+        if "compressm_certified" in arms and "small" in arms:
+            diffs = [
+                scale * (a - b)
+                for a, b in zip(
+                    arms["compressm_certified"]["test"], arms["small"]["test"], strict=True
+                )
+            ]
+            lines.append(
+                f"- compressm_certified − small (at compressm's sizes): mean "
+                f"{statistics.fmean(diffs):+.2f}."
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=["mnist1d", "digits", "sysid"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--d-state", type=int, default=128)
+    parser.add_argument("--model", default="lru", choices=("lru", "s5", "mamba"))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "fidelity")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(args.workers) as pool:
+        for row in pool.map(_run, _jobs(args, args.arms)):
+            rows.append(row)
+            print(
+                row["task"],
+                row["arm"],
+                row["seed"],
+                f"{row['test']:.4f}",
+                row["sizes"],
+                f"{row['seconds']:.1f}s",
+                flush=True,
+            )
+        if "small" in args.arms and "compressm" in args.arms:
+            small = []
+            for row in rows:
+                if row["arm"] == "compressm":
+                    config = {
+                        "steps": args.steps,
+                        "layer": args.model,
+                        "reduce": False,
+                        "d_state": tuple(row["sizes"]),
+                    }
+                    small.append(
+                        {
+                            "task": row["task"],
+                            "arm": "small",
+                            "seed": row["seed"],
+                            "config": config,
+                        }
+                    )
+            for row in pool.map(_run, small):
+                rows.append(row)
+                print(
+                    row["task"],
+                    row["arm"],
+                    row["seed"],
+                    f"{row['test']:.4f}",
+                    row["sizes"],
+                    f"{row['seconds']:.1f}s",
+                    flush=True,
+                )
+    import torch
+
+    tasks: dict[str, Any] = {}
+    for task in args.tasks:
+        mine = [r for r in rows if r["task"] == task]
+        metric = mine[0]["metric"]
+        arms = {}
+        for arm in args.arms:
+            runs = sorted((r for r in mine if r["arm"] == arm), key=lambda r: r["seed"])
+            arms[arm] = {
+                "test": [r["test"] for r in runs],
+                "sizes": [r["sizes"] for r in runs],
+                "seconds": [r["seconds"] for r in runs],
+                "triggers": [r["triggers"] for r in runs],
+            }
+        tasks[task] = {"metric": metric, "higher_is_better": metric == "accuracy", "arms": arms}
+    report = {
+        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "workers": args.workers,
+        "steps": args.steps,
+        "d_state": args.d_state,
+        "model": args.model,
+        "seeds": args.seeds,
+        "elapsed_s": time.perf_counter() - start,
+        "tasks": tasks,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(_markdown(report) + "\n")
+    print(_markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The certified schedule, cut triggers and the learning-rate re-warm-up of the torch controller."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from compressm_torch import CompreSSM, ReductionWarning, SequenceModel  # noqa: E402
+
+
+def make(seed: int = 0, d_state: int = 32) -> SequenceModel:
+    torch.manual_seed(seed)
+    return SequenceModel(2, 3, d_model=8, d_state=d_state, n_layers=1)
+
+
+def run(ctl: CompreSSM, losses: list[float | None]) -> list:
+    events = []
+    for loss in losses:
+        events += [e for e in ctl.step(loss=loss) if e.status == "reduced"]
+    return events
+
+
+OPTS = {
+    "total_steps": 400,
+    "schedule": "certified",
+    "mode": "fixed",
+    "fraction": 0.5,
+    "check_every": 10,
+    "certify_window": 2,
+    "num_reductions": 2,
+    "warmup_fraction": 0.5,
+}
+
+
+def test_waits_for_learning_then_cuts_when_certified() -> None:
+    model = make()
+    ctl = CompreSSM(model, None, **OPTS)  # parameters do not move: the Weyl bound is 0
+    events = run(ctl, [2.3] * 30 + [1.0] * 100)
+    # checks at 10 (initial loss), 20, 30 (not started), 40 (started: reference), 50, 60
+    assert [(e.step, e.old_rank, e.new_rank, e.trigger) for e in events] == [
+        (60, 32, 16, "certified"),
+        (90, 16, 8, "certified"),
+    ]
+    assert all(e.loss == pytest.approx(1.0) for e in events)
+    assert all(e.margin is not None and e.margin > 0 for e in events)
+    assert run(ctl, [1.0] * 200) == []  # num_reductions reached; the deadline adds nothing
+
+
+def test_deadline_forces_the_remaining_cuts_and_warns() -> None:
+    ctl = CompreSSM(make(), None, **OPTS)
+    with pytest.warns(ReductionWarning, match=r"has not fallen by `learning_drop`=0.2"):
+        events = run(ctl, [2.3] * 200)
+    assert [(e.step, e.new_rank, e.trigger) for e in events] == [
+        (200, 16, "deadline"),
+        (200, 8, "deadline"),
+    ]
+
+
+def test_without_a_loss_the_certificate_alone_decides() -> None:
+    ctl = CompreSSM(make(), None, **OPTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        events = run(ctl, [None] * 40)
+    assert [(e.step, e.trigger) for e in events] == [(30, "certified")]
+    assert events[0].loss is None
+
+
+def test_fixed_steps_warn_when_learning_has_not_started() -> None:
+    ctl = CompreSSM(make(), None, total_steps=100, reduction_steps=[20], check_every=10)
+    with pytest.warns(ReductionWarning, match="Reduction at step 20 \\(scheduled\\)"):
+        events = run(ctl, [2.3] * 20)
+    assert events[0].trigger == "scheduled"
+    ctl = CompreSSM(make(), None, total_steps=100, reduction_steps=[20], check_every=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run(ctl, [2.3] * 10 + [1.0] * 10)[0].loss == pytest.approx(1.0)
+
+
+def test_certified_schedule_trains_a_real_model() -> None:
+    model = make()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ctl = CompreSSM(model, opt, total_steps=300, schedule="certified", warmup_fraction=0.5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, 2, generator=g)
+    y = (x[:, :, 0].mean(1) > 0).long()
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ctl.step(loss=loss.detach())
+    reduced = [e for e in ctl.history if e.status == "reduced"]
+    assert reduced and all(e.trigger in ("certified", "stable", "deadline") for e in reduced)
+    assert all(e.step <= 150 for e in reduced)
+    assert math.isfinite(float(loss.detach()))
+    state = ctl.state_dict()
+    other = CompreSSM(model, opt, total_steps=300, schedule="certified", warmup_fraction=0.5)
+    other.load_state_dict(state)
+    assert other.certify.state_dict() == ctl.certify.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"schedule": "weekly"}, "`schedule` must be one of"),
+        ({"schedule": "certified", "mode": "pragmatic"}, "works with mode 'tolerance'"),
+        ({"schedule": "certified", "reduction_steps": [5]}, "excludes `schedule='certified'`"),
+        ({"rewarmup_steps": -1}, "`rewarmup_steps` must be an int >= 0"),
+        ({"learning_drop": 1.0}, "`learning_drop` must be a number in \\(0, 1\\)"),
+    ],
+)
+def test_bad_options(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        CompreSSM(make(), None, total_steps=100, **kw)
+
+
+def _lrs(schedulers: str, rewarmup: int, steps: int = 14) -> tuple[list[float], list[float]]:
+    """Learning rates seen by ``optimizer.step`` and the scheduler's own, per update."""
+    model = make(d_state=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    if schedulers == "exponential":  # chainable: computes the next lr from group["lr"]
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    else:
+        sched = torch.optim.lr_scheduler.ChainedScheduler(
+            [
+                torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s)),
+                torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.95),
+            ]
+        )
+    ctl = CompreSSM(
+        model,
+        opt,
+        total_steps=steps,
+        reduction_steps=[4],
+        mode="fixed",
+        fraction=0.5,
+        rewarmup_steps=rewarmup,
+        lr_scheduler=sched,
+    )
+    seen: list[float] = []
+    opt.register_step_pre_hook(lambda o, *_: seen.append(o.param_groups[0]["lr"]))
+    own: list[float] = []
+    x = torch.randn(4, 8, 2)
+    for _ in range(steps):
+        own.append(sched.get_last_lr()[0])
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        ctl.step()
+    return seen, own
+
+
+@pytest.mark.parametrize("schedulers", ["exponential", "chained"])
+def test_rewarmup_scales_the_next_updates_and_leaves_the_scheduler_alone(schedulers: str) -> None:
+    seen, own = _lrs(schedulers, rewarmup=3)
+    plain_seen, plain_own = _lrs(schedulers, rewarmup=0)
+    assert own == pytest.approx(plain_own, rel=1e-12)  # the scheduler's values are untouched
+    assert plain_seen == pytest.approx(plain_own, rel=1e-12)
+    # the cut is at controller step 4: updates 5, 6, 7 get 1/4, 2/4, 3/4, then 1
+    factors = [1.0] * 4 + [0.25, 0.5, 0.75] + [1.0] * 7
+    assert seen == pytest.approx([f * lr for f, lr in zip(factors, own, strict=True)], rel=1e-12)
