@@ -18,6 +18,10 @@ def test_core_imports_no_framework() -> None:
         cc.rediagonalize(res.system)
         cc.solve_discrete_lyapunov(np.eye(2) * 3.0, np.eye(2))
         cc.h_infinity_norm(sys_, res.system)
+        from compressm_core import parameterizations as cp
+        cp.lru_to_poles(*cp.lru_from_poles(sys_.poles))
+        cp.inverse_zoh(*cp.zoh(np.array([-0.5 + 1j]), np.ones((1, 1)), 0.1), 0.1)
+        cp.hippo_n_eigenpairs(4)
         bad = [m for m in ("torch", "jax", "flax", "cupy") if m in sys.modules]
         assert not bad, bad
         print("ok")

@@ -1,8 +1,9 @@
 """Parameters <-> discrete systems of the LRU and S5 layers, for JAX and for host NumPy.
 
-The forward maps are written once for both namespaces: the layers evaluate them in JAX, the
-reduction evaluates them in NumPy float64 on the host (whatever ``jax_enable_x64`` says). The
-inverse maps run on the host only.
+The maps themselves are :mod:`compressm_core.parameterizations`; here they are applied to the
+layers' parameter layout. The forward maps run in both namespaces: the layers evaluate them in
+JAX, the reduction evaluates them in NumPy float64 on the host (whatever ``jax_enable_x64``
+says). The inverse maps run on the host only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compressm_core import DiagonalStateSpace, StabilityError
+from compressm_core import DiagonalStateSpace
+from compressm_core.parameterizations import inverse_zoh, lru_from_poles, lru_to_poles, zoh
 
 from ._precision import complex_of, highest_dtype
 
@@ -65,10 +67,10 @@ def lru_discrete(
     *,
     xp: ModuleType,
 ) -> tuple[Any, Any, Any]:
-    """Poles ``exp(-e^nu + i e^theta)`` (N,), ``diag(e^gamma) B`` (N, H) and ``C`` (H, N)."""
-    radius, phase = xp.exp(-xp.exp(nu_log)), xp.exp(theta_log)
-    poles = _complex(radius * xp.cos(phase), radius * xp.sin(phase), xp)
-    scale = xp.exp(gamma_log)[:, None]
+    """Poles ``exp(-e^nu + i e^theta)`` (N,), ``diag(e^gamma) B`` (N, H) and ``C`` (H, N)
+    (:func:`~compressm_core.parameterizations.lru_to_poles`)."""
+    poles, gamma = lru_to_poles(nu_log, theta_log, gamma_log)
+    scale = gamma[:, None]
     return poles, _complex(b_re * scale, b_im * scale, xp), _complex(c_re, c_im, xp)
 
 
@@ -96,9 +98,10 @@ def s5_continuous(
 def s5_discrete(
     lam: Any, b: Any, c: Any, step: Any, *, output_scale: float, xp: ModuleType
 ) -> tuple[Any, Any, Any]:
-    """Zero-order hold: ``exp(Lambda dt)``, ``((exp(Lambda dt) - 1) / Lambda) B~``, ``s C~``."""
-    poles = xp.exp(lam * step)
-    return poles, ((poles - 1) / lam)[:, None] * b, output_scale * c
+    """Zero-order hold: ``exp(Lambda dt)``, ``((exp(Lambda dt) - 1) / Lambda) B~``, ``s C~``
+    (:func:`~compressm_core.parameterizations.zoh`)."""
+    poles, b_bar = zoh(lam, b, step)
+    return poles, b_bar, output_scale * c
 
 
 def s5_zoh(
@@ -151,28 +154,6 @@ def device_system(sys: DiagonalStateSpace, like: jax.Array | None = None) -> Dia
     return DiagonalStateSpace(*(None if x is None else move(x) for x in sys))
 
 
-def _check_poles(poles: np.ndarray, what: str) -> np.ndarray:
-    radius: np.ndarray = np.abs(poles)
-    if not np.all(np.isfinite(radius)):
-        msg = f"The reduced {what} has non-finite poles."
-        raise StabilityError(msg)
-    if np.any((radius >= 1) | (radius <= 0)):
-        msg = (
-            f"The reduced {what} has poles outside 0 < |lambda| < 1 (max |lambda| = "
-            f"{float(radius.max()):.6g}, min {float(radius.min()):.3g}); its parameters would "
-            "be non-finite."
-        )
-        raise StabilityError(msg)
-    return radius
-
-
-def _phase(poles: np.ndarray) -> np.ndarray:
-    # arg in (0, 2 pi]: a real positive pole gets 2 pi, so log(phase) stays finite.
-    phase = np.remainder(np.angle(poles), 2 * math.pi)
-    out: np.ndarray = np.where(phase > 0, phase, 2 * math.pi)
-    return out
-
-
 def _host(sys: DiagonalStateSpace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tuple(np.asarray(x, dtype=np.complex128) for x in sys[:3])  # type: ignore[return-value]
 
@@ -180,8 +161,9 @@ def _host(sys: DiagonalStateSpace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def lru_from_state_space(sys: DiagonalStateSpace) -> dict[str, np.ndarray]:
     """LRU parameters (float64, host) that realise ``sys``; ``D`` is not among them.
 
-    ``gamma = sqrt(1 - |mu|^2)`` is re-drawn from the new poles as at initialisation, and ``B``
-    is divided by it, so ``diag(e^gamma) B`` is the system's input matrix exactly.
+    ``gamma = sqrt(1 - |mu|^2)`` is re-drawn from the new poles as at initialisation
+    (:func:`~compressm_core.parameterizations.lru_from_poles`), and ``B`` is divided by
+    ``e^gamma``, so ``diag(e^gamma) B`` is the system's input matrix.
 
     Raises
     ------
@@ -189,13 +171,12 @@ def lru_from_state_space(sys: DiagonalStateSpace) -> dict[str, np.ndarray]:
         A pole outside ``0 < |mu| < 1`` (its ``nu_log`` would be non-finite).
     """
     poles, b, c = _host(sys)
-    radius = _check_poles(poles, "LRU")
-    gamma = np.sqrt(-np.expm1(2 * np.log(radius)))
-    b = b / gamma[:, None]
+    nu_log, theta_log, gamma_log = lru_from_poles(poles, what="LRU")
+    b = b / np.exp(gamma_log)[:, None]
     return {
-        "nu_log": np.log(-np.log(radius)),
-        "theta_log": np.log(_phase(poles)),
-        "gamma_log": np.log(gamma),
+        "nu_log": nu_log,
+        "theta_log": theta_log,
+        "gamma_log": gamma_log,
         "B_re": b.real,
         "B_im": b.imag,
         "C_re": c.real,
@@ -210,7 +191,8 @@ def s5_from_state_space(
 
     Every new mode gets the mean of the old ``log_step`` (any step reproduces the same discrete
     system; the geometric mean keeps the scale of the step's learning dynamics), then
-    :math:`\\Lambda = \\log(\\mu) / \\Delta` and :math:`\\tilde B = \\Lambda / (\\mu - 1) \\bar B`.
+    :math:`\\Lambda = \\log(\\mu) / \\Delta` and :math:`\\tilde B = \\Lambda / (\\mu - 1) \\bar B`
+    (:func:`~compressm_core.parameterizations.inverse_zoh`).
 
     Raises
     ------
@@ -218,13 +200,10 @@ def s5_from_state_space(
         A pole outside ``0 < |mu| < 1``, or ``Re(Lambda) > -1e-4`` with ``clip_eigs``.
     """
     poles, b_bar, c = _host(sys)
-    _check_poles(poles, "S5 layer")
     mean_log_step = float(np.mean(np.asarray(log_step, dtype=np.float64)))
-    lam = np.log(poles) / math.exp(mean_log_step)
-    if clip_eigs and np.any(lam.real > -1e-4):
-        msg = "The reduced S5 layer has Re(Lambda) > -1e-4, which `clip_eigs` would change."
-        raise StabilityError(msg)
-    b = b_bar * (lam / (poles - 1))[:, None]
+    lam, b = inverse_zoh(
+        poles, b_bar, math.exp(mean_log_step), clip_eigs=clip_eigs, what="S5 layer"
+    )
     c = c / output_scale
     return {
         "Lambda_re": lam.real,

@@ -11,34 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from compressm_core.parameterizations import hippo_n_eigenpairs
+
 from ._precision import complex_of, working_dtype
 from ._scan import real_output_layer
 from ._systems import S5_STATE_AXES, evaluate, s5_continuous, s5_zoh
 from .lru import _check_size
 
 __all__ = ["S5", "hippo_n_eigenpairs"]
-
-
-def hippo_n_eigenpairs(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues and eigenvectors of the normal part of the HiPPO-LegS matrix.
-
-    HiPPO-LegS is :math:`A_{nk} = -\\sqrt{(2n+1)(2k+1)}` for ``n > k``, ``-(n+1)`` on the
-    diagonal; adding :math:`p p^T` with :math:`p_n = \\sqrt{n + 1/2}` leaves
-    :math:`S = -\\tfrac12 I + \\text{skew}`, whose eigenvalues are :math:`-\\tfrac12 + i\\omega`.
-
-    Returns
-    -------
-    (size,) complex ndarray, (size, size) complex ndarray
-        ``Lambda`` (imaginary parts ascending) and unitary ``V`` with
-        ``S = V diag(Lambda) V^H``.
-    """
-    q = np.sqrt(1.0 + 2.0 * np.arange(size))
-    hippo = -(np.tril(q[:, None] * q[None, :]) - np.diag(np.arange(size)))
-    p = np.sqrt(np.arange(size) + 0.5)
-    normal = hippo + p[:, None] * p[None, :]
-    real = np.mean(np.diag(normal))
-    imag, v = np.linalg.eigh(-1j * normal)
-    return real + 1j * imag, v
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6, 7))

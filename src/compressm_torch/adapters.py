@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from compressm_core import DiagonalStateSpace, StabilityError
+from compressm_core import DiagonalStateSpace
+from compressm_core.parameterizations import inverse_zoh, lru_from_poles
 
 from ._params import assign
 from .lru import LRU
@@ -295,38 +295,15 @@ def _discrete_to_state_space(layer: nn.Module) -> DiagonalStateSpace:
     return DiagonalStateSpace(poles, b, c, d)
 
 
-def _check_poles(poles: torch.Tensor, what: str) -> torch.Tensor:
-    radius = poles.abs()
-    if not bool(torch.all(torch.isfinite(radius))):
-        msg = f"The reduced {what} has non-finite poles."
-        raise StabilityError(msg)
-    bad = (radius >= 1) | (radius <= 0)
-    if bool(torch.any(bad)):
-        msg = (
-            f"The reduced {what} has poles outside 0 < |lambda| < 1 (max |lambda| = "
-            f"{float(radius.max()):.6g}, min {float(radius.min()):.3g}); its parameters would "
-            "be non-finite."
-        )
-        raise StabilityError(msg)
-    return radius
-
-
-def _phase(poles: torch.Tensor) -> torch.Tensor:
-    # arg in (0, 2 pi]: a real positive pole gets 2 pi, so log(phase) stays finite.
-    phase = torch.remainder(torch.angle(poles), 2 * math.pi)
-    return torch.where(phase > 0, phase, torch.full_like(phase, 2 * math.pi))
-
-
 def _lru_from_state_space(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str, torch.Tensor]:
     assert isinstance(layer, LRU)
     poles, b, c = (torch.as_tensor(x).to(torch.complex128) for x in sys[:3])
-    radius = _check_poles(poles, "LRU")
-    gamma = torch.sqrt(-torch.expm1(2 * torch.log(radius)))
-    b = b / gamma[:, None]
+    nu_log, theta_log, gamma_log = lru_from_poles(poles, what="LRU")
+    b = b / torch.exp(gamma_log)[:, None]
     return {
-        "nu_log": torch.log(-torch.log(radius)),
-        "theta_log": torch.log(_phase(poles)),
-        "gamma_log": torch.log(gamma),
+        "nu_log": nu_log,
+        "theta_log": theta_log,
+        "gamma_log": gamma_log,
         "B_re": b.real,
         "B_im": b.imag,
         "C_re": c.real,
@@ -357,15 +334,12 @@ register_adapter(
 def _s5_from_state_space(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str, torch.Tensor]:
     assert isinstance(layer, S5)
     poles, b_bar, c = (torch.as_tensor(x).to(torch.complex128) for x in sys[:3])
-    _check_poles(poles, "S5 layer")
     # Any step reproduces the same discrete system; all new modes share the geometric mean of
     # the old steps, so the learning dynamics of log_step keep their scale.
     log_step = layer.log_step.detach().to(torch.float64).mean()
-    lam = torch.log(poles) / torch.exp(log_step)
-    if layer.clip_eigs and bool(torch.any(lam.real > -1e-4)):
-        msg = "The reduced S5 layer has Re(Lambda) > -1e-4, which `clip_eigs` would change."
-        raise StabilityError(msg)
-    b = b_bar * (lam / (poles - 1))[:, None]
+    lam, b = inverse_zoh(
+        poles, b_bar, torch.exp(log_step), clip_eigs=layer.clip_eigs, what="S5 layer"
+    )
     c = c / layer.output_scale
     return {
         "Lambda_re": lam.real,
