@@ -16,6 +16,11 @@ from typing import Any
 
 __all__ = ["main", "parser"]
 
+QUICK_NOTE = (
+    "--quick is a smoke test: its runs are too short to compare the methods (the ordering of "
+    "the rows can differ from that of a full run)."
+)
+
 # The --quick preset (replaces the defaults it names; explicit options win).
 QUICK_STEPS, QUICK_D_STATE, QUICK_EVAL_EVERY = 300, 32, 50
 DEFAULT_TAUS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
@@ -151,7 +156,13 @@ def parser() -> argparse.ArgumentParser:
         "trained from scratch at the sizes CompreSSM reached; print a table and write a report.",
     )
     _add_training_options(p)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (0 1)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (0 1 2)")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also train small models at 2, 4, 8, ... states (first seed): the cost of "
+        "finding the size by a sweep",
+    )
     p = sub.add_parser(
         "train", help="one run with CompreSSM (or --no-reduce), saving a checkpoint"
     )
@@ -262,8 +273,26 @@ def _below_true_order(order: int | None, model: str) -> int | None:
     return needed - 1 if needed > 1 else None
 
 
+def _sweep(
+    args: argparse.Namespace, task: Any, train: Any, results: dict[str, Any], progress: bool
+) -> list[Any]:
+    """Small models at 2, 4, 8, ... states below the full size (first seed); the full model
+    of that seed closes the sweep."""
+    seed = args.seeds[0]
+    full = results["full"][0]
+    top = max(full.initial_sizes.values())
+    runs = []
+    size = 2
+    while size < top:
+        cfg = _config(args, label=f"sweep N={size} (seed {seed})", seed=seed, reduce=False)
+        cfg = dataclasses.replace(cfg, d_state=size)
+        runs.append(train(task, cfg, progress=progress, on_event=_log)[0])
+        size *= 2
+    return [*runs, full]
+
+
 def _compare(args: argparse.Namespace, task: Any) -> int:
-    from .report import format_table, write_report
+    from .report import format_paired, format_sweep, format_table, write_report
     from .training import RunResult
 
     train = _trainer(args)
@@ -271,11 +300,14 @@ def _compare(args: argparse.Namespace, task: Any) -> int:
     results: dict[str, list[RunResult]] = {"full": [], "compressm": [], "small": []}
     folder = _out(args, "compare", args.task)
     header = _header("compare", args, task)
+    if args.quick:
+        header["note"] = QUICK_NOTE
     truth = task.info.get("true_hsv")
     below = _below_true_order(task.info.get("true_order"), args.model)
     if below is not None:
         results["below"] = []
     progress = not args.no_progress
+    sweep: list[RunResult] = []
     current = "full"  # the run type in progress, for a partial result on Ctrl-C
     try:
         for seed in seeds:
@@ -301,9 +333,12 @@ def _compare(args: argparse.Namespace, task: Any) -> int:
                     d_state=tuple(below for _ in reduced.final_sizes),
                 )
                 results["below"].append(train(task, under, progress=progress, on_event=_log)[0])
+        if args.sweep:
+            current = "sweep"
+            sweep = _sweep(args, task, train, results, progress)
     except KeyboardInterrupt as err:
         partial = getattr(err, "partial_result", None)
-        if partial is not None:
+        if partial is not None and current != "sweep":
             results[current].append(partial)
         header["status"] = "interrupted"
         report = write_report(folder, header=header, results=results, truth=truth)
@@ -312,9 +347,15 @@ def _compare(args: argparse.Namespace, task: Any) -> int:
         print(f"interrupted; partial report in {folder}", file=sys.stderr)
         return 130
     header["status"] = "complete"
-    report = write_report(folder, header=header, results=results, truth=truth)
+    report = write_report(folder, header=header, results=results, truth=truth, sweep=sweep)
     _finish_json(args, report)
     print(format_table(report["summary"]))
+    if report.get("sweep"):
+        print(format_sweep(report["sweep"]))
+    for paired in report["paired"]:
+        print(format_paired(paired))
+    if args.quick:
+        print(QUICK_NOTE)
     print(f"\nreport: {folder / 'report.md'}")
     return 0
 

@@ -17,10 +17,13 @@ from .training import RunResult
 
 __all__ = [
     "comparison_rows",
+    "format_sweep",
     "format_table",
+    "paired_differences",
     "plot_accuracy_vs_time",
     "plot_hsv_spectra",
     "plot_state_sizes",
+    "sweep_summary",
     "write_report",
 ]
 
@@ -68,6 +71,100 @@ def comparison_rows(results: dict[str, list[RunResult]]) -> list[dict[str, Any]]
             }
         )
     return rows
+
+
+def paired_differences(
+    results: dict[str, list[RunResult]], arm: str = "compressm", other: str = "small"
+) -> dict[str, Any] | None:
+    """Per-seed differences ``arm - other`` of the test metric (runs paired by seed).
+
+    Returns ``None`` unless both arms have runs of the same seeds. ``better`` counts the seeds
+    where ``arm`` is better (higher accuracy, lower error).
+    """
+    mine = {r.config["seed"]: r for r in results.get(arm, []) if r.status == "complete"}
+    theirs = {r.config["seed"]: r for r in results.get(other, []) if r.status == "complete"}
+    seeds = sorted(set(mine) & set(theirs))
+    if not seeds:
+        return None
+    higher = mine[seeds[0]].metric_name == "accuracy"
+    diffs = [mine[s].test_metric - theirs[s].test_metric for s in seeds]
+    return {
+        "arm": arm,
+        "other": other,
+        "seeds": seeds,
+        "differences": diffs,
+        "mean": statistics.mean(diffs),
+        "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+        "better": sum(1 for d in diffs if (d > 0 if higher else d < 0)),
+        "metric_name": mine[seeds[0]].metric_name,
+    }
+
+
+def format_paired(paired: dict[str, Any]) -> str:
+    """One line: the per-seed differences, their mean and a sign count."""
+    percent = paired["metric_name"] == "accuracy"
+    scale, unit = (100.0, " points") if percent else (1.0, "")
+    per_seed = ", ".join(f"{scale * d:+.2f}" for d in paired["differences"])
+    name = LABELS.get(paired["arm"], paired["arm"])
+    other = LABELS.get(paired["other"], paired["other"])
+    return (
+        f"{name} - {other}, paired by seed: {per_seed}; mean {scale * paired['mean']:+.2f} "
+        f"± {scale * paired['std']:.2f}{unit}; {name} better on {paired['better']} of "
+        f"{len(paired['differences'])} seeds."
+    )
+
+
+def sweep_summary(
+    sweep: Sequence[RunResult], compressm: RunResult | None
+) -> dict[str, Any] | None:
+    """The cost of finding the state size by a sweep of models trained from scratch.
+
+    The size a user would pick is the one with the best validation metric; its test metric is
+    reported beside the total training time of the sweep and of one CompreSSM run (same seed).
+    """
+    if not sweep:
+        return None
+    higher = sweep[0].metric_name == "accuracy"
+    best = (max if higher else min)(sweep, key=lambda r: r.val_metric)
+    out: dict[str, Any] = {
+        "sizes": [max(r.initial_sizes.values()) for r in sweep],
+        "test": [r.test_metric for r in sweep],
+        "val": [r.val_metric for r in sweep],
+        "seconds": [r.train_seconds for r in sweep],
+        "total_seconds": sum(r.train_seconds for r in sweep),
+        "best_size": max(best.initial_sizes.values()),
+        "best_test": best.test_metric,
+        "metric_name": best.metric_name,
+        "seed": best.config["seed"],
+    }
+    if compressm is not None:
+        out["compressm_seconds"] = compressm.train_seconds
+        out["compressm_test"] = compressm.test_metric
+        out["compressm_sizes"] = list(compressm.final_sizes.values())
+    return out
+
+
+def format_sweep(summary: dict[str, Any]) -> str:
+    """One paragraph: what a sweep of sizes costs and finds, against one CompreSSM run."""
+    percent = summary["metric_name"] == "accuracy"
+
+    def fmt(value: float) -> str:
+        return f"{100 * value:.2f} %" if percent else f"{value:.3g}"
+
+    sizes = ", ".join(str(n) for n in summary["sizes"])
+    text = (
+        f"Sweep of sizes {sizes} (seed {summary['seed']}): {summary['total_seconds']:.1f} s of "
+        f"training; best by validation N = {summary['best_size']}, "
+        f"test {fmt(summary['best_test'])}."
+    )
+    if "compressm_seconds" in summary:
+        ratio = summary["total_seconds"] / max(summary["compressm_seconds"], 1e-9)
+        text += (
+            f" One CompreSSM run: {summary['compressm_seconds']:.1f} s ({ratio:.1f}x less), "
+            f"test {fmt(summary['compressm_test'])} at N = "
+            f"{', '.join(str(n) for n in summary['compressm_sizes'])}."
+        )
+    return text
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -195,13 +292,26 @@ def write_report(
     header: dict[str, Any],
     results: dict[str, list[RunResult]],
     truth: Sequence[float] | None = None,
+    sweep: Sequence[RunResult] = (),
 ) -> dict[str, Any]:
-    """Write ``report.json``, ``report.md`` and the plots into ``folder``; return the report."""
+    """Write ``report.json``, ``report.md`` and the plots into ``folder``; return the report.
+
+    ``sweep``: small models at several sizes (``compare --sweep``), summarised by
+    :func:`sweep_summary` against the first CompreSSM run.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(results)
+    paired = [
+        p
+        for p in (paired_differences(results), paired_differences(results, other="full"))
+        if p is not None
+    ]
+    first = next(iter(results.get("compressm", [])), None)
     report = {
         **header,
         "summary": rows,
+        "paired": paired,
+        "sweep": sweep_summary(sweep, first),
         "runs": {label: [asdict(r) for r in runs] for label, runs in results.items()},
     }
     plots = {}
@@ -219,6 +329,10 @@ def write_report(
     md = [f"# compressm {header.get('command', '')}: {header.get('task', '')}", ""]
     md += [f"- {k}: {v}" for k, v in header.items() if k not in ("command", "config")]
     md += ["", format_table(rows), ""]
+    md += [f"- {format_paired(p)}" for p in paired]
+    if report["sweep"]:
+        md += [f"- {format_sweep(report['sweep'])}"]
+    md += [""] if paired or report["sweep"] else []
     order = header.get("task_info", {}).get("true_order")
     if order is not None:
         md += [_order_note(order, rows), ""]

@@ -163,3 +163,40 @@ def test_sysid_report_states_the_true_order(tmp_path):
     assert rows["below"]["final_state"] == {"blocks.0.ssm": 2}  # 3 complex states needed
     assert "| small below the true order |" in text
     assert "One state below the true order" in text
+
+
+def test_compare_prints_paired_differences_and_the_sweep(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["compare", "--steps", "40", "--eval-every", "20", "--d-state", "8", "--no-progress"]
+    assert main([*args, "--seeds", "0", "1", "--sweep", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    runs = report["runs"]
+    diffs = [
+        a["test_metric"] - b["test_metric"]
+        for a, b in zip(runs["compressm"], runs["small"], strict=True)
+    ]
+    small_vs = report["paired"][0]
+    assert (small_vs["arm"], small_vs["other"], small_vs["seeds"]) == (
+        "compressm",
+        "small",
+        [0, 1],
+    )
+    assert small_vs["differences"] == pytest.approx(diffs)
+    assert small_vs["better"] == sum(d > 0 for d in diffs)
+    assert "CompreSSM - small from scratch, paired by seed:" in printed
+    sweep = report["sweep"]
+    assert sweep["sizes"] == [2, 4, 8]
+    assert sweep["total_seconds"] == pytest.approx(sum(sweep["seconds"]))
+    best = max(range(3), key=lambda i: sweep["val"][i])
+    assert (sweep["best_size"], sweep["best_test"]) == (sweep["sizes"][best], sweep["test"][best])
+    assert sweep["seconds"][-1] == runs["full"][0]["train_seconds"]  # the full run closes it
+    assert "Sweep of sizes 2, 4, 8 (seed 0)" in printed
+    assert "Sweep of sizes" in (out / "report.md").read_text()
+
+
+def test_quick_says_it_is_a_smoke_test(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["compare", "--quick", *FAST, "--seeds", "0", "--out", str(out)]) == 0
+    assert "too short to compare the methods" in capsys.readouterr().out
+    assert "too short to compare" in json.loads((out / "report.json").read_text())["note"]
