@@ -99,7 +99,8 @@ def test_cut_resets_and_counts() -> None:
     for _ in range(3):
         cs.update("a", hsv, rank=2, bound=0.0)
     cs.cut("a")
-    assert cs.remaining("a") == 1 and cs.remaining("b") == 2
+    assert cs.remaining("a") == 1
+    assert cs.remaining("b") == 2
     assert cs.update("a", hsv, rank=2, bound=None)[0] is None
     cs.exhaust("b")
     assert cs.remaining("b") == 0
