@@ -95,8 +95,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "# Fidelity study",
         "",
         f"{report['machine']}; torch {report['torch']}; {report['workers']} worker(s), one "
-        f"thread each; {report['steps']} steps; seeds {report['seeds']}; "
-        f"{report['elapsed_s']:.0f} s in all.",
+        f"thread each; seeds {report['seeds']}; {report['elapsed_s']:.0f} s in all.",
         "",
     ]
     for task, entry in report["tasks"].items():
@@ -104,8 +103,10 @@ def _markdown(report: dict[str, Any]) -> str:
         sign = 1 if entry["higher_is_better"] else -1
         scale = 100.0 if entry["metric"] == "accuracy" else 1.0
         unit = " (%)" if scale == 100 else ""
+        better = "higher" if sign > 0 else "lower"
+        steps = entry.get("steps", report.get("steps"))
         lines += [
-            f"## {task} ({entry['metric']}{unit}, {'higher' if sign > 0 else 'lower'} is better)",
+            f"## {task} ({entry['metric']}{unit}, {better} is better; {steps} steps)",
             "",
             "| arm | test | final size | seconds |",
             "|---|---|---|---|",
@@ -146,6 +147,21 @@ def _markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _merge(paths: list[Path], out: Path) -> None:
+    """One report from several runs of the study (later files win for a repeated task)."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    merged = {k: v for k, v in reports[0].items() if k != "tasks"}
+    merged["tasks"] = {}
+    for report in reports:
+        for task, entry in report["tasks"].items():
+            merged["tasks"][task] = {"steps": report["steps"], "seeds": report["seeds"], **entry}
+    merged["elapsed_s"] = sum(r["elapsed_s"] for r in reports)
+    merged["steps"] = sorted({e["steps"] for e in merged["tasks"].values()})
+    merged["seeds"] = sorted({s for e in merged["tasks"].values() for s in e["seeds"]})
+    out.with_suffix(".json").write_text(json.dumps(merged, indent=1) + "\n")
+    out.with_suffix(".md").write_text(_markdown(merged) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["mnist1d", "digits", "sysid"])
@@ -156,7 +172,17 @@ def main() -> None:
     parser.add_argument("--model", default="lru", choices=("lru", "s5", "mamba"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "fidelity")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="combine the tasks of these result JSON files into --out (no training)",
+    )
     args = parser.parse_args()
+    if args.merge:
+        _merge(args.merge, args.out)
+        return
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     with ProcessPoolExecutor(args.workers) as pool:
@@ -215,7 +241,14 @@ def main() -> None:
                 "seconds": [r["seconds"] for r in runs],
                 "triggers": [r["triggers"] for r in runs],
             }
-        tasks[task] = {"metric": metric, "higher_is_better": metric == "accuracy", "arms": arms}
+        tasks[task] = {
+            "metric": metric,
+            "higher_is_better": metric == "accuracy",
+            "steps": args.steps,
+            "seeds": args.seeds,
+            "elapsed_s": time.perf_counter() - start,
+            "arms": arms,
+        }
     report = {
         "machine": f"{platform.machine()} {platform.processor()}".strip(),
         "cpu_count": os.cpu_count(),

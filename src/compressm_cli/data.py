@@ -32,9 +32,11 @@ from compressm_core import (
     pole_order,
 )
 
+from .spectra import spectra_arrays
+
 __all__ = ["TASKS", "Task", "load_task"]
 
-TASKS = ("mnist1d", "digits", "sysid")
+TASKS = ("mnist1d", "digits", "sysid", "spectra")
 """Names of the embedded tasks; :func:`load_task` also accepts a path to a ``.npz`` file."""
 
 Kind = Literal["classification", "regression"]
@@ -117,6 +119,11 @@ def load_task(name: str | os.PathLike[str], *, seed: int = 0, val_fraction: floa
         stratified by class, with ``seed``.
     ``"sysid"``
         System identification with a known answer; see *Notes*.
+    ``"spectra"``
+        A task where the state size matters (:mod:`compressm_cli.spectra`): classify a noisy
+        sum of narrow-band resonances (pole modulus 0.985) by its set of 4 frequencies out of
+        32 spaced 0.1 rad apart; 20 overlapping classes, 4000 train / 1000 test sequences of
+        shape (128, 1), generated locally in about a second.
     a path ending in ``.npz``
         Arrays ``x_train, y_train, x_test, y_test`` (and optionally ``x_val, y_val``, used
         as given). Inputs of shape (n, L) or (n, L, d). Integer targets of shape (n,) make a
@@ -129,7 +136,8 @@ def load_task(name: str | os.PathLike[str], *, seed: int = 0, val_fraction: floa
     Parameters
     ----------
     name : str or path-like
-        ``"mnist1d"``, ``"digits"``, ``"sysid"`` or the path of a ``.npz`` file.
+        ``"mnist1d"``, ``"digits"``, ``"sysid"``, ``"spectra"`` or the path of a ``.npz``
+        file.
     seed : int, optional
         Seed of the validation draw (and of the train/test split of ``"digits"``). The
         MNIST-1D sequences and the system-identification system and data do not depend on it.
@@ -205,6 +213,20 @@ def load_task(name: str | os.PathLike[str], *, seed: int = 0, val_fraction: floa
         return _digits(seed, fraction)
     if key == "sysid":
         return _sysid(seed, fraction)
+    if key == "spectra":
+        x, y, x_test, y_test, info = spectra_arrays()
+        n_classes = len(info["class_frequencies"])
+        return _classification(
+            "spectra",
+            x,
+            y,
+            x_test,
+            y_test,
+            n_classes=n_classes,
+            seed=seed,
+            fraction=fraction,
+            info=info,
+        )
     if key.lower().endswith(".npz"):
         return _npz(key, seed, fraction)
     valid = ", ".join(repr(t) for t in TASKS)

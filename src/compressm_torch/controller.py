@@ -378,6 +378,7 @@ class CompreSSM(ControllerBase[nn.Module]):
             self._calibrate()
         recorder.all_reduce()  # one collective per event, on every rank
 
+    @torch.no_grad()
     def _observe(self, name: str, layer: nn.Module) -> tuple[Any, Any, Any] | None:
         adapter = get_adapter(layer)
         if isinstance(adapter, SelectiveAdapter):

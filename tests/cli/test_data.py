@@ -26,6 +26,7 @@ EXPECTED = {
     "mnist1d": ("classification", 4000, 1000, 40, 1, 10),
     "digits": ("classification", 1437, 360, 64, 1, 10),
     "sysid": ("regression", 4000, 1000, 64, 2, 2),
+    "spectra": ("classification", 4000, 1000, 128, 1, 20),
 }
 
 
@@ -34,7 +35,7 @@ def _rows(x: np.ndarray) -> set[bytes]:
 
 
 def test_task_names() -> None:
-    assert TASKS == ("mnist1d", "digits", "sysid")
+    assert TASKS == ("mnist1d", "digits", "sysid", "spectra")
     assert set(EXPECTED) == set(TASKS)
 
 
@@ -340,3 +341,23 @@ def test_sysid_truth_does_not_depend_on_seed() -> None:
     a, b = load_task("sysid", seed=0), load_task("sysid", seed=5)
     for key in ("a", "b", "c", "d", "true_hsv", "poles"):
         assert a.info[key] == b.info[key]
+
+
+def test_spectra_task_is_deterministic_and_its_classes_hold_their_resonances():
+    task = load_task("spectra", seed=3)
+    again = load_task("spectra", seed=3)
+    np.testing.assert_array_equal(task.x_train, again.x_train)
+    assert task.kind == "classification"
+    assert task.x_train.shape[1:] == (128, 1)
+    assert task.d_output == 20
+    assert len(task.x_train) + len(task.x_val) == 4000
+    assert len(task.x_test) == 1000
+    np.testing.assert_allclose(task.x_test.std(axis=1), 1.0, rtol=1e-5)
+    freqs = np.asarray(task.info["frequencies"])
+    # the averaged periodogram of each class peaks at its own frequencies (not at the others)
+    grid = np.fft.rfftfreq(128) * 2 * np.pi
+    power = np.abs(np.fft.rfft(task.x_train[..., 0], axis=1)) ** 2
+    for label, members in enumerate(task.info["class_frequencies"]):
+        mean = power[task.y_train == label].mean(axis=0)
+        at = np.array([mean[np.argmin(np.abs(grid - w))] for w in freqs])
+        assert set(np.argsort(at)[-4:]) == set(members)
