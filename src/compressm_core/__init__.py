@@ -11,6 +11,7 @@ from .balanced import (
     balanced_realization,
     balanced_truncation,
 )
+from .certificates import RankingCertificate, RankTracker, ranking_certificate
 from .diagonalize import rediagonalize
 from .errors import (
     BackendCapabilityError,
@@ -30,14 +31,7 @@ from .hankel import hankel_singular_values
 from .lyapunov import solve_discrete_lyapunov
 from .norms import frequency_response, h2_norm, h_infinity_norm
 from .ordering import pole_order, tolerant_argsort
-from .perturbation import (
-    RankingCertificate,
-    RankTracker,
-    hankel_operator,
-    hsv_a_priori_bound,
-    hsv_perturbation_bound,
-    ranking_certificate,
-)
+from .perturbation import hankel_operator, hsv_a_priori_bound, hsv_perturbation_bound
 from .rank import hankel_error_bound, select_rank
 from .schedule import ReductionEvent, ReductionWarning, reduction_schedule
 from .selective import (

@@ -18,6 +18,7 @@ from typing import Any, Generic, Literal, TypeVar
 import numpy as np
 
 from ._typing import Array
+from ._validation import check_int
 from .certified import CertifiedSchedule
 from .perturbation import hsv_perturbation_bound
 from .rank import select_rank
@@ -25,7 +26,6 @@ from .schedule import (
     ReductionEvent,
     ReductionWarning,
     _check_fraction,
-    _check_int,
     reduction_schedule,
 )
 
@@ -91,12 +91,12 @@ class ControllerBase(Generic[Layer]):
     ) -> None:
         """Check and store the options every controller has; ``choices`` adds
         ``(name, value, allowed)`` checks of framework-specific options."""
-        self.total_steps = _check_int("total_steps", total_steps, 1)
+        self.total_steps = check_int(total_steps, "total_steps", low=1)
         self.tau = _check_fraction("tau", tau)
         self.fraction = _check_fraction("fraction", fraction)
         self.gate = _check_fraction("gate", gate, closed=True)
         self.rollback_rtol = _check_fraction("rollback_rtol", rollback_rtol, closed=True)
-        self.min_rank = _check_int("min_rank", min_rank, 1)
+        self.min_rank = check_int(min_rank, "min_rank", low=1)
         for name, value, allowed in (
             ("mode", mode, MODES),
             ("selection", selection, SELECTIONS),
@@ -123,7 +123,7 @@ class ControllerBase(Generic[Layer]):
             raise ValueError(msg)
         if check_every is None:
             check_every = max(1, round(CHECK_FRACTION * total_steps))
-        self.rewarmup_steps = _check_int("rewarmup_steps", rewarmup_steps, 0)
+        self.rewarmup_steps = check_int(rewarmup_steps, "rewarmup_steps", low=0)
         self.certify = CertifiedSchedule(
             [],
             check_every=check_every,
@@ -140,7 +140,7 @@ class ControllerBase(Generic[Layer]):
                 total_steps, warmup_fraction=warmup_fraction, num_reductions=num_reductions
             )
         else:
-            steps = {_check_int("reduction_steps[i]", s, 1) for s in reduction_steps}
+            steps = {check_int(s, "reduction_steps[i]", low=1) for s in reduction_steps}
             self.schedule = sorted(steps)
         self.mode, self.selection, self.method = mode, selection, method
         self.real_output, self.energy, self.metric = real_output, energy, metric

@@ -81,20 +81,39 @@ def check_stable_poles(poles: Array, name: str, xp: Namespace) -> None:
         raise StabilityError(msg)
 
 
-def check_int(value: object, name: str, *, low: int, high: int) -> int:
-    """Check that ``value`` is a Python integer in ``[low, high]`` (bools are rejected)."""
+def _index(value: object) -> int | None:
+    """``value`` as a Python ``int`` if it is an integer (has ``__index__``), else ``None``."""
     if isinstance(value, bool):
-        msg = f"`{name}` must be an integer; received {value!r}."
-        raise TypeError(msg)
+        return None
     try:
-        out = operator.index(value)  # type: ignore[arg-type]
+        return int(operator.index(value))  # type: ignore[arg-type]
     except TypeError:
-        msg = f"`{name}` must be an integer; received {type(value).__name__} {value!r}."
-        raise TypeError(msg) from None
-    if not low <= out <= high:
-        msg = f"`{name}` must be in [{low}, {high}]; received {out}."
+        return None
+
+
+def check_int(value: object, name: str, *, low: int, high: int | None = None) -> int:
+    """Check that ``value`` is an integer in ``[low, high]`` and return it as a Python ``int``.
+
+    Bools are rejected; other integers (anything with ``__index__``, such as NumPy integers) are
+    accepted. With ``high`` (the arguments of the numerical functions) a non-integer raises
+    ``TypeError`` and an integer out of range ``ValueError``. Without it (counts and options of
+    the training controllers, bounded below only) every bad value raises ``ValueError`` with the
+    message "`name` must be an int >= low".
+    """
+    integer = _index(value)
+    if high is None:
+        if integer is None or integer < low:
+            msg = f"`{name}` must be an int >= {low}; received {value!r}."
+            raise ValueError(msg)
+        return integer
+    if integer is None:
+        kind = "" if isinstance(value, bool) else f"{type(value).__name__} "
+        msg = f"`{name}` must be an integer; received {kind}{value!r}."
+        raise TypeError(msg)
+    if not low <= integer <= high:
+        msg = f"`{name}` must be in [{low}, {high}]; received {integer}."
         raise ValueError(msg)
-    return int(out)
+    return integer
 
 
 def check_system(

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ._validation import check_int
-from .perturbation import RankTracker
+from .certificates import RankTracker
 
 __all__ = ["CertifiedSchedule"]
 

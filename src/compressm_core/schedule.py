@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ._validation import check_int
+
 __all__ = ["ReductionEvent", "ReductionWarning", "reduction_schedule"]
 
 
@@ -72,10 +74,8 @@ class ReductionEvent:
 
 
 def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        msg = f"`{name}` must be an int >= {low}; received {value!r}."
-        raise ValueError(msg)
-    return value
+    """``check_int(value, name, low=low)`` in the argument order of the adapters' callers."""
+    return check_int(value, name, low=low)
 
 
 def _check_fraction(name: str, value: object, *, closed: bool = False) -> float:
@@ -99,8 +99,8 @@ def reduction_schedule(
     >>> reduction_schedule(1000)
     [25, 50, 75, 100]
     """
-    _check_int("total_steps", total_steps, 1)
-    _check_int("num_reductions", num_reductions, 1)
+    check_int(total_steps, "total_steps", low=1)
+    check_int(num_reductions, "num_reductions", low=1)
     if not 0 < warmup_fraction <= 1:
         msg = f"`warmup_fraction` must be in (0, 1]; received {warmup_fraction!r}."
         raise ValueError(msg)

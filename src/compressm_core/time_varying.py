@@ -10,7 +10,7 @@ is given as sequences of matrices stacked along a time axis. The Gramians are co
 binary tree reduction over time (``ceil(log2 L)`` levels of batched products), which is the
 sequential recursion regrouped: no Python loop over ``L``, no data-dependent shapes, so it runs
 under ``jax.jit`` and ``torch.compile``. The selective (Mamba) fast path, which needs the
-Gramian diagonals at every time step, lives in :mod:`compressm_core.selective`.
+Gramian diagonals at every time step, lives in :mod:`compressm_core.selective_statistics`.
 """
 
 from __future__ import annotations

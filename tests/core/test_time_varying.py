@@ -17,8 +17,9 @@ from compressm_core import (
     StabilityError,
     controllability_gramian,
     hankel_singular_values,
+    importance,
     observability_gramian,
-    selective,
+    selective_statistics,
     time_varying,
 )
 from compressm_core.selective import (
@@ -545,7 +546,7 @@ def test_device_is_preserved() -> None:
     assert p.device == dev
 
 
-@pytest.mark.parametrize("module", [time_varying, selective])
+@pytest.mark.parametrize("module", [time_varying, selective_statistics, importance])
 def test_docstring_examples(module, monkeypatch: pytest.MonkeyPatch) -> None:
     # The examples import from the package top level, like every other example in the core.
     for name in module.__all__:
@@ -556,8 +557,6 @@ def test_docstring_examples(module, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_stepwise_update_equals_doubling_scan(monkeypatch) -> None:
     """The eager per-step loop and the blocked doubling scan (JAX's path) give the same sums."""
-    import compressm_core.selective as selective
-
     rng = np.random.default_rng(5)
     batch, steps, channels, states = 2, 37, 6, 4
     dt = rng.uniform(1e-3, 0.2, (batch, steps, channels))
@@ -565,7 +564,7 @@ def test_stepwise_update_equals_doubling_scan(monkeypatch) -> None:
     b = rng.normal(size=(batch, steps, 2, states))
     c = rng.normal(size=(batch, steps, 2, states))
     stepwise = update_selective_statistics(init_selective_statistics(a), dt, a, b, c)
-    monkeypatch.setattr(selective, "_use_stepwise", lambda dt, xp: False)
+    monkeypatch.setattr(selective_statistics, "_use_stepwise", lambda dt, xp: False)
     for block in (1, 5, 32, None):
         scanned = update_selective_statistics(
             init_selective_statistics(a), dt, a, b, c, time_block=block
