@@ -363,10 +363,9 @@ class ControllerBase(Generic[Layer]):
                 bound = None
                 previous = self._previous.get(name)
                 if system is not None:
-                    self._previous[name] = system
+                    self._previous[name] = (system, values)
                     if previous is not None:
-                        opts = self._bound_options()
-                        bound = float(hsv_perturbation_bound(previous, system, **opts))
+                        bound = self._weyl_bound(previous, system, values, rank)
                 trigger, margin = certify.update(name, values, rank=rank, bound=bound, kept=kept)
                 margins[name] = margin
                 if self._agree(trigger is not None and rank < self.gate * values.size):
@@ -379,6 +378,24 @@ class ControllerBase(Generic[Layer]):
             return events
         finally:
             self._after_checks()
+
+    def _weyl_bound(
+        self, previous: tuple[Any, np.ndarray[Any, Any]], system: Any, values: Any, rank: int
+    ) -> float:
+        """Weyl bound on the HSV movement since the previous check, or a conservative value.
+
+        The bound is at least ``max_i |sigma_i - sigma_i^prev|`` (Weyl's theorem itself), so
+        when twice that already exceeds the gap at ``rank`` the certificate cannot hold and the
+        ``O(n^3)`` bound is not computed: a value larger than every gap is passed instead, which
+        re-anchors every cut (conservative, never a false certificate).
+        """
+        before, old = previous
+        ordered = np.sort(values)[::-1]
+        moved = float(np.max(np.abs(ordered - np.sort(old)[::-1])))
+        gap = float(ordered[rank - 1] - ordered[rank]) if 1 <= rank < ordered.size else 0.0
+        if 2 * moved >= gap:
+            return float(ordered[0] + np.max(old)) + moved
+        return float(hsv_perturbation_bound(before, system, **self._bound_options()))
 
     def _deadline(self) -> list[ReductionEvent]:
         """Force every remaining cut (one event per round while a layer still reduces)."""
