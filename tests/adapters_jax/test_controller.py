@@ -226,3 +226,34 @@ def test_reduced_parameters_keep_their_sharding_on_several_devices():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["4", "16"]
+
+
+def test_certified_schedule_matches_the_torch_flow():
+    """Same checks, triggers and cut steps as the torch controller (static parameters: the
+    Weyl bound between checks is 0, so each cut is certified after `certify_window` checks)."""
+    net = Net(d_state=32)
+    opts = {
+        "total_steps": 400,
+        "schedule": "certified",
+        "mode": "fixed",
+        "fraction": 0.5,
+        "check_every": 10,
+        "certify_window": 2,
+        "num_reductions": 2,
+        "warmup_fraction": 0.5,
+    }
+    ctl = CompreSSM(net, None, **opts)
+    cuts = []
+    for loss in [2.3] * 30 + [1.0] * 100:
+        cuts += [e for e in ctl.step(loss=jnp.asarray(loss)) if e.status == "reduced"]
+    assert [(e.step, e.old_rank, e.new_rank, e.trigger) for e in cuts] == [
+        (60, 32, 16, "certified"),
+        (90, 16, 8, "certified"),
+    ]
+    assert all(e.loss == pytest.approx(1.0) for e in cuts)
+    with pytest.warns(ReductionWarning, match="has not fallen"):
+        late = CompreSSM(Net(d_state=32), None, **opts)
+        for _ in range(200):
+            late.step(loss=2.3)
+    assert [e.trigger for e in late.history if e.status == "reduced"] == ["deadline"] * 2
+    assert late.lr_factor == 1.0  # no re-warm-up asked for
