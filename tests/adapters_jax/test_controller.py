@@ -251,9 +251,10 @@ def test_certified_schedule_matches_the_torch_flow():
         (90, 16, 8, "certified"),
     ]
     assert all(e.loss == pytest.approx(1.0) for e in cuts)
+    late = CompreSSM(Net(d_state=32), None, **opts)
+    for _ in range(199):
+        late.step(loss=2.3)
     with pytest.warns(ReductionWarning, match="has not fallen"):
-        late = CompreSSM(Net(d_state=32), None, **opts)
-        for _ in range(200):
-            late.step(loss=2.3)
+        late.step(loss=2.3)  # the deadline
     assert [e.trigger for e in late.history if e.status == "reduced"] == ["deadline"] * 2
     assert late.lr_factor == 1.0  # no re-warm-up asked for
