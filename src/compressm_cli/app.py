@@ -66,6 +66,17 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _cut_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        msg = f"expected a number in (0, 1], received {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -129,6 +140,12 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         choices=("steps", "certified"),
         default="steps",
         help="fixed reduction steps, or cuts certified stable after learning starts (steps)",
+    )
+    g.add_argument(
+        "--max-cut",
+        type=_cut_fraction,
+        default=0.5,
+        help="largest fraction of a layer's states one event removes; 1: no floor (0.5)",
     )
     g.add_argument(
         "--rewarmup-steps",
@@ -199,6 +216,7 @@ def _config(args: argparse.Namespace, *, label: str, seed: int, reduce: bool) ->
         num_reductions=args.num_reductions,
         schedule=args.schedule,
         rewarmup_steps=args.rewarmup_steps,
+        max_cut=None if args.max_cut == 1 else args.max_cut,
         horizon=args.horizon,
         eval_every=QUICK_EVAL_EVERY if quick and args.eval_every == 100 else args.eval_every,
         seed=seed,

@@ -58,6 +58,7 @@ class RunConfig:
     num_reductions: int = 4
     schedule: Literal["steps", "certified"] = "steps"
     rewarmup_steps: int = 0
+    max_cut: float | None = 0.5
     selection: Literal["largest", "smallest", "random"] = "largest"
     horizon: int | Literal["auto"] | None = None
     eval_every: int = 100
@@ -203,6 +204,7 @@ def train(
             horizon=config.horizon,
             schedule=config.schedule,
             rewarmup_steps=config.rewarmup_steps,
+            max_cut=config.max_cut,
             selection=config.selection,
             lr_scheduler=sched,
             metric="max" if task.kind == "classification" else "min",

@@ -226,6 +226,7 @@ def train(
                 num_reductions=config.num_reductions,
                 schedule=config.schedule,
                 rewarmup_steps=config.rewarmup_steps,
+                max_cut=config.max_cut,
                 selection=config.selection,
                 horizon=task.x_train.shape[1] if horizon == "auto" else horizon,
                 metric="max" if task.kind == "classification" else "min",

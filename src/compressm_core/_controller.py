@@ -87,6 +87,7 @@ class ControllerBase(Generic[Layer]):
         learning_drop: float = 0.2,
         rank_rtol: float = 0.1,
         rewarmup_steps: int = 0,
+        max_cut: float | None = None,
         choices: Iterable[tuple[str, object, Sequence[str]]] = (),
     ) -> None:
         """Check and store the options every controller has; ``choices`` adds
@@ -124,6 +125,14 @@ class ControllerBase(Generic[Layer]):
         if check_every is None:
             check_every = max(1, round(CHECK_FRACTION * total_steps))
         self.rewarmup_steps = check_int(rewarmup_steps, "rewarmup_steps", low=0)
+        if max_cut is not None and not (
+            isinstance(max_cut, (int, float))
+            and not isinstance(max_cut, bool)
+            and 0 < max_cut <= 1
+        ):
+            msg = f"`max_cut` must be None or a number in (0, 1]; received {max_cut!r}."
+            raise ValueError(msg)
+        self.max_cut = None if max_cut is None else float(max_cut)
         self.certify = CertifiedSchedule(
             [],
             check_every=check_every,
@@ -452,12 +461,19 @@ class ControllerBase(Generic[Layer]):
         return events
 
     def _target_rank(self, hsv: Array) -> int:
-        """The rank the mode asks for, clipped to ``[min_rank, N]`` (before the gate)."""
+        """The rank the mode asks for, floored by ``min_rank`` and ``max_cut`` (before the
+        gate)."""
         total = int(hsv.shape[-1])
         if self.mode == "tolerance":
             rank = select_rank(hsv, tau=self.tau, energy=self.energy)
         else:
             rank = math.floor(total * (1 - self.fraction))
+        return self._floor(rank, total)
+
+    def _floor(self, rank: int, total: int) -> int:
+        """``rank`` raised to ``min_rank`` and ``ceil((1 - max_cut) total)``, at most ``total``."""
+        if self.max_cut is not None:
+            rank = max(rank, math.ceil((1 - self.max_cut) * total - 1e-9))
         return min(total, max(self.min_rank, rank))
 
     def _event(

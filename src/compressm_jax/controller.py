@@ -80,7 +80,7 @@ class CompreSSM(ControllerBase[nnx.Module]):
         As for :class:`compressm_torch.CompreSSM` (``horizon`` is ``None`` or an int).
     rollback_rtol, metric, compute_error, layers, seed : optional
         As for :class:`compressm_torch.CompreSSM`.
-    schedule, check_every, certify_window, learning_drop, rank_rtol : optional
+    schedule, check_every, certify_window, learning_drop, rank_rtol, max_cut : optional
         The certified schedule, as for :class:`compressm_torch.CompreSSM` (pass ``loss`` to
         :meth:`step`). A learning-rate re-warm-up after each cut is :attr:`lr_factor`
         (``rewarmup_steps``); multiply it into the learning rate of the next updates, e.g.
@@ -130,6 +130,7 @@ class CompreSSM(ControllerBase[nnx.Module]):
         learning_drop: float = 0.2,
         rank_rtol: float = 0.1,
         rewarmup_steps: int = 0,
+        max_cut: float | None = None,
     ) -> None:
         if not isinstance(model, nnx.Module):
             msg = f"`model` must be a flax.nnx.Module; received {type(model).__name__}."
@@ -162,6 +163,7 @@ class CompreSSM(ControllerBase[nnx.Module]):
             learning_drop=learning_drop,
             rank_rtol=rank_rtol,
             rewarmup_steps=rewarmup_steps,
+            max_cut=max_cut,
         )
         if horizon is not None:
             _check_int("horizon", horizon, 1)

@@ -138,6 +138,10 @@ class CompreSSM(ControllerBase[nn.Module]):
     rank_rtol : float, optional
         Relative spread of the rule's rank over the last checks that counts as stable
         (certified schedule).
+    max_cut : float, optional
+        Largest fraction of a layer's current states one event may remove (a floor on the
+        rank: ``ceil((1 - max_cut) n)``); ``None`` (default, the paper) sets no floor. With
+        ``max_cut=0.5`` four events take 128 states to 8 at the fewest.
     rewarmup_steps : int, optional
         After each event that reduced a layer, scale the learning rate of the next
         ``rewarmup_steps`` optimizer updates by ``k / (rewarmup_steps + 1)``, ``k = 1, 2, ...``
@@ -196,6 +200,7 @@ class CompreSSM(ControllerBase[nn.Module]):
         learning_drop: float = 0.2,
         rank_rtol: float = 0.1,
         rewarmup_steps: int = 0,
+        max_cut: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             msg = f"`model` must be a torch.nn.Module; received {type(model).__name__}."
@@ -228,6 +233,7 @@ class CompreSSM(ControllerBase[nn.Module]):
             learning_drop=learning_drop,
             rank_rtol=rank_rtol,
             rewarmup_steps=rewarmup_steps,
+            max_cut=max_cut,
             choices=(
                 ("optimizer_state", optimizer_state, POLICIES),
                 ("importance", importance, _IMPORTANCE),
@@ -438,7 +444,7 @@ class CompreSSM(ControllerBase[nn.Module]):
             rank = _rank_for(rate, self.tau)
         else:
             rank = math.floor(old * (1 - self.fraction))
-        rank = min(old, max(self.min_rank, rank))
+        rank = self._floor(rank, old)
         if adapter.rank_multiple is not None:
             rank = adapter.rank_multiple(layer, rank)
         return rank

@@ -70,6 +70,9 @@ class CompreSSMCallback(Callback):
         Selective (Mamba) layers, as for :class:`~compressm_torch.CompreSSM`.
     schedule, check_every, certify_window, learning_drop, rank_rtol, rewarmup_steps : optional
         The certified schedule and the learning-rate re-warm-up, as for
+        :class:`~compressm_torch.CompreSSM`.
+    max_cut : optional
+        The certified schedule and the learning-rate re-warm-up, as for
         :class:`~compressm_torch.CompreSSM`. The training loss is read from what
         ``training_step`` returns (a tensor, or a mapping with ``"loss"``).
 
@@ -146,6 +149,7 @@ class CompreSSMCallback(Callback):
         learning_drop: float = 0.2,
         rank_rtol: float = 0.1,
         rewarmup_steps: int = 0,
+        max_cut: float | None = None,
     ) -> None:
         super().__init__()
         if monitor is not None and not isinstance(monitor, str):
@@ -190,6 +194,7 @@ class CompreSSMCallback(Callback):
             "learning_drop": learning_drop,
             "rank_rtol": rank_rtol,
             "rewarmup_steps": rewarmup_steps,
+            "max_cut": max_cut,
         }
         # Validate every option now rather than at on_fit_start: build a throw-away controller
         # on a one-state layer on the meta device (no memory, no draw from the global RNG).

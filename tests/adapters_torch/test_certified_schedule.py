@@ -166,3 +166,23 @@ def test_rewarmup_scales_the_next_updates_and_leaves_the_scheduler_alone(schedul
     # the cut is at controller step 4: updates 5, 6, 7 get 1/4, 2/4, 3/4, then 1
     factors = [1.0] * 4 + [0.25, 0.5, 0.75] + [1.0] * 7
     assert seen == pytest.approx([f * lr for f, lr in zip(factors, own, strict=True)], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kw", "sizes"),
+    [
+        ({"mode": "fixed", "fraction": 0.9}, [16, 8, 4]),  # 90 % asked, half allowed
+        ({"tau": 0.99}, [16, 8, 4]),
+        ({"mode": "fixed", "fraction": 0.25}, [24, 18, 13]),  # below the cap: unchanged
+    ],
+)
+def test_max_cut_floors_each_event(kw: dict, sizes: list[int]) -> None:
+    ctl = CompreSSM(make(), None, total_steps=100, reduction_steps=[1, 2, 3], max_cut=0.5, **kw)
+    got = [e.new_rank for e in run(ctl, [None] * 3)]
+    assert got == sizes
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5, True, "half"])
+def test_max_cut_rejects(value: object) -> None:
+    with pytest.raises(ValueError, match=r"`max_cut` must be None or a number in \(0, 1\]"):
+        CompreSSM(make(), None, total_steps=100, max_cut=value)
