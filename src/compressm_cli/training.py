@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from compressm_core.schedule import ReductionEvent, ReductionWarning
+from compressm_core.training import Mode, Schedule, Selection
 from compressm_torch import CompreSSM, SequenceModel, state_sizes
 
 if TYPE_CHECKING:
@@ -52,14 +53,14 @@ class RunConfig:
     lr_warmup: float = 0.05
     reduce: bool = True
     tau: float = 0.1
-    mode: Literal["tolerance", "fixed", "pragmatic"] = "tolerance"
+    mode: Mode = "tolerance"
     fraction: float = 0.1
     warmup_fraction: float = 0.2
     num_reductions: int = 4
-    schedule: Literal["steps", "certified"] = "steps"
+    schedule: Schedule = "steps"
     rewarmup_steps: int = 0
     max_cut: float | None = 0.5
-    selection: Literal["largest", "smallest", "random"] = "largest"
+    selection: Selection = "largest"
     horizon: int | Literal["auto"] | None = None
     eval_every: int = 100
     seed: int = 0

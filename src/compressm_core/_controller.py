@@ -1,9 +1,11 @@
 """Framework-free bookkeeping of the training controllers.
 
 ``compressm_torch.CompreSSM`` and ``compressm_jax.CompreSSM`` differ only in how they read,
-reduce, snapshot and restore a model. Everything else lives here, once: option checks, the
-schedule, step counting, the rank rule and gate inputs, the pragmatic snapshot / rollback flow,
-event records and the framework-free part of ``state_dict``.
+reduce, snapshot and restore a model. Everything else lives here, once: the schedule, step
+counting, the rank rule and gate inputs, the pragmatic snapshot / rollback flow, event records
+and the framework-free part of ``state_dict``. The options and their checks are
+:class:`compressm_core.training.ReductionOptions`; :class:`ControllerBase` is public as
+``compressm_core.training.ControllerBase``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
@@ -22,24 +24,14 @@ from ._validation import check_int
 from .certified import CertifiedSchedule
 from .perturbation import hsv_perturbation_bound
 from .rank import select_rank
-from .schedule import (
-    ReductionEvent,
-    ReductionWarning,
-    _check_fraction,
-    reduction_schedule,
-)
+from .schedule import ReductionEvent, ReductionWarning, reduction_schedule
 
-__all__ = ["MODES", "SCHEDULES", "SELECTIONS", "ControllerBase", "Mode", "Schedule", "Selection"]
+if TYPE_CHECKING:  # compressm_core.training imports this module
+    from .training import ReductionOptions, Schedule
+
+__all__ = ["ControllerBase"]
 
 logger = logging.getLogger("compressm")
-
-MODES = ("tolerance", "fixed", "pragmatic")
-
-Mode = Literal["tolerance", "fixed", "pragmatic"]
-Selection = Literal["largest", "smallest", "random"]
-SELECTIONS = ("largest", "smallest", "random")
-Schedule = Literal["steps", "certified"]
-SCHEDULES = ("steps", "certified")
 
 #: Fraction of ``total_steps`` between two checks when ``check_every`` is not given.
 CHECK_FRACTION = 0.01
@@ -55,105 +47,47 @@ class ControllerBase(Generic[Layer]):
     :meth:`_reduce_all` (which appends its events to :attr:`history`).
     """
 
+    options: ReductionOptions
     layers: dict[str, Layer]
     history: list[ReductionEvent]
     schedule: list[int]
 
     # -- configuration -----------------------------------------------------------------------
 
-    def _configure(
-        self,
-        *,
-        total_steps: int,
-        tau: float,
-        mode: Mode,
-        warmup_fraction: float,
-        num_reductions: int,
-        reduction_steps: Sequence[int] | None,
-        fraction: float,
-        selection: Selection,
-        gate: float,
-        min_rank: int,
-        method: Literal["sqrt", "bfsr"],
-        real_output: bool,
-        energy: Literal["sum", "squared"],
-        rollback_rtol: float,
-        metric: Literal["max", "min"],
-        compute_error: bool,
-        seed: int,
-        schedule: Schedule = "steps",
-        check_every: int | None = None,
-        certify_window: int = 3,
-        learning_drop: float = 0.2,
-        rank_rtol: float = 0.1,
-        rewarmup_steps: int = 0,
-        max_cut: float | None = None,
-        choices: Iterable[tuple[str, object, Sequence[str]]] = (),
-    ) -> None:
-        """Check and store the options every controller has; ``choices`` adds
-        ``(name, value, allowed)`` checks of framework-specific options."""
+    def _configure(self, options: ReductionOptions, *, total_steps: int) -> None:
+        """Store the (already checked) ``options`` and set up the schedule of ``total_steps``
+        optimizer steps."""
         self.total_steps = check_int(total_steps, "total_steps", low=1)
-        self.tau = _check_fraction("tau", tau)
-        self.fraction = _check_fraction("fraction", fraction)
-        self.gate = _check_fraction("gate", gate, closed=True)
-        self.rollback_rtol = _check_fraction("rollback_rtol", rollback_rtol, closed=True)
-        self.min_rank = check_int(min_rank, "min_rank", low=1)
-        for name, value, allowed in (
-            ("mode", mode, MODES),
-            ("selection", selection, SELECTIONS),
-            ("method", method, ("sqrt", "bfsr")),
-            ("energy", energy, ("sum", "squared")),
-            ("metric", metric, ("max", "min")),
-            ("schedule", schedule, SCHEDULES),
-            *((n, v, tuple(a)) for n, v, a in choices),
-        ):
-            if value not in allowed:
-                msg = f"`{name}` must be one of {allowed}; received {value!r}."
-                raise ValueError(msg)
-        if selection == "random" and real_output:
-            msg = "`selection='random'` keeps modal states; it excludes `real_output=True`."
-            raise ValueError(msg)
-        if schedule == "certified" and mode == "pragmatic":
-            msg = (
-                "`schedule='certified'` works with mode 'tolerance' or 'fixed'; "
-                "received mode 'pragmatic'."
-            )
-            raise ValueError(msg)
-        if schedule == "certified" and reduction_steps is not None:
-            msg = "`reduction_steps` is an explicit schedule; it excludes `schedule='certified'`."
-            raise ValueError(msg)
+        self.options = options
+        self.tau, self.fraction, self.gate = options.tau, options.fraction, options.gate
+        self.rollback_rtol, self.min_rank = options.rollback_rtol, options.min_rank
+        self.rewarmup_steps, self.max_cut = options.rewarmup_steps, options.max_cut
+        check_every = options.check_every
         if check_every is None:
             check_every = max(1, round(CHECK_FRACTION * total_steps))
-        self.rewarmup_steps = check_int(rewarmup_steps, "rewarmup_steps", low=0)
-        if max_cut is not None and not (
-            isinstance(max_cut, (int, float))
-            and not isinstance(max_cut, bool)
-            and 0 < max_cut <= 1
-        ):
-            msg = f"`max_cut` must be None or a number in (0, 1]; received {max_cut!r}."
-            raise ValueError(msg)
-        self.max_cut = None if max_cut is None else float(max_cut)
         self.certify = CertifiedSchedule(
             [],
             check_every=check_every,
-            deadline=max(1, round(warmup_fraction * total_steps)),
-            window=certify_window,
-            num_reductions=num_reductions,
-            learning_drop=learning_drop,
-            rank_rtol=rank_rtol,
+            deadline=max(1, round(options.warmup_fraction * total_steps)),
+            window=options.certify_window,
+            num_reductions=options.num_reductions,
+            learning_drop=options.learning_drop,
+            rank_rtol=options.rank_rtol,
         )
-        self.schedule_kind: Schedule = schedule
+        self.schedule_kind: Schedule = options.schedule
         self._last_cut_step: int | None = None
-        if reduction_steps is None:
+        if options.reduction_steps is None:
             self.schedule = reduction_schedule(
-                total_steps, warmup_fraction=warmup_fraction, num_reductions=num_reductions
+                total_steps,
+                warmup_fraction=options.warmup_fraction,
+                num_reductions=options.num_reductions,
             )
         else:
-            steps = {check_int(s, "reduction_steps[i]", low=1) for s in reduction_steps}
-            self.schedule = sorted(steps)
-        self.mode, self.selection, self.method = mode, selection, method
-        self.real_output, self.energy, self.metric = real_output, energy, metric
-        self.compute_error, self.seed = compute_error, seed
+            self.schedule = sorted(set(options.reduction_steps))
+        self.mode, self.selection, self.method = options.mode, options.selection, options.method
+        self.real_output, self.energy = options.real_output, options.energy
+        self.metric, self.seed = options.metric, options.seed
+        self.compute_error = options.compute_error
         self.history = []
         self.stopped = False
         self.num_steps = 0

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from compressm_core import CompressmError, hankel_singular_values
-from compressm_core._controller import ControllerBase, Mode, Schedule
 from compressm_core.schedule import ReductionEvent, ReductionWarning, _check_int
+from compressm_core.training import ControllerBase, Mode, ReductionOptions, Schedule
 
 from .adapters import find_layers, get_adapter
 from .optim import ParamChange, _path_key, resize_optimizer_state
@@ -139,8 +139,7 @@ class CompreSSM(ControllerBase[nnx.Module]):
             kind = type(optimizer).__name__
             msg = f"`optimizer` must be a flax.nnx.Optimizer or None; received {kind}."
             raise TypeError(msg)
-        self._configure(
-            total_steps=total_steps,
+        options = ReductionOptions(
             tau=tau,
             mode=mode,
             warmup_fraction=warmup_fraction,
@@ -165,6 +164,7 @@ class CompreSSM(ControllerBase[nnx.Module]):
             rewarmup_steps=rewarmup_steps,
             max_cut=max_cut,
         )
+        self._configure(options, total_steps=total_steps)
         if horizon is not None:
             _check_int("horizon", horizon, 1)
         self.model, self.optimizer, self.horizon = model, optimizer, horizon

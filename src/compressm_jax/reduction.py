@@ -23,7 +23,7 @@ from compressm_core import (
     rediagonalize,
     select_rank,
 )
-from compressm_core._controller import SELECTIONS, Selection
+from compressm_core.training import SELECTIONS, Selection
 
 from ._systems import host_system
 from .adapters import LayerAdapter, get_adapter

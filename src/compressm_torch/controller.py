@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 from compressm_core import CompressmError, hankel_singular_values, select_state_indices
-from compressm_core._controller import ControllerBase, Mode, Schedule
 from compressm_core.schedule import (
     ReductionEvent,
     ReductionWarning,
     _check_int,
     reduction_schedule,
 )
+from compressm_core.training import ControllerBase, Mode, ReductionOptions, Schedule
 
 from .adapters import LayerAdapter, SelectiveAdapter, get_adapter, resize_layers, state_sizes
 from .adapters import find_layers as _find_layers
@@ -36,6 +36,31 @@ from .selective import (
 from .selective import reduce_selective_layer as _reduce_selective
 
 __all__ = ["CompreSSM", "ReductionEvent", "ReductionWarning", "reduction_schedule"]
+
+
+def _check_torch_options(
+    *,
+    optimizer_state: object,
+    horizon: object,
+    importance: object,
+    aggregate: object,
+    calibration_steps: object,
+    calibration_sequences: object,
+) -> None:
+    """Check the options of :class:`CompreSSM` that :class:`ReductionOptions` does not hold."""
+    for name, value, allowed in (
+        ("optimizer_state", optimizer_state, POLICIES),
+        ("importance", importance, _IMPORTANCE),
+        ("aggregate", aggregate, _AGGREGATES),
+    ):
+        if value not in allowed:
+            msg = f"`{name}` must be one of {allowed}; received {value!r}."
+            raise ValueError(msg)
+    if horizon is not None and horizon != "auto":
+        _check_int("horizon", horizon, 1)
+    _check_int("calibration_steps", calibration_steps, 1)
+    if calibration_sequences is not None:
+        _check_int("calibration_sequences", calibration_sequences, 1)
 
 
 class CompreSSM(ControllerBase[nn.Module]):
@@ -209,8 +234,7 @@ class CompreSSM(ControllerBase[nn.Module]):
             kind = type(optimizer).__name__
             msg = f"`optimizer` must be a torch.optim.Optimizer or None; received {kind}."
             raise TypeError(msg)
-        self._configure(
-            total_steps=total_steps,
+        options = ReductionOptions(
             tau=tau,
             mode=mode,
             warmup_fraction=warmup_fraction,
@@ -234,21 +258,21 @@ class CompreSSM(ControllerBase[nn.Module]):
             rank_rtol=rank_rtol,
             rewarmup_steps=rewarmup_steps,
             max_cut=max_cut,
-            choices=(
-                ("optimizer_state", optimizer_state, POLICIES),
-                ("importance", importance, _IMPORTANCE),
-                ("aggregate", aggregate, _AGGREGATES),
-            ),
         )
-        if horizon is not None and horizon != "auto":
-            _check_int("horizon", horizon, 1)
+        self._configure(options, total_steps=total_steps)
+        _check_torch_options(
+            optimizer_state=optimizer_state,
+            horizon=horizon,
+            importance=importance,
+            aggregate=aggregate,
+            calibration_steps=calibration_steps,
+            calibration_sequences=calibration_sequences,
+        )
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
         self.optimizer_state, self.horizon = optimizer_state, horizon
         self.importance, self.aggregate = importance, aggregate
-        self.calibration_steps = _check_int("calibration_steps", calibration_steps, 1)
+        self.calibration_steps = int(calibration_steps)
         self.calibration_batches = calibration_batches
-        if calibration_sequences is not None:
-            _check_int("calibration_sequences", calibration_sequences, 1)
         self.calibration_sequences = calibration_sequences
         self._select_layers(
             _find_layers(model),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -16,11 +17,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from compressm_core._controller import Mode, Schedule
+from compressm_core.schedule import _check_int
+from compressm_core.training import Mode, ReductionOptions, Schedule
 
 from .adapters import find_layers, get_adapter, resize_layers, state_sizes
-from .controller import CompreSSM, ReductionEvent
-from .lru import LRU
+from .controller import CompreSSM, ReductionEvent, _check_torch_options
 from .optim import OptimizerStatePolicy
 from .reduction import Selection
 from .selective import Importance
@@ -78,6 +79,8 @@ class CompreSSMCallback(Callback):
 
     Attributes
     ----------
+    options : ReductionOptions
+        The framework-free options (:class:`compressm_core.training.ReductionOptions`).
     controller : CompreSSM
         The controller of the current ``fit`` (available from ``on_fit_start``).
     history : list of ReductionEvent
@@ -161,46 +164,53 @@ class CompreSSMCallback(Callback):
                 "(the controller judges each reduction by it)."
             )
             raise ValueError(msg)
+        if total_steps is not None:
+            _check_int("total_steps", total_steps, 1)
         self.total_steps = total_steps
         self.monitor = monitor
         self.layers = None if layers is None else list(layers)
-        self._options: dict[str, Any] = {
-            "tau": tau,
-            "mode": mode,
-            "warmup_fraction": warmup_fraction,
-            "num_reductions": num_reductions,
-            "reduction_steps": None if reduction_steps is None else list(reduction_steps),
-            "fraction": fraction,
-            "selection": selection,
+        self.options = ReductionOptions(
+            tau=tau,
+            mode=mode,
+            warmup_fraction=warmup_fraction,
+            num_reductions=num_reductions,
+            reduction_steps=reduction_steps,
+            fraction=fraction,
+            selection=selection,
+            gate=gate,
+            min_rank=min_rank,
+            method=method,
+            real_output=real_output,
+            energy=energy,
+            rollback_rtol=rollback_rtol,
+            metric=metric,
+            compute_error=compute_error,
+            seed=seed,
+            schedule=schedule,
+            check_every=check_every,
+            certify_window=certify_window,
+            learning_drop=learning_drop,
+            rank_rtol=rank_rtol,
+            rewarmup_steps=rewarmup_steps,
+            max_cut=max_cut,
+        )
+        _check_torch_options(
+            optimizer_state=optimizer_state,
+            horizon=horizon,
+            importance=importance,
+            aggregate=aggregate,
+            calibration_steps=calibration_steps,
+            calibration_sequences=calibration_sequences,
+        )
+        self._torch_options: dict[str, Any] = {
             "optimizer_state": optimizer_state,
             "horizon": horizon,
-            "gate": gate,
-            "min_rank": min_rank,
-            "method": method,
-            "real_output": real_output,
-            "energy": energy,
-            "rollback_rtol": rollback_rtol,
-            "metric": metric,
-            "compute_error": compute_error,
-            "seed": seed,
             "importance": importance,
             "aggregate": aggregate,
             "calibration_steps": calibration_steps,
             "calibration_batches": calibration_batches,
             "calibration_sequences": calibration_sequences,
-            "schedule": schedule,
-            "check_every": check_every,
-            "certify_window": certify_window,
-            "learning_drop": learning_drop,
-            "rank_rtol": rank_rtol,
-            "rewarmup_steps": rewarmup_steps,
-            "max_cut": max_cut,
         }
-        # Validate every option now rather than at on_fit_start: build a throw-away controller
-        # on a one-state layer on the meta device (no memory, no draw from the global RNG).
-        probe_steps = 1 if total_steps is None else total_steps
-        probe = CompreSSM(LRU(1, 1, device="meta"), None, total_steps=probe_steps, **self._options)
-        probe.remove_hooks()
         self._controller: CompreSSM | None = None
         self._restored: dict[str, Any] | None = None
         self._metric: float | None = None
@@ -274,7 +284,8 @@ class CompreSSMCallback(Callback):
             total_steps=total,
             lr_scheduler=schedulers[0].scheduler if schedulers else None,
             layers=self.layers,
-            **self._options,
+            **asdict(self.options),
+            **self._torch_options,
         )
         if self._restored is not None:
             self._load(self._restored)

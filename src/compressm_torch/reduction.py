@@ -20,7 +20,7 @@ from compressm_core import (
     rediagonalize,
     select_rank,
 )
-from compressm_core._controller import SELECTIONS, Selection
+from compressm_core.training import SELECTIONS, Selection
 
 from ._params import assign
 from .adapters import LayerAdapter, get_adapter
