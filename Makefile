@@ -1,5 +1,5 @@
 # `make test` and `make demo` create .venv and install everything they need.
-# `make demo` runs the main job: `compressm compare` on the embedded MNIST-1D task.
+# `make demo` runs the main job: `compressm compare` on the embedded `spectra` task.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -32,7 +32,7 @@ docs: $(STAMP)
 test: lint typecheck unit docs
 
 demo: $(STAMP)
-	$(BIN)/compressm compare --out runs/demo
+	$(BIN)/compressm compare --task spectra --steps 1500 --out runs/demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/core_hsv.py

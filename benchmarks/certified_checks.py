@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from _cpu import cpu_model
-from compressm_core._controller import ControllerBase
+from compressm_core.training import ControllerBase
 
 RESULTS = Path(__file__).parent / "results"
 

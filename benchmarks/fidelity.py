@@ -125,10 +125,13 @@ def _markdown(report: dict[str, Any]) -> str:
                     scale * (a - b)
                     for a, b in zip(arms["compressm"]["test"], arms[other]["test"], strict=True)
                 ]
+                if scale != 100:  # errors: differences relative to the other arm, in %
+                    diffs = [100 * d / b for d, b in zip(diffs, arms[other]["test"], strict=True)]
                 better = sum(1 for d in diffs if sign * d > 0)
                 per_seed = ", ".join(f"{d:+.2f}" for d in diffs)
+                how = "" if scale == 100 else " (relative, %)"
                 lines.append(
-                    f"- compressm − {other}, per seed: {per_seed}; mean "
+                    f"- compressm − {other}{how}, per seed: {per_seed}; mean "
                     f"{statistics.fmean(diffs):+.2f}; compressm better on {better} of "
                     f"{len(diffs)} seeds."
                 )
@@ -154,7 +157,10 @@ def _merge(paths: list[Path], out: Path) -> None:
     merged["tasks"] = {}
     for report in reports:
         for task, entry in report["tasks"].items():
-            merged["tasks"][task] = {"steps": report["steps"], "seeds": report["seeds"], **entry}
+            entry = {"steps": report["steps"], "seeds": report["seeds"], **entry}
+            if task in merged["tasks"]:  # same task: arms of the later file win
+                entry["arms"] = {**merged["tasks"][task]["arms"], **entry["arms"]}
+            merged["tasks"][task] = entry
     merged["elapsed_s"] = sum(r["elapsed_s"] for r in reports)
     merged["steps"] = sorted({e["steps"] for e in merged["tasks"].values()})
     merged["seeds"] = sorted({s for e in merged["tasks"].values() for s in e["seeds"]})
