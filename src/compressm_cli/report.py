@@ -183,7 +183,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        sizes = ", ".join(f"{v:g}" for v in row["final_state"].values())
+        sizes = ", ".join(f"{v:.3g}" for v in row["final_state"].values())
         spread = f" ± {fmt(row['test_metric_std'])}" if len(row["seeds"]) > 1 else ""
         unit = " %" if percent else ""
         lines.append(
