@@ -10,7 +10,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,51 +41,29 @@ def _horizon(text: str) -> int | str | None:
     return value
 
 
-def _positive(kind: type) -> Any:
+def _number(kind: type, accept: Callable[[Any], bool], expected: str) -> Any:
+    """An argparse type: ``kind(text)`` if ``accept`` holds, else a message with ``expected``."""
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value <= 0:
-            msg = f"expected a positive {kind.__name__}; received {text!r}"
+        if value is None or math.isnan(value) or not accept(value):
+            msg = f"expected {expected}; received {text!r}"
             raise argparse.ArgumentTypeError(msg)
         return value
 
     return parse
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        msg = f"expected an integer >= 0, received {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
+def _positive(kind: type) -> Any:
+    return _number(kind, lambda v: v > 0, f"a positive {kind.__name__}")
 
 
-def _cut_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= 1:
-        msg = f"expected a number in (0, 1], received {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        msg = f"expected a number in [0, 1); received {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
+_nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+_cut_fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+_fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
