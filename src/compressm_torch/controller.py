@@ -165,8 +165,7 @@ class CompreSSM(ControllerBase[nn.Module]):
         (certified schedule).
     max_cut : float, optional
         Largest fraction of a layer's current states one event may remove (a floor on the
-        rank: ``ceil((1 - max_cut) n)``); ``None`` (default, the paper) sets no floor. With
-        ``max_cut=0.5`` four events take 128 states to 8 at the fewest.
+        rank: ``ceil((1 - max_cut) n)``); ``None`` (default, the paper) sets no floor.
     rewarmup_steps : int, optional
         After each event that reduced a layer, scale the learning rate of the next
         ``rewarmup_steps`` optimizer updates by ``k / (rewarmup_steps + 1)``, ``k = 1, 2, ...``
