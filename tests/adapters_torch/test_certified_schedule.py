@@ -186,3 +186,32 @@ def test_max_cut_floors_each_event(kw: dict, sizes: list[int]) -> None:
 def test_max_cut_rejects(value: object) -> None:
     with pytest.raises(ValueError, match=r"`max_cut` must be None or a number in \(0, 1\]"):
         CompreSSM(make(), None, total_steps=100, max_cut=value)
+
+
+def test_selective_layers_are_cut_when_their_kept_states_are_stable() -> None:
+    from compressm_torch import Mamba
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Mamba(8, 12), torch.nn.Linear(8, 1))
+    ctl = CompreSSM(
+        model,
+        None,
+        total_steps=400,
+        schedule="certified",
+        mode="fixed",
+        fraction=0.5,
+        check_every=10,
+        certify_window=2,
+        num_reductions=1,
+        warmup_fraction=0.5,
+        calibration_steps=2,
+    )
+    x = torch.randn(4, 10, 8, generator=torch.Generator().manual_seed(1))
+    events = []
+    for step in range(1, 81):
+        with torch.no_grad():
+            model(x)  # the recorder is active in the 2 steps before each check
+        events += [e for e in ctl.step(loss=2.3 if step <= 10 else 1.0) if e.status == "reduced"]
+    # checks at 20 (started: first kept set), 30, 40: the same set three times -> cut at 40
+    assert [(e.step, e.old_rank, e.new_rank, e.trigger) for e in events] == [(40, 12, 6, "stable")]
+    assert model[0].d_state == 6
