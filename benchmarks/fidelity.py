@@ -82,6 +82,16 @@ def _jobs(args: argparse.Namespace, arms: list[str]) -> list[dict[str, Any]]:
     ]
 
 
+def _collect(results: Any) -> list[dict[str, Any]]:
+    """The runs as they finish, one progress line each."""
+    rows = []
+    for row in results:
+        rows.append(row)
+        line = f"{row['test']:.4f} {row['sizes']} {row['seconds']:.1f}s"
+        print(row["task"], row["arm"], row["seed"], line, flush=True)
+    return rows
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -193,17 +203,7 @@ def main() -> None:
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     with ProcessPoolExecutor(args.workers) as pool:
-        for row in pool.map(_run, _jobs(args, args.arms)):
-            rows.append(row)
-            print(
-                row["task"],
-                row["arm"],
-                row["seed"],
-                f"{row['test']:.4f}",
-                row["sizes"],
-                f"{row['seconds']:.1f}s",
-                flush=True,
-            )
+        rows += _collect(pool.map(_run, _jobs(args, args.arms)))
         if "small" in args.arms and "compressm" in args.arms:
             small = []
             for row in rows:
@@ -222,17 +222,7 @@ def main() -> None:
                             "config": config,
                         }
                     )
-            for row in pool.map(_run, small):
-                rows.append(row)
-                print(
-                    row["task"],
-                    row["arm"],
-                    row["seed"],
-                    f"{row['test']:.4f}",
-                    row["sizes"],
-                    f"{row['seconds']:.1f}s",
-                    flush=True,
-                )
+            rows += _collect(pool.map(_run, small))
     import torch
 
     tasks: dict[str, Any] = {}
