@@ -8,7 +8,11 @@ For every task and seed, with the same steps and the same seeds (paired), it tra
 - ``small``: a model trained from scratch at the per-layer sizes the ``compressm`` run of the
   same seed reached;
 - ``random`` and ``smallest``: CompreSSM keeping random modal states or the weakest balanced
-  states (the paper's selection ablations), with the defaults otherwise.
+  states (the paper's selection ablations), with the defaults otherwise. Like the paper's
+  ablation (256 -> 32 in four steps for each selection), every event cuts to the rank the
+  ``compressm`` run of the same seed chose at that step, so the three selections are compared
+  at equal sizes (the rank rule reads the HSVs of the model in hand, so without this a worse
+  selection ends at another size and the comparison mixes selection with size).
 
 Every run is ``compressm_cli.training.train`` with a ``RunConfig`` (AdamW, warm-up + cosine,
 batch 64, 3000 steps, ``d_model`` 16, ``N0`` 128 unless changed). Runs go to a pool of
@@ -27,11 +31,13 @@ Run: ``python benchmarks/fidelity.py [--tasks mnist1d digits sysid] [--seeds 0 1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,35 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
+ABLATIONS = ("random", "smallest")
+
+
+@contextlib.contextmanager
+def _ranks_of(plan: dict[str, list[int]] | None) -> Iterator[None]:
+    """Within the block, every event cuts to ``plan[step]`` (one rank per layer, in order).
+
+    ``plan`` holds the new ranks of the reference run's events by step; a step without an
+    event keeps every state (the gate then skips it).
+    """
+    if plan is None:
+        yield
+        return
+    from compressm_core.training import ControllerBase
+
+    queue = {int(step): list(ranks) for step, ranks in plan.items()}
+    original = ControllerBase._target_rank
+
+    def target_rank(self: Any, hsv: Any) -> int:
+        ranks = queue.get(self.num_steps)
+        return int(ranks.pop(0)) if ranks else int(hsv.shape[-1])
+
+    ControllerBase._target_rank = target_rank  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        ControllerBase._target_rank = original  # type: ignore[method-assign]
+
+
 def _run(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -56,7 +91,11 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
 
     task = load_task(job["task"], seed=job["seed"])
     config = RunConfig(label=job["arm"], seed=job["seed"], **job["config"])
-    result = train(task, config, progress=False)[0]
+    with _ranks_of(job.get("ranks")):
+        result = train(task, config, progress=False)[0]
+    plan: dict[str, list[int]] = {}
+    for event in result.events:
+        plan.setdefault(str(event["step"]), []).append(int(event["new_rank"]))
     return {
         "task": job["task"],
         "arm": job["arm"],
@@ -68,6 +107,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
         "triggers": sorted(
             {e.get("trigger", "") for e in result.events if e["status"] == "reduced"}
         ),
+        "ranks": plan,
     }
 
 
@@ -78,8 +118,27 @@ def _jobs(args: argparse.Namespace, arms: list[str]) -> list[dict[str, Any]]:
         for t in args.tasks
         for s in args.seeds
         for a in arms
-        if a != "small"
+        if a != "small" and not (a in ABLATIONS and "compressm" in arms)
     ]
+
+
+def _followers(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Jobs that depend on the ``compressm`` runs: ``small`` at their final sizes, and the
+    selection ablations at their per-event ranks."""
+    base = {"steps": args.steps, "d_state": args.d_state, "layer": args.model}
+    jobs = []
+    for row in rows:
+        if row["arm"] != "compressm":
+            continue
+        key = {"task": row["task"], "seed": row["seed"]}
+        if "small" in args.arms:
+            config = {**base, "reduce": False, "d_state": tuple(row["sizes"])}
+            jobs.append({**key, "arm": "small", "config": config})
+        for arm in ABLATIONS:
+            if arm in args.arms:
+                config = {**base, **OVERRIDES[arm]}
+                jobs.append({**key, "arm": arm, "config": config, "ranks": row["ranks"]})
+    return jobs
 
 
 def _collect(results: Any) -> list[dict[str, Any]]:
@@ -145,6 +204,17 @@ def _markdown(report: dict[str, Any]) -> str:
                     f"{statistics.fmean(diffs):+.2f}; compressm better on {better} of "
                     f"{len(diffs)} seeds."
                 )
+        if all(a in arms for a in ("compressm", *ABLATIONS)):
+            means = {
+                a: sign * scale * statistics.fmean(arms[a]["test"])
+                for a in ("compressm", *ABLATIONS)
+            }
+            holds = means["compressm"] > means["random"] > means["smallest"]
+            matched = entry.get("ablations_matched", False)
+            lines.append(
+                f"- selection ablation{' (same per-event ranks as compressm)' if matched else ''}:"
+                f" largest > random > smallest {'holds' if holds else 'does not hold'}."
+            )
         if "compressm_certified" in arms and "small" in arms:
             diffs = [
                 scale * (a - b)
@@ -204,25 +274,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with ProcessPoolExecutor(args.workers) as pool:
         rows += _collect(pool.map(_run, _jobs(args, args.arms)))
-        if "small" in args.arms and "compressm" in args.arms:
-            small = []
-            for row in rows:
-                if row["arm"] == "compressm":
-                    config = {
-                        "steps": args.steps,
-                        "layer": args.model,
-                        "reduce": False,
-                        "d_state": tuple(row["sizes"]),
-                    }
-                    small.append(
-                        {
-                            "task": row["task"],
-                            "arm": "small",
-                            "seed": row["seed"],
-                            "config": config,
-                        }
-                    )
-            rows += _collect(pool.map(_run, small))
+        rows += _collect(pool.map(_run, _followers(args, rows)))
     import torch
 
     tasks: dict[str, Any] = {}
@@ -243,6 +295,7 @@ def main() -> None:
             "higher_is_better": metric == "accuracy",
             "steps": args.steps,
             "seeds": args.seeds,
+            "ablations_matched": "compressm" in args.arms,
             "elapsed_s": time.perf_counter() - start,
             "arms": arms,
         }

@@ -62,5 +62,47 @@ def test_controllers_share_the_event_record_and_the_warning() -> None:
         module = importlib.import_module(package)
         assert module.ReductionWarning is core.ReductionWarning
         assert issubclass(core.ReductionWarning, UserWarning)
-        if package == "compressm_torch":
-            assert module.ReductionEvent is core.ReductionEvent
+        assert module.ReductionEvent is core.ReductionEvent
+        assert module.reduction_schedule is core.reduction_schedule
+
+
+# Names one framework has and the other cannot: torch's selective (Mamba) layers and the
+# statistics they are reduced from, torch's checkpoints of reduced models, the deprecated name
+# of `resize_optimizer_state`; JAX's pure functions over parameter trees of other libraries.
+TORCH_ONLY = {
+    "Mamba",
+    "SelectiveAdapter",
+    "SelectiveRecorder",
+    "load_checkpoint",
+    "reduce_selective_layer",
+    "save_checkpoint",
+    "selective_importance",
+    "update_optimizer_state",
+}
+JAX_ONLY = {"ParamChange", "lru_to_state_space", "reduce_lru_params"}
+
+
+@pytest.mark.skipif(
+    not {"compressm_torch", "compressm_jax"} <= set(PACKAGES), reason="needs torch and JAX"
+)
+def test_torch_and_jax_public_apis_mirror_each_other() -> None:
+    """Every public name exists in both frameworks as the same kind of object, except the
+    listed framework-specific ones; both controllers take every shared option by name."""
+    from dataclasses import fields
+
+    from compressm_core.training import ReductionOptions
+
+    torch_api = importlib.import_module("compressm_torch")
+    jax_api = importlib.import_module("compressm_jax")
+    torch_names, jax_names = set(torch_api.__all__), set(jax_api.__all__)
+    assert torch_names - jax_names == TORCH_ONLY
+    assert jax_names - torch_names == JAX_ONLY
+    for name in sorted(torch_names & jax_names):
+        a, b = getattr(torch_api, name), getattr(jax_api, name)
+        assert inspect.isclass(a) == inspect.isclass(b), name
+        assert inspect.isfunction(a) == inspect.isfunction(b), name
+    options = {f.name for f in fields(ReductionOptions)}
+    for controller in (torch_api.CompreSSM, jax_api.CompreSSM):
+        parameters = inspect.signature(controller).parameters
+        keyword = {n for n, p in parameters.items() if p.kind is p.KEYWORD_ONLY}
+        assert options <= keyword, sorted(options - keyword)

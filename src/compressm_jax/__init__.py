@@ -20,6 +20,8 @@ with :math:`\\sigma_i` the Hankel singular values of its standard realization
 ``jax_enable_x64`` says.
 """
 
+from compressm_core.schedule import ReductionEvent, reduction_schedule
+
 from .adapters import (
     LayerAdapter,
     find_layers,
@@ -43,6 +45,7 @@ __all__ = [
     "LayerAdapter",
     "LayerReduction",
     "ParamChange",
+    "ReductionEvent",
     "ReductionWarning",
     "SSMBlock",
     "SequenceModel",
@@ -52,6 +55,7 @@ __all__ = [
     "lru_to_state_space",
     "reduce_layer",
     "reduce_lru_params",
+    "reduction_schedule",
     "register_adapter",
     "resize_layers",
     "resize_optimizer_state",

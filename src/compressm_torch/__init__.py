@@ -24,7 +24,7 @@ from .controller import CompreSSM, ReductionEvent, ReductionWarning, reduction_s
 from .lru import LRU
 from .mamba import Mamba
 from .models import SequenceModel, SSMBlock
-from .optim import update_optimizer_state
+from .optim import resize_optimizer_state, update_optimizer_state
 from .reduction import LayerReduction, reduce_layer
 from .s5 import S5, hippo_n_eigenpairs
 from .selective import SelectiveRecorder, reduce_selective_layer, selective_importance
@@ -51,6 +51,7 @@ __all__ = [
     "reduction_schedule",
     "register_adapter",
     "resize_layers",
+    "resize_optimizer_state",
     "save_checkpoint",
     "selective_importance",
     "state_sizes",

@@ -23,7 +23,7 @@ from compressm_core.training import ControllerBase, Mode, ReductionOptions, Sche
 
 from .adapters import LayerAdapter, SelectiveAdapter, get_adapter, resize_layers, state_sizes
 from .adapters import find_layers as _find_layers
-from .optim import POLICIES, OptimizerStatePolicy, update_optimizer_state
+from .optim import POLICIES, OptimizerStatePolicy, resize_optimizer_state
 from .reduction import LayerReduction, Selection, _reduce
 from .selective import (
     _AGGREGATES,
@@ -100,7 +100,7 @@ class CompreSSM(ControllerBase[nn.Module]):
         Keep the strongest balanced states (the method), the weakest, or random modal states.
     optimizer_state : {"reset", "zero"}, optional
         Policy for the moments of reduced tensors after a change of basis (see
-        :func:`update_optimizer_state`).
+        :func:`resize_optimizer_state`).
     lr_scheduler : optional
         The scheduler driving ``optimizer``; snapshotted and restored by pragmatic rollbacks.
     horizon : None, int or "auto", optional
@@ -579,7 +579,7 @@ class CompreSSM(ControllerBase[nn.Module]):
             return
         if report.slices:
             for pname, (axis, pos) in report.slices.items():
-                update_optimizer_state(
+                resize_optimizer_state(
                     self.optimizer,
                     layer.get_parameter(pname),
                     shapes[pname],
@@ -590,7 +590,7 @@ class CompreSSM(ControllerBase[nn.Module]):
             return
         assert isinstance(adapter, LayerAdapter)
         for pname, axis in adapter.state_axes.items():
-            update_optimizer_state(
+            resize_optimizer_state(
                 self.optimizer,
                 getattr(layer, pname),
                 shapes[pname],

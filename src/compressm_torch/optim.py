@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
-__all__ = ["OptimizerStatePolicy", "update_optimizer_state"]
+__all__ = ["OptimizerStatePolicy", "resize_optimizer_state", "update_optimizer_state"]
 
 OptimizerStatePolicy = Literal["reset", "zero"]
 POLICIES = ("reset", "zero")
 
 
 @torch.no_grad()
-def update_optimizer_state(
+def resize_optimizer_state(
     optimizer: torch.optim.Optimizer,
     param: torch.Tensor,
     old_shape: Sequence[int],
@@ -41,10 +42,27 @@ def update_optimizer_state(
     An entry whose layout is not understood (state tensors of other shapes) is dropped, so the
     optimizer initialises it afresh at its next step.
 
+    The optimizer is changed in place (PyTorch optimizers hold their state);
+    :func:`compressm_jax.resize_optimizer_state` is the pure-function twin for optax states.
+
     Returns
     -------
     str
         What was done: ``"sliced"``, ``"reset"``, ``"zeroed"``, ``"dropped"`` or ``"none"``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from compressm_torch import resize_optimizer_state
+    >>> p = torch.nn.Parameter(torch.ones(4, 2))
+    >>> opt = torch.optim.Adam([p])
+    >>> p.sum().backward(); opt.step()
+    >>> with torch.no_grad():
+    ...     p.data = p.data[[0, 2]]
+    >>> resize_optimizer_state(opt, p, (4, 2), axis=0, indices=torch.tensor([0, 2]))
+    'sliced'
+    >>> tuple(opt.state[p]["exp_avg"].shape)
+    (2, 2)
     """
     state = optimizer.state.get(param)
     if not state:
@@ -69,3 +87,23 @@ def update_optimizer_state(
     if indices is not None:
         return "sliced"
     return "reset" if policy == "reset" else "zeroed"
+
+
+def update_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    param: torch.Tensor,
+    old_shape: Sequence[int],
+    *,
+    axis: int,
+    indices: torch.Tensor | None = None,
+    policy: OptimizerStatePolicy = "reset",
+) -> str:
+    """Deprecated name of :func:`resize_optimizer_state` (the name both frameworks share)."""
+    warnings.warn(
+        "`update_optimizer_state` is deprecated; use `resize_optimizer_state`.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return resize_optimizer_state(
+        optimizer, param, old_shape, axis=axis, indices=indices, policy=policy
+    )

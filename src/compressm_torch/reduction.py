@@ -57,7 +57,7 @@ class LayerReduction:
         Names of the parameters whose values were replaced (their objects are kept).
     slices : mapping
         After an index selection, ``{parameter name: (axis, kept positions)}`` for every sliced
-        parameter (what :func:`update_optimizer_state` needs to slice its moments); empty after
+        parameter (what :func:`resize_optimizer_state` needs to slice its moments); empty after
         a change of basis.
     """
 
