@@ -5,6 +5,8 @@ For every task and seed, with the same steps and the same seeds (paired), it tra
 - ``full``: the model at the initial state size, never reduced;
 - ``compressm``: CompreSSM with the ``compressm compare`` defaults (fixed steps);
 - ``compressm_certified``: CompreSSM with ``schedule="certified"``;
+- ``compressm_rewarmup``: CompreSSM with a learning-rate re-warm-up over 1 % of the steps after
+  each cut (``rewarmup_steps``);
 - ``small``: a model trained from scratch at the per-layer sizes the ``compressm`` run of the
   same seed reached;
 - ``random`` and ``smallest``: CompreSSM keeping random modal states or the weakest balanced
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -43,14 +46,26 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
-ARMS = ("full", "compressm", "compressm_certified", "small", "random", "smallest")
+ARMS = (
+    "full",
+    "compressm",
+    "compressm_certified",
+    "compressm_rewarmup",
+    "small",
+    "random",
+    "smallest",
+)
 OVERRIDES: dict[str, dict[str, Any]] = {
     "full": {"reduce": False},
     "compressm": {},
     "compressm_certified": {"schedule": "certified"},
+    "compressm_rewarmup": {"rewarmup": 0.01},
     "random": {"selection": "random"},
     "smallest": {"selection": "smallest"},
 }
+# Selective (Mamba) layers keep states by an importance score, not by a balanced selection:
+# their random ablation is ``importance="random"``; they have no ``smallest``.
+SELECTIVE_OVERRIDES: dict[str, dict[str, Any]] = {"random": {"importance": "random"}}
 
 
 ABLATIONS = ("random", "smallest")
@@ -69,17 +84,17 @@ def _ranks_of(plan: dict[str, list[int]] | None) -> Iterator[None]:
     from compressm_core.training import ControllerBase
 
     queue = {int(step): list(ranks) for step, ranks in plan.items()}
-    original = ControllerBase._target_rank
+    original = ControllerBase._floor
 
-    def target_rank(self: Any, hsv: Any) -> int:
+    def floor(self: Any, rank: int, total: int) -> int:  # every rank rule ends here
         ranks = queue.get(self.num_steps)
-        return int(ranks.pop(0)) if ranks else int(hsv.shape[-1])
+        return int(ranks.pop(0)) if ranks else total
 
-    ControllerBase._target_rank = target_rank  # type: ignore[method-assign]
+    ControllerBase._floor = floor  # type: ignore[method-assign]
     try:
         yield
     finally:
-        ControllerBase._target_rank = original  # type: ignore[method-assign]
+        ControllerBase._floor = original  # type: ignore[method-assign]
 
 
 def _run(job: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +105,10 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     from compressm_cli.training import RunConfig, train
 
     task = load_task(job["task"], seed=job["seed"])
-    config = RunConfig(label=job["arm"], seed=job["seed"], **job["config"])
+    options = dict(job["config"])
+    if "rewarmup" in options:  # a fraction of the run
+        options["rewarmup_steps"] = max(1, round(options.pop("rewarmup") * options["steps"]))
+    config = RunConfig(label=job["arm"], seed=job["seed"], **options)
     with _ranks_of(job.get("ranks")):
         result = train(task, config, progress=False)[0]
     plan: dict[str, list[int]] = {}
@@ -111,10 +129,16 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _overrides(args: argparse.Namespace, arm: str) -> dict[str, Any]:
+    if args.model == "mamba":
+        return SELECTIVE_OVERRIDES.get(arm, OVERRIDES[arm])
+    return OVERRIDES[arm]
+
+
 def _jobs(args: argparse.Namespace, arms: list[str]) -> list[dict[str, Any]]:
     base = {"steps": args.steps, "d_state": args.d_state, "layer": args.model}
     return [
-        {"task": t, "arm": a, "seed": s, "config": {**base, **OVERRIDES[a]}}
+        {"task": t, "arm": a, "seed": s, "config": {**base, **_overrides(args, a)}}
         for t in args.tasks
         for s in args.seeds
         for a in arms
@@ -136,7 +160,7 @@ def _followers(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[dic
             jobs.append({**key, "arm": "small", "config": config})
         for arm in ABLATIONS:
             if arm in args.arms:
-                config = {**base, **OVERRIDES[arm]}
+                config = {**base, **_overrides(args, arm)}
                 jobs.append({**key, "arm": arm, "config": config, "ranks": row["ranks"]})
     return jobs
 
@@ -204,16 +228,28 @@ def _markdown(report: dict[str, Any]) -> str:
                     f"{statistics.fmean(diffs):+.2f}; compressm better on {better} of "
                     f"{len(diffs)} seeds."
                 )
-        if all(a in arms for a in ("compressm", *ABLATIONS)):
-            means = {
-                a: sign * scale * statistics.fmean(arms[a]["test"])
-                for a in ("compressm", *ABLATIONS)
-            }
-            holds = means["compressm"] > means["random"] > means["smallest"]
+        order = [a for a in ("compressm", *ABLATIONS) if a in arms]
+        if len(order) > 1 and order[0] == "compressm":
+            means = [sign * scale * statistics.fmean(arms[a]["test"]) for a in order]
+            holds = all(a > b for a, b in itertools.pairwise(means))
             matched = entry.get("ablations_matched", False)
+            names = " > ".join(["largest", *order[1:]])
             lines.append(
                 f"- selection ablation{' (same per-event ranks as compressm)' if matched else ''}:"
-                f" largest > random > smallest {'holds' if holds else 'does not hold'}."
+                f" {names} {'holds' if holds else 'does not hold'}."
+            )
+        if "compressm_rewarmup" in arms and "compressm" in arms:
+            diffs = [
+                scale * (a - b)
+                for a, b in zip(
+                    arms["compressm_rewarmup"]["test"], arms["compressm"]["test"], strict=True
+                )
+            ]
+            better = sum(1 for d in diffs if sign * d > 0)
+            lines.append(
+                f"- compressm_rewarmup − compressm (re-warm-up over 1 % of the steps after each "
+                f"cut): mean {statistics.fmean(diffs):+.3g}; better on {better} of {len(diffs)} "
+                "seeds."
             )
         if "compressm_certified" in arms and "small" in arms:
             diffs = [

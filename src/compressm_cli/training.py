@@ -39,6 +39,7 @@ class RunConfig:
 
     ``d_state`` is the initial state size of every layer, or one size per layer; ``backend``
     the framework that trains the model (``"torch"`` or ``"jax"``, which has no ``"mamba"``).
+    ``selection`` applies to LTI layers, ``importance`` to selective (Mamba) ones.
     """
 
     label: str = "compressm"
@@ -61,6 +62,7 @@ class RunConfig:
     rewarmup_steps: int = 0
     max_cut: float | None = 0.5
     selection: Selection = "largest"
+    importance: Literal["gramian", "mean_lti", "random"] = "gramian"
     horizon: int | Literal["auto"] | None = None
     eval_every: int = 100
     seed: int = 0
@@ -207,6 +209,7 @@ def train(
             rewarmup_steps=config.rewarmup_steps,
             max_cut=config.max_cut,
             selection=config.selection,
+            importance=config.importance,
             lr_scheduler=sched,
             metric="max" if task.kind == "classification" else "min",
         )
