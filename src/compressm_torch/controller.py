@@ -21,6 +21,7 @@ from compressm_core.schedule import (
 )
 from compressm_core.training import ControllerBase, Mode, ReductionOptions, Schedule
 
+from ._distributed import all_reduce_numbers
 from .adapters import LayerAdapter, SelectiveAdapter, get_adapter, resize_layers, state_sizes
 from .adapters import find_layers as _find_layers
 from .optim import POLICIES, OptimizerStatePolicy, update_optimizer_state
@@ -137,7 +138,8 @@ class CompreSSM(ControllerBase[nn.Module]):
         recorded statistics, e.g. for :meth:`reduce` outside training. Each item is a model
         input, or a tuple/list whose first element is. Under ``torch.distributed`` the
         statistics are summed over all ranks before the scores are computed, so every rank
-        keeps the same states.
+        keeps the same states; the ranks calibrate (all of them) only when a layer has
+        statistics on no rank.
     calibration_sequences : int, optional
         Selective layers: record at most this many sequences of each calibration batch
         (:class:`SelectiveRecorder`'s ``max_sequences``; default all). The recording cost is
@@ -402,10 +404,11 @@ class CompreSSM(ControllerBase[nn.Module]):
         if recorder is None or self._stats_step == self.num_steps:
             return
         self._stats_step = self.num_steps
-        missing = any(recorder.samples(name) == 0 for name in recorder.layers)
+        # whether a layer has statistics on no rank: all ranks calibrate, or none
+        missing = len(recorder._recorded_shapes()) < len(recorder.layers)
         if missing and self.calibration_batches is not None:
             self._calibrate()
-        recorder.all_reduce()  # one collective per event, on every rank
+        recorder.all_reduce()  # the same collectives on every rank, whatever it recorded
 
     @torch.no_grad()
     def _observe(self, name: str, layer: nn.Module) -> tuple[Any, Any, Any] | None:
@@ -434,13 +437,8 @@ class CompreSSM(ControllerBase[nn.Module]):
             self._recorder.reset()
 
     def _agree(self, flag: bool) -> bool:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return flag
-        value = torch.tensor([int(flag)], dtype=torch.int64)
-        if torch.distributed.get_backend() == "nccl":
-            value = value.cuda()
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-        return bool(value.item())
+        (agreed,) = all_reduce_numbers([int(flag)], "min", dtype=torch.int64)
+        return bool(agreed)
 
     def _bound_options(self) -> dict[str, Any]:
         return {"real_output": self.real_output, "horizon": self._resolved_horizon()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from datetime import timedelta
 
 import pytest
 
@@ -105,3 +106,76 @@ def test_ranks_pool_statistics_and_agree(tmp_path):
     assert first["sizes"]["blocks.0.ssm"] < 16
     for key, value in first["state"].items():
         assert torch.equal(value, second["state"][key]), key
+
+
+# --- every data-dependent decision is agreed --------------------------------------------------
+# Each scenario runs in two gloo processes with a short collective timeout, so that ranks issuing
+# different collectives fail fast instead of hanging.
+
+TIMEOUT = timedelta(seconds=20)
+
+
+def mamba_without_statistics(rank):
+    # Only rank 0 runs training forward passes before the reduction: rank 1 has no statistics.
+    torch.manual_seed(0)
+    layer = Mamba(8, 12)
+    a_log = layer.A_log.detach().clone()
+    ctl = CompreSSM(layer, None, total_steps=10, mode="fixed", fraction=0.5, reduction_steps=[2])
+    for step in range(2):
+        if rank == 0:
+            layer(data(0, step))
+        events = ctl.step()
+    return {
+        "events": [(e.status, e.old_rank, e.new_rank) for e in events],
+        "columns": kept_columns(a_log, layer.A_log.detach()),
+    }
+
+
+SCENARIOS = {
+    "mamba_without_statistics": mamba_without_statistics,
+}
+
+
+def scenario_worker(rank, name, init_file, out_dir):
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=TIMEOUT,
+    )
+    try:
+        result = SCENARIOS[name](rank)
+        with open(f"{out_dir}/rank{rank}.pkl", "wb") as f:
+            pickle.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(name, tmp_path):
+    mp.spawn(
+        scenario_worker,
+        args=(name, str(tmp_path / "init"), str(tmp_path)),
+        nprocs=WORLD,
+        join=True,
+    )
+    results = []
+    for rank in range(WORLD):
+        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
+            results.append(pickle.load(f))
+    return results
+
+
+def test_mamba_rank_without_statistics_joins_the_collectives(tmp_path):
+    first, second = run("mamba_without_statistics", tmp_path)
+    assert first["events"] == second["events"] == [("reduced", 12, 6)]
+    assert first["columns"] == second["columns"]
+    # the same decision as one process that saw rank 0's batches only
+    torch.manual_seed(0)
+    layer = Mamba(8, 12)
+    a_log = layer.A_log.detach().clone()
+    with SelectiveRecorder(layer) as recorder:
+        for step in range(2):
+            layer(data(0, step))
+    reduce_selective_layer(layer, recorder.statistics[""], rank=6)
+    assert kept_columns(a_log, layer.A_log.detach()) == first["columns"]
