@@ -106,7 +106,8 @@ class CompreSSM(ControllerBase[nn.Module]):
         The scheduler driving ``optimizer``; snapshotted and restored by pragmatic rollbacks.
     horizon : None, int or "auto", optional
         Gramians over an infinite horizon (``None``, the paper), over ``horizon`` steps, or over
-        the longest sequence the layers have seen in forward passes (``"auto"``).
+        the longest sequence the layers have seen in forward passes (``"auto"``; under
+        ``torch.distributed`` the longest of all ranks).
     gate : float, optional
         Reduce only if ``new_rank < gate * current_rank``.
     min_rank : int, optional
@@ -283,6 +284,7 @@ class CompreSSM(ControllerBase[nn.Module]):
         )
         found = self.layers
         self.seen_length: int | None = None
+        self._horizon_step: int | None = None
         self._generator = torch.Generator().manual_seed(seed)
         self._hooks = []
         if horizon == "auto":
@@ -317,6 +319,15 @@ class CompreSSM(ControllerBase[nn.Module]):
         if self._recorder is not None:
             self._recorder.remove()
 
+    def reduce(self) -> list[ReductionEvent]:
+        """Run one reduction event now, on every managed layer (outside the schedule).
+
+        Under ``torch.distributed`` every rank must call it (the ranks agree on the horizon and
+        pool the selective statistics afresh).
+        """
+        self._stats_step = self._horizon_step = None
+        return super().reduce()
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: counters, schedule, history, random state, pending
         pragmatic snapshot."""
@@ -331,6 +342,7 @@ class CompreSSM(ControllerBase[nn.Module]):
         """Restore :meth:`state_dict` (the layers must already have the recorded sizes)."""
         self._load_base_state(state, "load_checkpoint does")
         self.seen_length = state["seen_length"]
+        self._stats_step = self._horizon_step = None
         self._pending = state["pending"]
         self._generator.set_state(state["generator"])
 
@@ -360,7 +372,14 @@ class CompreSSM(ControllerBase[nn.Module]):
         self._recorder.active = not self.stopped and due
 
     def _resolved_horizon(self) -> int | None:
-        if self.horizon == "auto":
+        """The horizon of the Gramians; ``"auto"``: the longest sequence seen by any rank,
+        agreed once per step (one collective under ``torch.distributed``)."""
+        if self.horizon != "auto":
+            return self.horizon
+        if self._horizon_step != self.num_steps:
+            self._horizon_step = self.num_steps
+            (longest,) = all_reduce_numbers([self.seen_length or 0], "max", dtype=torch.int64)
+            self.seen_length = int(longest) or None
             if self.seen_length is None:
                 warnings.warn(
                     "horizon='auto' has seen no forward pass yet; using infinite-horizon "
@@ -368,8 +387,7 @@ class CompreSSM(ControllerBase[nn.Module]):
                     ReductionWarning,
                     stacklevel=3,
                 )
-            return self.seen_length
-        return self.horizon
+        return self.seen_length
 
     def _snapshot(self) -> dict[str, Any]:
         return {

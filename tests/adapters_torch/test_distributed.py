@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from dataclasses import asdict
 from datetime import timedelta
 
 import pytest
@@ -13,6 +14,8 @@ dist = pytest.importorskip("torch.distributed")
 mp = pytest.importorskip("torch.multiprocessing")
 
 from compressm_torch import (  # noqa: E402
+    LRU,
+    S5,
     CompreSSM,
     Mamba,
     SelectiveRecorder,
@@ -115,6 +118,54 @@ def test_ranks_pool_statistics_and_agree(tmp_path):
 TIMEOUT = timedelta(seconds=20)
 
 
+class Tiny(torch.nn.Module):
+    """An LRU and an S5 layer (16 states each) and a linear read-out."""
+
+    def __init__(self):
+        super().__init__()
+        self.lru = LRU(4, 16)
+        self.s5 = S5(4, 16)
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.s5(self.lru(x)))
+
+
+def train_step(ddp, opt, x):
+    loss = ddp(x).square().mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def batch(rank, step, length=12):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(4, length, 4, generator=g)
+
+
+def summary(net, ctl):
+    """What must be identical on every rank: sizes, parameters and the history."""
+    history = [{k: v for k, v in asdict(e).items() if k != "seconds"} for e in ctl.history]
+    return {
+        "sizes": state_sizes(net),
+        "state": {k: v.detach().clone() for k, v in net.state_dict().items()},
+        "history": history,
+    }
+
+
+def auto_horizon(rank):
+    # Rank 0 sees sequences of 6 steps, rank 1 of 200: the horizon is the longest of all.
+    torch.manual_seed(0)
+    net = Tiny()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    ctl = CompreSSM(net, opt, total_steps=10, tau=0.05, horizon="auto", reduction_steps=[2])
+    for step in range(2):
+        train_step(ddp, opt, batch(rank, step, length=[6, 200][rank]))
+        ctl.step()
+    return {"seen": ctl.seen_length, "horizon": ctl._resolved_horizon(), **summary(net, ctl)}
+
+
 def mamba_without_statistics(rank):
     # Only rank 0 runs training forward passes before the reduction: rank 1 has no statistics.
     torch.manual_seed(0)
@@ -132,6 +183,7 @@ def mamba_without_statistics(rank):
 
 
 SCENARIOS = {
+    "auto_horizon": auto_horizon,
     "mamba_without_statistics": mamba_without_statistics,
 }
 
@@ -164,6 +216,22 @@ def run(name, tmp_path):
         with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
             results.append(pickle.load(f))
     return results
+
+
+def assert_identical(first, second):
+    assert first["sizes"] == second["sizes"]
+    assert first["history"] == second["history"]
+    assert first["state"].keys() == second["state"].keys()
+    for key, value in first["state"].items():
+        assert torch.equal(value, second["state"][key]), key
+
+
+def test_auto_horizon_is_the_longest_sequence_of_all_ranks(tmp_path):
+    first, second = run("auto_horizon", tmp_path)
+    assert_identical(first, second)
+    # rank 0 saw 6 steps only; both now hold the longest length of all ranks
+    assert first["seen"] == second["seen"] == first["horizon"] == second["horizon"] == 200
+    assert first["sizes"]["lru"] < 16
 
 
 def test_mamba_rank_without_statistics_joins_the_collectives(tmp_path):
