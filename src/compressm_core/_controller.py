@@ -156,6 +156,11 @@ class ControllerBase(Generic[Layer]):
         """The same decision on every process (logical AND across ranks where distributed)."""
         return flag
 
+    def _sum_over_ranks(self, values: Sequence[float]) -> list[float]:
+        """``values`` summed over the processes of a distributed run (a collective: every
+        process calls it at the same point); ``values`` themselves in one process."""
+        return [float(v) for v in values]
+
     def _bound_options(self) -> dict[str, Any]:
         """Keyword options of :func:`hsv_perturbation_bound` (horizon, real output)."""
         return {"real_output": self.real_output}
@@ -227,16 +232,21 @@ class ControllerBase(Generic[Layer]):
         In ``"pragmatic"`` mode the first metric after a reduction decides it: if it fell by more
         than ``rollback_rtol`` (relative) below the metric reported before the reduction, the
         snapshot is restored and reductions stop. The metric also becomes the baseline of the
-        next reduction.
+        next reduction. Under ``torch.distributed`` the decision uses the mean of the metrics
+        of all processes, so every process must report at the same steps (a collective).
 
         Returns
         -------
         list of ReductionEvent
             ``"rolled_back"`` events, if this metric triggered a rollback.
         """
-        value = float(value)
+        value = local = float(value)
+        if self.mode == "pragmatic":  # every process judges by the mean of all processes
+            total, count = self._sum_over_ranks([local, 1.0])
+            value = total / count
         if math.isnan(value):
-            msg = f"`value` must be a finite number; received {value!r}."
+            mean = "" if math.isnan(local) else f" (the mean over the processes is {value!r})"
+            msg = f"`value` must be a finite number; received {local!r}{mean}."
             raise ValueError(msg)
         events: list[ReductionEvent] = []
         pending = self._pending

@@ -458,6 +458,9 @@ class CompreSSM(ControllerBase[nn.Module]):
         (agreed,) = all_reduce_numbers([int(flag)], "min", dtype=torch.int64)
         return bool(agreed)
 
+    def _sum_over_ranks(self, values: Sequence[float]) -> list[float]:
+        return all_reduce_numbers(values, "sum")
+
     def _bound_options(self) -> dict[str, Any]:
         return {"real_output": self.real_output, "horizon": self._resolved_horizon()}
 

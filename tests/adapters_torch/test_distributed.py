@@ -153,6 +153,24 @@ def summary(net, ctl):
     }
 
 
+def pragmatic(rank):
+    # The metric before the reduction is 1.0 on both ranks; after it, rank 0 measures 0.99
+    # (within rollback_rtol) and rank 1 0.9: their mean, 0.945, asks for a rollback.
+    torch.manual_seed(0)
+    net = Tiny()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    ctl = CompreSSM(net, opt, total_steps=10, mode="pragmatic", fraction=0.25, reduction_steps=[2])
+    for step in range(2):
+        train_step(ddp, opt, batch(rank, step))
+        ctl.step(val_metric=1.0)
+    reduced = state_sizes(net)
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    train_step(ddp, opt, batch(rank, 2))
+    ctl.report_metric([0.99, 0.9][rank])
+    return {"reduced": reduced, **summary(net, ctl)}
+
+
 def auto_horizon(rank):
     # Rank 0 sees sequences of 6 steps, rank 1 of 200: the horizon is the longest of all.
     torch.manual_seed(0)
@@ -183,6 +201,7 @@ def mamba_without_statistics(rank):
 
 
 SCENARIOS = {
+    "pragmatic": pragmatic,
     "auto_horizon": auto_horizon,
     "mamba_without_statistics": mamba_without_statistics,
 }
@@ -224,6 +243,14 @@ def assert_identical(first, second):
     assert first["state"].keys() == second["state"].keys()
     for key, value in first["state"].items():
         assert torch.equal(value, second["state"][key]), key
+
+
+def test_pragmatic_ranks_judge_the_mean_metric(tmp_path):
+    first, second = run("pragmatic", tmp_path)
+    assert first["reduced"] == second["reduced"] == {"lru": 12, "s5": 12}
+    assert_identical(first, second)
+    assert first["sizes"] == {"lru": 16, "s5": 16}  # the mean metric fell: rolled back
+    assert [e["status"] for e in first["history"]][-2:] == ["rolled_back"] * 2
 
 
 def test_auto_horizon_is_the_longest_sequence_of_all_ranks(tmp_path):
