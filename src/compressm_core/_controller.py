@@ -188,7 +188,9 @@ class ControllerBase(Generic[Layer]):
             started (the loss of the last ``check_every`` steps fell by ``learning_drop`` below
             its initial level): the certified schedule waits for it, and a cut made before it
             raises a :class:`ReductionWarning`. Tensors are summed as they are and read on the
-            host once per ``check_every`` steps (no synchronisation at every step).
+            host once per ``check_every`` steps (no synchronisation at every step). Under
+            ``torch.distributed`` the certified schedule uses the mean loss of all processes
+            (every process calls :meth:`step` at every step).
 
         Returns
         -------
@@ -203,7 +205,9 @@ class ControllerBase(Generic[Layer]):
         if val_metric is not None:
             events += self.report_metric(val_metric)
         if self.num_steps % certify.check_every == 0:
-            certify.close_interval()
+            # the certified schedule decides by the mean loss of all processes
+            certified = self.schedule_kind == "certified"
+            certify.close_interval(self._sum_over_ranks if certified else None)
         check = certify.is_check(self.num_steps)
         if self.stopped:
             pass

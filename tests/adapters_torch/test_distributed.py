@@ -184,6 +184,31 @@ def auto_horizon(rank):
     return {"seen": ctl.seen_length, "horizon": ctl._resolved_horizon(), **summary(net, ctl)}
 
 
+def certified(rank):
+    # The training loss falls by half on rank 0 and stays on rank 1: their mean falls by a
+    # quarter, more than learning_drop, so learning has started and the checks begin.
+    torch.manual_seed(0)
+    net = Tiny()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    ctl = CompreSSM(
+        net,
+        opt,
+        total_steps=40,
+        tau=0.05,
+        schedule="certified",
+        warmup_fraction=0.5,
+        check_every=2,
+        certify_window=2,
+    )
+    for step in range(22):
+        train_step(ddp, opt, batch(rank, step))
+        loss = 1.0 if rank == 1 or step < 2 else 0.5
+        if any(e.status == "reduced" for e in ctl.step(loss=loss)):
+            ddp = torch.nn.parallel.DistributedDataParallel(net)
+    return {"recent_loss": ctl.certify.recent_loss, **summary(net, ctl)}
+
+
 def mamba_without_statistics(rank):
     # Only rank 0 runs training forward passes before the reduction: rank 1 has no statistics.
     torch.manual_seed(0)
@@ -203,6 +228,7 @@ def mamba_without_statistics(rank):
 SCENARIOS = {
     "pragmatic": pragmatic,
     "auto_horizon": auto_horizon,
+    "certified": certified,
     "mamba_without_statistics": mamba_without_statistics,
 }
 
@@ -259,6 +285,16 @@ def test_auto_horizon_is_the_longest_sequence_of_all_ranks(tmp_path):
     # rank 0 saw 6 steps only; both now hold the longest length of all ranks
     assert first["seen"] == second["seen"] == first["horizon"] == second["horizon"] == 200
     assert first["sizes"]["lru"] < 16
+
+
+def test_certified_schedule_uses_the_mean_loss(tmp_path):
+    first, second = run("certified", tmp_path)
+    assert_identical(first, second)
+    assert first["recent_loss"] == second["recent_loss"] == 0.75
+    cuts = [e for e in first["history"] if e["status"] == "reduced"]
+    assert cuts
+    assert cuts[0]["trigger"] in ("certified", "stable")  # before the deadline at step 20
+    assert cuts[0]["loss"] == 0.75
 
 
 def test_mamba_rank_without_statistics_joins_the_collectives(tmp_path):
