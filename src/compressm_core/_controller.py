@@ -156,6 +156,11 @@ class ControllerBase(Generic[Layer]):
         """The same decision on every process (logical AND across ranks where distributed)."""
         return flag
 
+    def _sum_over_ranks(self, values: Sequence[float]) -> list[float]:
+        """``values`` summed over the processes of a distributed run (a collective: every
+        process calls it at the same point); ``values`` themselves in one process."""
+        return [float(v) for v in values]
+
     def _bound_options(self) -> dict[str, Any]:
         """Keyword options of :func:`hsv_perturbation_bound` (horizon, real output)."""
         return {"real_output": self.real_output}
@@ -183,7 +188,9 @@ class ControllerBase(Generic[Layer]):
             started (the loss of the last ``check_every`` steps fell by ``learning_drop`` below
             its initial level): the certified schedule waits for it, and a cut made before it
             raises a :class:`ReductionWarning`. Tensors are summed as they are and read on the
-            host once per ``check_every`` steps (no synchronisation at every step).
+            host once per ``check_every`` steps (no synchronisation at every step). Under
+            ``torch.distributed`` the certified schedule uses the mean loss of all processes
+            (every process calls :meth:`step` at every step).
 
         Returns
         -------
@@ -198,7 +205,9 @@ class ControllerBase(Generic[Layer]):
         if val_metric is not None:
             events += self.report_metric(val_metric)
         if self.num_steps % certify.check_every == 0:
-            certify.close_interval()
+            # the certified schedule decides by the mean loss of all processes
+            certified = self.schedule_kind == "certified"
+            certify.close_interval(self._sum_over_ranks if certified else None)
         check = certify.is_check(self.num_steps)
         if self.stopped:
             pass
@@ -227,16 +236,21 @@ class ControllerBase(Generic[Layer]):
         In ``"pragmatic"`` mode the first metric after a reduction decides it: if it fell by more
         than ``rollback_rtol`` (relative) below the metric reported before the reduction, the
         snapshot is restored and reductions stop. The metric also becomes the baseline of the
-        next reduction.
+        next reduction. Under ``torch.distributed`` the decision uses the mean of the metrics
+        of all processes, so every process must report at the same steps (a collective).
 
         Returns
         -------
         list of ReductionEvent
             ``"rolled_back"`` events, if this metric triggered a rollback.
         """
-        value = float(value)
+        value = local = float(value)
+        if self.mode == "pragmatic":  # every process judges by the mean of all processes
+            total, count = self._sum_over_ranks([local, 1.0])
+            value = total / count
         if math.isnan(value):
-            msg = f"`value` must be a finite number; received {value!r}."
+            mean = "" if math.isnan(local) else f" (the mean over the processes is {value!r})"
+            msg = f"`value` must be a finite number; received {local!r}{mean}."
             raise ValueError(msg)
         events: list[ReductionEvent] = []
         pending = self._pending

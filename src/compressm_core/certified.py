@@ -30,7 +30,7 @@ training controllers read the layers and make the cuts.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -126,13 +126,28 @@ class CertifiedSchedule:
         self._sum = self._sum + loss
         self._count += 1
 
-    def close_interval(self) -> None:
+    def close_interval(
+        self, combine: Callable[[Sequence[float]], Sequence[float]] | None = None
+    ) -> None:
         """End the loss interval: its mean becomes :attr:`recent_loss` (the first one also
-        :attr:`initial_loss`)."""
-        if not self._count:
-            return
-        mean = float(self._sum) / self._count
+        :attr:`initial_loss`).
+
+        Parameters
+        ----------
+        combine : callable, optional
+            Maps ``[sum, count]`` of this process's losses in the interval to those of all
+            processes of a distributed run (a sum over processes), so that every process
+            decides by the same mean. It is called at every interval, also one without
+            losses, so every process takes part.
+        """
+        total, count = (float(self._sum) if self._count else 0.0), self._count
         self._sum, self._count = 0.0, 0
+        if combine is not None:
+            total, combined = combine([total, float(count)])
+            count = round(combined)
+        if not count:
+            return
+        mean = total / count
         if not math.isfinite(mean):
             return
         self.recent_loss = mean

@@ -21,6 +21,7 @@ from compressm_core.schedule import (
 )
 from compressm_core.training import ControllerBase, Mode, ReductionOptions, Schedule
 
+from ._distributed import all_reduce_numbers
 from .adapters import LayerAdapter, SelectiveAdapter, get_adapter, resize_layers, state_sizes
 from .adapters import find_layers as _find_layers
 from .optim import POLICIES, OptimizerStatePolicy, resize_optimizer_state
@@ -105,7 +106,8 @@ class CompreSSM(ControllerBase[nn.Module]):
         The scheduler driving ``optimizer``; snapshotted and restored by pragmatic rollbacks.
     horizon : None, int or "auto", optional
         Gramians over an infinite horizon (``None``, the paper), over ``horizon`` steps, or over
-        the longest sequence the layers have seen in forward passes (``"auto"``).
+        the longest sequence the layers have seen in forward passes (``"auto"``; under
+        ``torch.distributed`` the longest of all ranks).
     gate : float, optional
         Reduce only if ``new_rank < gate * current_rank``.
     min_rank : int, optional
@@ -137,7 +139,8 @@ class CompreSSM(ControllerBase[nn.Module]):
         recorded statistics, e.g. for :meth:`reduce` outside training. Each item is a model
         input, or a tuple/list whose first element is. Under ``torch.distributed`` the
         statistics are summed over all ranks before the scores are computed, so every rank
-        keeps the same states.
+        keeps the same states; the ranks calibrate (all of them) only when a layer has
+        statistics on no rank.
     calibration_sequences : int, optional
         Selective layers: record at most this many sequences of each calibration batch
         (:class:`SelectiveRecorder`'s ``max_sequences``; default all). The recording cost is
@@ -281,6 +284,7 @@ class CompreSSM(ControllerBase[nn.Module]):
         )
         found = self.layers
         self.seen_length: int | None = None
+        self._horizon_step: int | None = None
         self._generator = torch.Generator().manual_seed(seed)
         self._hooks = []
         if horizon == "auto":
@@ -315,6 +319,15 @@ class CompreSSM(ControllerBase[nn.Module]):
         if self._recorder is not None:
             self._recorder.remove()
 
+    def reduce(self) -> list[ReductionEvent]:
+        """Run one reduction event now, on every managed layer (outside the schedule).
+
+        Under ``torch.distributed`` every rank must call it (the ranks agree on the horizon and
+        pool the selective statistics afresh).
+        """
+        self._stats_step = self._horizon_step = None
+        return super().reduce()
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: counters, schedule, history, random state, pending
         pragmatic snapshot."""
@@ -329,6 +342,7 @@ class CompreSSM(ControllerBase[nn.Module]):
         """Restore :meth:`state_dict` (the layers must already have the recorded sizes)."""
         self._load_base_state(state, "load_checkpoint does")
         self.seen_length = state["seen_length"]
+        self._stats_step = self._horizon_step = None
         self._pending = state["pending"]
         self._generator.set_state(state["generator"])
 
@@ -358,7 +372,14 @@ class CompreSSM(ControllerBase[nn.Module]):
         self._recorder.active = not self.stopped and due
 
     def _resolved_horizon(self) -> int | None:
-        if self.horizon == "auto":
+        """The horizon of the Gramians; ``"auto"``: the longest sequence seen by any rank,
+        agreed once per step (one collective under ``torch.distributed``)."""
+        if self.horizon != "auto":
+            return self.horizon
+        if self._horizon_step != self.num_steps:
+            self._horizon_step = self.num_steps
+            (longest,) = all_reduce_numbers([self.seen_length or 0], "max", dtype=torch.int64)
+            self.seen_length = int(longest) or None
             if self.seen_length is None:
                 warnings.warn(
                     "horizon='auto' has seen no forward pass yet; using infinite-horizon "
@@ -366,8 +387,7 @@ class CompreSSM(ControllerBase[nn.Module]):
                     ReductionWarning,
                     stacklevel=3,
                 )
-            return self.seen_length
-        return self.horizon
+        return self.seen_length
 
     def _snapshot(self) -> dict[str, Any]:
         return {
@@ -402,10 +422,11 @@ class CompreSSM(ControllerBase[nn.Module]):
         if recorder is None or self._stats_step == self.num_steps:
             return
         self._stats_step = self.num_steps
-        missing = any(recorder.samples(name) == 0 for name in recorder.layers)
+        # whether a layer has statistics on no rank: all ranks calibrate, or none
+        missing = len(recorder._recorded_shapes()) < len(recorder.layers)
         if missing and self.calibration_batches is not None:
             self._calibrate()
-        recorder.all_reduce()  # one collective per event, on every rank
+        recorder.all_reduce()  # the same collectives on every rank, whatever it recorded
 
     @torch.no_grad()
     def _observe(self, name: str, layer: nn.Module) -> tuple[Any, Any, Any] | None:
@@ -434,13 +455,11 @@ class CompreSSM(ControllerBase[nn.Module]):
             self._recorder.reset()
 
     def _agree(self, flag: bool) -> bool:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return flag
-        value = torch.tensor([int(flag)], dtype=torch.int64)
-        if torch.distributed.get_backend() == "nccl":
-            value = value.cuda()
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-        return bool(value.item())
+        (agreed,) = all_reduce_numbers([int(flag)], "min", dtype=torch.int64)
+        return bool(agreed)
+
+    def _sum_over_ranks(self, values: Sequence[float]) -> list[float]:
+        return all_reduce_numbers(values, "sum")
 
     def _bound_options(self) -> dict[str, Any]:
         return {"real_output": self.real_output, "horizon": self._resolved_horizon()}

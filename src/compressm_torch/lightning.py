@@ -60,7 +60,9 @@ class CompreSSMCallback(Callback):
         ``mode="pragmatic"``. A value logged during validation is handed to the controller at
         the next optimizer step, so a pragmatic reduction at step ``s`` is compared against the
         last validation before ``s`` and judged by the first validation after it. Validation
-        must therefore run between scheduled reductions (``val_check_interval``).
+        must therefore run between scheduled reductions (``val_check_interval``). Under a
+        distributed strategy the controller judges by the mean of the ranks' values (logged with
+        or without ``sync_dist``), so every rank keeps or rolls back the same reduction.
     tau, mode, warmup_fraction, num_reductions, reduction_steps, fraction : optional
         As for :class:`~compressm_torch.CompreSSM`; the schedule counts optimizer steps.
     selection, optimizer_state, horizon, gate, min_rank, method, real_output : optional

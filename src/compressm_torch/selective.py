@@ -28,6 +28,7 @@ from compressm_core import (
 )
 from compressm_core.schedule import _check_int
 
+from ._distributed import all_reduce_numbers, is_distributed
 from ._params import assign
 from ._precision import full_precision
 from .adapters import SelectiveAdapter, Signals, find_layers, get_adapter, register_adapter
@@ -359,15 +360,41 @@ class SelectiveRecorder:
 
         Every field of the statistics is a sum over samples, so the sum over ranks is exactly
         the statistics of all ranks' batches, and every rank then ranks the states identically.
-        Every rank must call it, with statistics for the same layers (a collective).
+        Every rank must call it (a collective). A layer recorded on some ranks only is summed
+        with zeros from the others, so every rank issues the same collectives whatever it
+        recorded and ends with statistics for the same layers.
         """
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not is_distributed():
             return
-        for name in sorted(self.statistics):
-            fields = [t.clone() for t in self.statistics[name]]
+        shapes = self._recorded_shapes(group)
+        for name in sorted(self.layers):
+            if name not in shapes:
+                self.statistics.pop(name, None)  # recorded nowhere (or empty everywhere)
+                continue
+            stats = self.statistics.get(name)
+            if stats is None:
+                device = next(self.layers[name].parameters()).device
+                stats = init_selective_statistics(torch.empty(shapes[name], device=device))
+            fields = [t.clone() for t in stats]
             for tensor in fields:
                 torch.distributed.all_reduce(tensor, group=group)
             self.statistics[name] = SelectiveStatistics(*fields)
+
+    def _recorded_shapes(self, group: Any = None) -> dict[str, tuple[int, int]]:
+        """The layers with recorded samples on some rank, with the ``(D, N)`` shape of their
+        statistics (one collective under ``torch.distributed``, the same on every rank)."""
+        names = sorted(self.layers)
+        local: list[float] = []
+        for name in names:
+            stats = self.statistics.get(name)
+            shape = (0, 0) if stats is None else tuple(stats.poles.shape)
+            local += [int(self.samples(name) > 0), *shape]
+        agreed = all_reduce_numbers(local, "max", dtype=torch.int64, group=group)
+        return {
+            name: (int(agreed[3 * i + 1]), int(agreed[3 * i + 2]))
+            for i, name in enumerate(names)
+            if agreed[3 * i]
+        }
 
     def record(self, name: str, hidden_states: torch.Tensor) -> None:
         """Add one batch of whole sequences (batch, L, d_model) to layer ``name``'s statistics.

@@ -106,6 +106,26 @@ def test_cut_resets_and_counts() -> None:
     assert cs.remaining("b") == 0
 
 
+def test_combine_pools_the_interval_with_other_processes() -> None:
+    # another process's interval: 10 losses summing to 10.0 (mean 1.0)
+    seen: list[list[float]] = []
+
+    def combine(values: list[float]) -> list[float]:
+        seen.append(list(values))
+        return [values[0] + 10.0, values[1] + 10]
+
+    cs = _schedule()
+    for _ in range(10):
+        cs.observe_loss(3.0)
+    cs.close_interval(combine)
+    assert seen == [[30.0, 10.0]]
+    assert cs.initial_loss == pytest.approx(2.0)  # the mean of both processes
+    cs.close_interval(combine)  # no loss here: combined all the same (a collective)
+    assert seen[-1] == [0.0, 0.0]
+    assert cs.recent_loss == pytest.approx(1.0)
+    assert cs.learning_started is True
+
+
 def test_state_dict_round_trip() -> None:
     cs = _schedule()
     _feed(cs, [2.3] * 10 + [1.0] * 5)
