@@ -222,6 +222,12 @@ def _checked_sizes(name: str, ckpt: Mapping[str, Any], model: nn.Module) -> dict
         layer, adapter = layers[layer_name]
         prefix = f"{layer_name}." if layer_name else ""
         stored = adapter.incoming_size(layer, ckpt["model"], prefix)
+        if stored is None:
+            msg = (
+                f"{name}: the checkpoint does not fit `model`: it holds no state tensors of "
+                f"{type(layer).__name__} {layer_name!r} (a checkpoint of another layer type?)."
+            )
+            raise CheckpointError(msg)
         if stored != size:
             msg = (
                 f"{name}: `state_sizes[{layer_name!r}]` is {size}, but the stored tensors of "
