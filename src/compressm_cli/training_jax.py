@@ -357,18 +357,17 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[SequenceModel, dict[s
 def _read_npz(name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Every array of the ``.npz`` file ``name`` and its parsed metadata entry."""
     try:
-        with np.load(name, allow_pickle=False) as data:
+        with open(name, "rb") as f:  # closed here even when np.load fails
+            data = np.load(f, allow_pickle=False)
             if not isinstance(data, np.lib.npyio.NpzFile) or _METADATA not in data.files:
                 msg = f"{name} is not a JAX checkpoint written by `compressm train`."
                 raise CheckpointError(msg)
-            arrays = {key: data[key] for key in data.files}
+            with data:
+                arrays = {key: data[key] for key in data.files}
     except (FileNotFoundError, CheckpointError):
         raise
     except READ_ERRORS as err:
         raise unreadable(name, err, ".npz checkpoint") from err
-    except AttributeError as err:  # np.load of a single .npy array: no context manager
-        msg = f"{name} is not a JAX checkpoint written by `compressm train` (a single array)."
-        raise CheckpointError(msg) from err
     try:
         meta = json.loads(str(arrays.pop(_METADATA)))
     except ValueError as err:
