@@ -73,7 +73,8 @@ def _torch_spectra(path: Path) -> tuple[dict[str, tuple[Any, bool]], Any]:
     state-importance scores of selective layers (no error bound)."""
     import torch
 
-    from compressm_core import hankel_singular_values
+    from compressm_core import CheckpointError, hankel_singular_values
+    from compressm_core._io import READ_ERRORS, unreadable
     from compressm_torch import (
         SelectiveAdapter,
         SequenceModel,
@@ -86,22 +87,29 @@ def _torch_spectra(path: Path) -> tuple[dict[str, tuple[Any, bool]], Any]:
 
     from .training import RunConfig
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except READ_ERRORS as err:
+        raise unreadable(str(path), err, "checkpoint of torch.save") from err
     extra = ckpt.get("extra", {}) if isinstance(ckpt, dict) else {}
-    if "config" not in extra or "model" not in extra:
+    if not isinstance(extra, dict) or "config" not in extra or "model" not in extra:
         msg = f"{path} is not a checkpoint written by `compressm train` (no model config)."
-        raise ValueError(msg)
-    config = RunConfig.from_dict(extra["config"])
-    dims = extra["model"]
-    model = SequenceModel(
-        dims["d_input"],
-        dims["d_output"],
-        d_model=config.d_model,
-        d_state=config.d_state,
-        n_layers=config.n_layers,
-        layer=config.layer,
-        pool="mean" if dims["kind"] == "classification" else None,
-    )
+        raise CheckpointError(msg)
+    try:
+        config = RunConfig.from_dict(extra["config"])
+        dims = extra["model"]
+        model = SequenceModel(
+            dims["d_input"],
+            dims["d_output"],
+            d_model=config.d_model,
+            d_state=config.d_state,
+            n_layers=config.n_layers,
+            layer=config.layer,
+            pool="mean" if dims["kind"] == "classification" else None,
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        msg = f"{path}: the stored config does not make a model ({type(err).__name__}: {err})."
+        raise CheckpointError(msg) from err
     load_checkpoint(path, model)
     found = find_layers(model)
     stats = (

@@ -41,6 +41,9 @@ TASKS = ("mnist1d", "digits", "sysid", "spectra")
 
 Kind = Literal["classification", "regression"]
 
+_MAX_CLASSES = 2**16
+"""Class labels in a ``.npz`` file must be below this: the model gets one output per class."""
+
 # The system-identification ground truth: fixed, whatever the ``seed`` of `load_task`.
 _SYSID_SYSTEM_SEED = 167
 _SYSID_DATA_SEED = 2024
@@ -127,8 +130,9 @@ def load_task(name: str | os.PathLike[str], *, seed: int = 0, val_fraction: floa
     a path ending in ``.npz``
         Arrays ``x_train, y_train, x_test, y_test`` (and optionally ``x_val, y_val``, used
         as given). Inputs of shape (n, L) or (n, L, d). Integer targets of shape (n,) make a
-        classification task with ``max(label) + 1`` classes; float targets of shape (n, L)
-        or (n, L, d) a regression task.
+        classification task with ``max(label) + 1`` classes (labels below 65536, as the model
+        gets one output per class); float targets of shape (n, L) or (n, L, d) a regression
+        task.
 
     In every case but a file with its own validation split, ``val_fraction`` of the training
     sequences, drawn at random with ``seed``, are held out for validation.
@@ -576,6 +580,12 @@ def _npz(name: str, seed: int, fraction: float) -> Task:
                 raise bad(key, f"must hold integer class labels of shape ({len(x)},)")
             if np.any(y < 0):
                 raise bad(key, "must hold non-negative class labels")
+            if np.any(y >= _MAX_CLASSES):
+                raise bad(
+                    key,
+                    f"must hold class labels below {_MAX_CLASSES} (one model output per class); "
+                    f"found {int(y.max())}",
+                )
         else:
             if y.dtype.kind != "f":
                 raise bad(

@@ -10,6 +10,7 @@ compiles its own step, and the wall time includes these compilations.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -21,8 +22,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from compressm_core import CheckpointError
+from compressm_core._io import READ_ERRORS, atomic_write, unreadable
 from compressm_core.schedule import ReductionEvent
-from compressm_jax import CompreSSM, SequenceModel, resize_layers, state_sizes
+from compressm_jax import CompreSSM, SequenceModel, state_sizes
 
 from .training import RunConfig, RunResult, lr_factors, training_loop
 
@@ -273,7 +276,9 @@ def save_checkpoint(
     Every parameter and batch statistic is an array named by its dotted path
     (``"blocks.0.ssm.nu_log"``, ``"encoder.kernel"``); the entry ``"compressm"`` holds JSON
     metadata: ``format`` (:data:`CHECKPOINT_FORMAT`), ``state_sizes``, the controller's
-    ``state_dict()`` and ``extra``.
+    ``state_dict()`` and ``extra``. The file is written atomically: it goes to a temporary file
+    in the same folder, which replaces ``path`` once complete, so a crash or kill during the save
+    leaves the previous file at ``path`` intact.
     """
     arrays = {
         ".".join(map(str, key)): np.asarray(var[...])
@@ -286,13 +291,18 @@ def save_checkpoint(
         "extra": extra or {},
     }
     arrays[_METADATA] = np.array(json.dumps(meta))
-    with open(path, "wb") as f:
+    with atomic_write(path) as f:
         np.savez(f, **arrays)  # type: ignore[arg-type]
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[SequenceModel, dict[str, Any]]:
     """Rebuild the model of a ``compressm train --backend jax`` checkpoint (:func:`save_checkpoint`
     with the run's ``config`` and ``model`` dimensions in ``extra``) at its stored sizes.
+
+    The file is checked before the model is built: every recorded state size must be a
+    positive int no larger than the configured ``d_state`` of its layer, and every array must
+    have the shape of the model at those sizes (worked out without allocating it), so the model
+    never takes more memory than the arrays in the file.
 
     Returns
     -------
@@ -301,29 +311,117 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[SequenceModel, dict[s
 
     Raises
     ------
-    ValueError
-        If ``path`` is not such a checkpoint, or its arrays do not fit the model.
+    compressm_core.CheckpointError
+        (a ``ValueError``) If ``path`` cannot be read (truncated, corrupt), is not such a
+        checkpoint, or its sizes or arrays do not fit the model. The message names ``path``.
     """
-    with np.load(path, allow_pickle=False) as data:
-        if _METADATA not in data.files:
-            msg = f"{path} is not a JAX checkpoint written by `compressm train`."
-            raise ValueError(msg)
-        meta = json.loads(str(data[_METADATA]))
-        if not isinstance(meta, dict):
-            meta = {}
-        extra = meta.get("extra") or {}
-        if meta.get("format") != CHECKPOINT_FORMAT or "config" not in extra:
-            msg = f"{path} is not a checkpoint written by `compressm train` (no model config)."
-            raise ValueError(msg)
-        dims, config = extra["model"], RunConfig.from_dict(extra["config"])
-        model = _model(dims["d_input"], dims["d_output"], dims["kind"], config)
-        resize_layers(model, meta["state_sizes"])
-        flat = nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState)))
-        for key, var in flat:
-            name = ".".join(map(str, key))
-            if name not in data.files or data[name].shape != var.shape:
-                msg = f"{path}: the array {name!r} is missing or does not fit the model."
-                raise ValueError(msg)
-            var.set_value(jnp.asarray(data[name], dtype=var[...].dtype))
+    name = os.fspath(path)
+    arrays, meta = _read_npz(name)
+    extra = meta.get("extra")
+    if meta.get("format") != CHECKPOINT_FORMAT or not isinstance(extra, dict):
+        msg = f"{name} is not a checkpoint written by `compressm train` (no model config)."
+        raise CheckpointError(msg)
+    config, dims = _stored_config(name, extra, len(arrays))
+    sizes = _stored_sizes(name, meta.get("state_sizes"), config)
+
+    def build() -> SequenceModel:
+        reduced = dataclasses.replace(config, d_state=tuple(sizes))
+        return _model(dims["d_input"], dims["d_output"], dims["kind"], reduced)
+
+    try:
+        abstract = nnx.eval_shape(build)
+    except (ValueError, TypeError) as err:
+        msg = f"{name}: the stored config does not make a model ({err})."
+        raise CheckpointError(msg) from err
+    expected = {
+        ".".join(map(str, key)): var
+        for key, var in nnx.to_flat_state(nnx.state(abstract, nnx.Not(nnx.RngState)))
+    }
+    missing = sorted(set(expected) - set(arrays))
+    wrong = [k for k, var in expected.items() if k in arrays and arrays[k].shape != var.shape]
+    if missing or wrong:
+        details = [f"{k!r} missing" for k in missing[:4]] + [
+            f"{k!r}: expected {tuple(expected[k].shape)}, found {arrays[k].shape}"
+            for k in wrong[:4]
+        ]
+        msg = f"{name}: the arrays do not fit the model ({'; '.join(details)})."
+        raise CheckpointError(msg)
+    model = build()
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState)))
+    for key, var in flat:
+        var.set_value(jnp.asarray(arrays[".".join(map(str, key))], dtype=var[...].dtype))
     nnx.update(model, nnx.from_flat_state(flat))
     return model, dict(extra)
+
+
+def _read_npz(name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Every array of the ``.npz`` file ``name`` and its parsed metadata entry."""
+    try:
+        with open(name, "rb") as f:  # closed here even when np.load fails
+            data = np.load(f, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile) or _METADATA not in data.files:
+                msg = f"{name} is not a JAX checkpoint written by `compressm train`."
+                raise CheckpointError(msg)
+            with data:
+                arrays = {key: data[key] for key in data.files}
+    except (FileNotFoundError, CheckpointError):
+        raise
+    except READ_ERRORS as err:
+        raise unreadable(name, err, ".npz checkpoint") from err
+    try:
+        meta = json.loads(str(arrays.pop(_METADATA)))
+    except ValueError as err:
+        msg = f"{name}: the metadata entry {_METADATA!r} is not JSON ({err})."
+        raise CheckpointError(msg) from err
+    return arrays, meta if isinstance(meta, dict) else {}
+
+
+def _stored_config(
+    name: str, extra: dict[str, Any], n_arrays: int
+) -> tuple[RunConfig, dict[str, Any]]:
+    """The run's config and model dimensions from ``extra``, checked enough to build a model
+    abstractly (at most one layer per stored array)."""
+    try:
+        config = RunConfig.from_dict(extra["config"])
+        dims = {key: extra["model"][key] for key in ("d_input", "d_output", "kind")}
+    except (KeyError, TypeError, ValueError) as err:
+        msg = f"{name} is not a checkpoint written by `compressm train` (no model config: {err})."
+        raise CheckpointError(msg) from err
+    ints = {"n_layers": config.n_layers, "d_input": dims["d_input"], "d_output": dims["d_output"]}
+    for key, value in ints.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            msg = f"{name}: the stored `{key}` must be a positive int; found {value!r}."
+            raise CheckpointError(msg)
+    if config.n_layers > n_arrays:
+        msg = (
+            f"{name}: the stored config has {config.n_layers} layers, more than the "
+            f"{n_arrays} arrays in the file."
+        )
+        raise CheckpointError(msg)
+    return config, dims
+
+
+def _stored_sizes(name: str, recorded: Any, config: RunConfig) -> list[int]:
+    """The recorded state size of every layer in order, each a positive int no larger than
+    the layer's configured ``d_state``."""
+    initial = config.d_state
+    limits = [initial] * config.n_layers if isinstance(initial, int) else list(initial)
+    layers = [f"blocks.{i}.ssm" for i in range(config.n_layers)]
+    if not isinstance(recorded, dict) or sorted(recorded) != sorted(layers):
+        msg = f"{name}: the stored `state_sizes` must name the layers {layers}; found {recorded}."
+        raise CheckpointError(msg)
+    if len(limits) != len(layers):
+        msg = f"{name}: the stored `d_state` {initial!r} does not give {len(layers)} layers."
+        raise CheckpointError(msg)
+    sizes = []
+    for layer, limit in zip(layers, limits, strict=True):
+        size = recorded[layer]
+        ok = not isinstance(size, bool) and isinstance(size, int) and isinstance(limit, int)
+        if not ok or not 1 <= size <= limit:
+            msg = (
+                f"{name}: `state_sizes[{layer!r}]` must be an int in [1, d_state = {limit!r}]; "
+                f"found {size!r}."
+            )
+            raise CheckpointError(msg)
+        sizes.append(size)
+    return sizes

@@ -16,6 +16,7 @@ from .diagonalize import rediagonalize
 from .errors import (
     BackendCapabilityError,
     BackendMismatchError,
+    CheckpointError,
     CompressmError,
     ConditioningError,
     ShapeError,
@@ -56,6 +57,7 @@ __all__ = [
     "BackendMismatchError",
     "BalancedRealization",
     "BalancedTruncation",
+    "CheckpointError",
     "CompressmError",
     "ConditioningError",
     "DiagonalStateSpace",

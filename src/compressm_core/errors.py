@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "BackendCapabilityError",
     "BackendMismatchError",
+    "CheckpointError",
     "CompressmError",
     "ConditioningError",
     "ShapeError",
@@ -44,3 +45,13 @@ class BackendMismatchError(CompressmError, TypeError):
 
 class BackendCapabilityError(CompressmError, NotImplementedError):
     """The array library or device lacks a routine and no allowed fallback exists."""
+
+
+class CheckpointError(CompressmError, ValueError):
+    """A checkpoint or data file cannot be read, is not what it claims to be, or does not fit.
+
+    Raised when loading a file that is truncated or corrupt, is not a compressm checkpoint,
+    records sizes or shapes that the model cannot take, or holds values outside their documented
+    bounds. The message names the file and the problem. The model, optimizer and controller given
+    to the loader are left as they were.
+    """
