@@ -232,17 +232,16 @@ class CompreSSM(ControllerBase[nnx.Module]):
         return lambda: self._restore(snapshot, exact=True)
 
     def _measure(self, name: str, layer: nnx.Module) -> tuple[list[float], int, int, Any]:
-        sys = get_adapter(layer).to_state_space(layer)
+        sys = host_system(get_adapter(layer).to_state_space(layer))  # float64 on the host
         hsv = hankel_singular_values(sys, horizon=self.horizon, real_output=self.real_output)
-        return [float(h) for h in hsv], self._target_rank(hsv), int(hsv.shape[-1]), None
+        return [float(h) for h in hsv], self._target_rank(hsv), int(hsv.shape[-1]), sys
 
     def _plan(
         self, name: str, layer: nnx.Module, rank: int, context: Any
     ) -> tuple[DiagonalStateSpace, _Plan]:
         adapter = get_adapter(layer)
-        sys = host_system(adapter.to_state_space(layer))
         plan = _plan_reduction(
-            sys,
+            context,
             rank,
             tau=None,
             energy=self.energy,
@@ -255,7 +254,7 @@ class CompreSSM(ControllerBase[nnx.Module]):
             from_state_space=lambda reduced: adapter.from_state_space(layer, reduced),
             sliced=lambda indices: _sliced(layer, adapter, indices),
         )
-        return sys, plan
+        return context, plan
 
     def _apply(
         self, name: str, layer: nnx.Module, plan: tuple[DiagonalStateSpace, _Plan]
