@@ -100,8 +100,9 @@ class CompreSSM(ControllerBase[nn.Module]):
         Fraction of the HSV energy that may be discarded at each event (``"tolerance"``).
     mode : {"tolerance", "fixed", "pragmatic"}, optional
         ``"pragmatic"``: reduce by ``fraction``, compare the next reported validation metric with
-        the one before the event, and if it fell by more than ``rollback_rtol`` (relative) restore
-        the model, optimizer and scheduler snapshot and stop reducing.
+        the one before the event, and if it fell by more than ``rollback_rtol`` (relative) or is
+        NaN, restore the model and the optimizer's per-parameter state from the snapshot taken
+        before the event and stop reducing (the learning-rate schedule is not rolled back).
     warmup_fraction, num_reductions : optional
         Default schedule: ``num_reductions`` events evenly spaced in the first
         ``warmup_fraction`` of training (:func:`reduction_schedule`).
@@ -115,7 +116,9 @@ class CompreSSM(ControllerBase[nn.Module]):
         Policy for the moments of reduced tensors after a change of basis (see
         :func:`update_optimizer_state`).
     lr_scheduler : optional
-        The scheduler driving ``optimizer``; snapshotted and restored by pragmatic rollbacks.
+        The scheduler driving ``optimizer``. A pragmatic rollback leaves it, and the learning
+        rates it set, where training has brought them; a call of :meth:`step` that raises
+        restores it with the model and optimizer.
     horizon : None, int or "auto", optional
         Gramians over an infinite horizon (``None``, the paper), over ``horizon`` steps, or over
         the longest sequence the layers have seen in forward passes (``"auto"``).

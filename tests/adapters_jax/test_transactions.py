@@ -205,3 +205,17 @@ def test_pragmatic_rollback_keeps_the_step_counts_and_their_schedule():
     assert set(counts(opt)) == {5}  # not rolled back with the moments
     train(model, opt, 1)
     assert set(counts(opt)) == {6}
+
+
+def test_reduce_layer_writes_the_old_values_back_when_the_error_check_fails(monkeypatch):
+    from compressm_jax import reduce_layer
+
+    layer = LRU(4, 12, rngs=nnx.Rngs(0))
+    before = leaves(nnx.state(layer))
+    fake = failing_on({1}, RuntimeError("out of memory"))(reduction_module.h_infinity_norm)
+    monkeypatch.setattr(reduction_module, "h_infinity_norm", fake)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        reduce_layer(layer, 4, compute_error=True)
+    assert layer.d_state == 12
+    for path, value in leaves(nnx.state(layer)).items():
+        np.testing.assert_array_equal(value, before[path], err_msg=path)

@@ -270,3 +270,18 @@ def test_pragmatic_rollback_keeps_the_learning_rate_schedule_in_step():
     train(model, opt, 1)
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.9**6)
+
+
+def test_reduce_layer_writes_the_old_values_back_when_the_error_check_fails(monkeypatch):
+    from compressm_torch import LRU, reduce_layer
+
+    torch.manual_seed(0)
+    layer = LRU(4, 12)
+    before = {k: v.detach().clone() for k, v in layer.named_parameters()}
+    fake = failing_on({1}, RuntimeError("out of memory"))(reduction_module.h_infinity_norm)
+    monkeypatch.setattr(reduction_module, "h_infinity_norm", fake)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        reduce_layer(layer, 4, compute_error=True)
+    assert layer.d_state == 12
+    for name, param in layer.named_parameters():
+        assert torch.equal(param, before[name]), name
