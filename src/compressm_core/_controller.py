@@ -61,9 +61,9 @@ class ControllerBase(Generic[Layer]):
     (any exception, ``KeyboardInterrupt`` included), the model, the optimizer and the
     controller's counters, schedule trackers, pending decision and history are restored to what
     they were before the call, and the exception propagates. Calling :meth:`step` again redoes
-    the step (its event included). A layer whose reduction fails with one of
-    :data:`LAYER_ERRORS` is refused instead (:class:`ReductionWarning`), unchanged, and the
-    others go on.
+    the step (its event included). A layer whose reduction fails with a library or linear-algebra
+    error (``CompressmError``, ``ValueError``, ``RuntimeError``: ``LAYER_ERRORS``) is refused
+    instead (:class:`ReductionWarning`), unchanged, and the others go on.
     """
 
     options: ReductionOptions
@@ -415,7 +415,7 @@ class ControllerBase(Generic[Layer]):
 
         Every layer is planned first (HSVs, rank, gate, new values: nothing is written), then
         the planned layers are written (each with its error check, undone on failure), then the
-        optimizer follows. A layer that fails with one of :data:`LAYER_ERRORS` is refused and
+        optimizer follows. A layer that fails with one of ``LAYER_ERRORS`` is refused and
         left as it was; any other exception propagates and the transaction undoes the event.
         """
         if self._journal is None:

@@ -229,7 +229,12 @@ class CompreSSM(ControllerBase[nnx.Module]):
         snapshot = self._snapshot()  # arrays are immutable: nothing is copied
         wrt = self.optimizer.wrt if self.optimizer is not None else nnx.Param
         self._params_before = jax.tree.map(lambda x: x, nnx.state(self.model, wrt))
-        return lambda: self._restore(snapshot, exact=True)
+
+        def undo() -> None:
+            self._params_before = None
+            self._restore(snapshot, exact=True)
+
+        return undo
 
     def _measure(self, name: str, layer: nnx.Module) -> tuple[list[float], int, int, Any]:
         sys = host_system(get_adapter(layer).to_state_space(layer))  # float64 on the host
