@@ -2,18 +2,21 @@
 
 ``compressm_torch.CompreSSM`` and ``compressm_jax.CompreSSM`` differ only in how they read,
 reduce, snapshot and restore a model. Everything else lives here, once: the schedule, step
-counting, the rank rule and gate inputs, the pragmatic snapshot / rollback flow, event records
-and the framework-free part of ``state_dict``. The options and their checks are
+counting, the rank rule and gate inputs, the flow of a reduction event (plan every layer, then
+write, then resize the optimizer, as one transaction), the pragmatic snapshot / rollback flow,
+event records and the framework-free part of ``state_dict``. The options and their checks are
 :class:`compressm_core.training.ReductionOptions`; :class:`ControllerBase` is public as
 ``compressm_core.training.ControllerBase``.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -22,6 +25,7 @@ import numpy as np
 from ._typing import Array
 from ._validation import check_int
 from .certified import CertifiedSchedule
+from .errors import CompressmError
 from .perturbation import hsv_perturbation_bound
 from .rank import select_rank
 from .schedule import ReductionEvent, ReductionWarning, reduction_schedule
@@ -36,15 +40,30 @@ logger = logging.getLogger("compressm")
 #: Fraction of ``total_steps`` between two checks when ``check_every`` is not given.
 CHECK_FRACTION = 0.01
 
+#: Errors of one layer's reduction that refuse that layer (with a ``ReductionWarning``) instead
+#: of aborting the event: the library's own, and the ``ValueError`` / ``RuntimeError`` of the
+#: linear algebra underneath (``torch.linalg.LinAlgError``, a device out of memory, ...).
+LAYER_ERRORS = (CompressmError, ValueError, RuntimeError)
+
 Layer = TypeVar("Layer")
+T = TypeVar("T")
 
 
 class ControllerBase(Generic[Layer]):
     """Shared state and flow of a controller; subclasses supply the framework parts.
 
     Subclasses call :meth:`_configure` and :meth:`_select_layers` from ``__init__`` and
-    implement :meth:`_layer_state_size`, :meth:`_snapshot`, :meth:`_restore` and
-    :meth:`_reduce_all` (which appends its events to :attr:`history`).
+    implement :meth:`_layer_state_size`, :meth:`_snapshot`, :meth:`_restore` and the steps of
+    an event: :meth:`_begin_event`, :meth:`_measure`, :meth:`_plan`, :meth:`_apply` and
+    :meth:`_resize_optimizer`.
+
+    :meth:`step`, :meth:`report_metric` and :meth:`reduce` are transactions: if one raises
+    (any exception, ``KeyboardInterrupt`` included), the model, the optimizer and the
+    controller's counters, schedule trackers, pending decision and history are restored to what
+    they were before the call, and the exception propagates. Calling :meth:`step` again redoes
+    the step (its event included). A layer whose reduction fails with a library or linear-algebra
+    error (``CompressmError``, ``ValueError``, ``RuntimeError``: ``LAYER_ERRORS``) is refused
+    instead (:class:`ReductionWarning`), unchanged, and the others go on.
     """
 
     options: ReductionOptions
@@ -93,6 +112,7 @@ class ControllerBase(Generic[Layer]):
         self.num_steps = 0
         self._last_metric: float | None = None
         self._pending: dict[str, Any] | None = None
+        self._journal: list[Callable[[], None]] | None = None
 
     def _select_layers(
         self, found: Mapping[str, Layer], layers: Iterable[str] | None, none_found: str
@@ -132,12 +152,41 @@ class ControllerBase(Generic[Layer]):
         """What :meth:`_restore` needs to undo a reduction event."""
         raise NotImplementedError
 
-    def _restore(self, snapshot: dict[str, Any]) -> None:
+    def _restore(self, snapshot: dict[str, Any], *, exact: bool = False) -> None:
+        """Bring back a :meth:`_snapshot`: the model and the optimizer's per-parameter state.
+
+        ``exact=False`` (a pragmatic rollback) keeps the learning-rate schedule where training
+        has brought it (step counts, scheduler, the learning rates it set); ``exact=True``
+        restores everything (undoing a failed call).
+        """
         raise NotImplementedError
 
-    def _reduce_all(self, names: Iterable[str] | None = None) -> list[ReductionEvent]:
-        """Reduce the layers ``names`` (default all) now; append the events to the history."""
+    def _begin_event(self, names: Sequence[str]) -> Callable[[], None]:
+        """Prepare an event on the layers ``names``; return what undoes everything it may
+        change (their parameters, optimizer state, random state)."""
         raise NotImplementedError
+
+    def _measure(self, name: str, layer: Layer) -> tuple[list[float], int, int, Any]:
+        """``(hsv, rank, total, context)``: the HSVs (or importance scores) of ``layer``,
+        descending, the rank the mode asks for, the size the gate compares it with, and what
+        :meth:`_plan` needs. Nothing is changed."""
+        raise NotImplementedError
+
+    def _plan(self, name: str, layer: Layer, rank: int, context: Any) -> Any:
+        """The new, checked values of ``layer`` at ``rank``; nothing is written."""
+        raise NotImplementedError
+
+    def _apply(self, name: str, layer: Layer, plan: Any) -> Any:
+        """Write ``plan`` into ``layer`` (and run the error check if asked); return the
+        adapter's ``LayerReduction``. If it raises, ``layer`` is as it was."""
+        raise NotImplementedError
+
+    def _resize_optimizer(self, applied: Mapping[str, tuple[Any, Any]]) -> None:
+        """Bring the optimizer's state to the reduced layers: ``{name: (plan, report)}``."""
+        raise NotImplementedError
+
+    def _end_event(self, names: Sequence[str]) -> None:
+        """Called after an event on ``names`` succeeded (drop its recorded statistics)."""
 
     def _after_step(self) -> None:
         """Called at the end of every :meth:`step`."""
@@ -196,7 +245,20 @@ class ControllerBase(Generic[Layer]):
         -------
         list of ReductionEvent
             The events of this step (empty on most steps).
+
+        Notes
+        -----
+        A step is a transaction: if it raises (``KeyboardInterrupt`` included), the model, the
+        optimizer and the controller are as they were before the call, ``num_steps`` included,
+        so calling it again redoes the step and its reduction event.
         """
+        upcoming = self.num_steps + 1
+        # only interval ends, checks and the deadline change the certified schedule's trackers
+        # beyond the loss sum: a full copy of them is needed on those steps only
+        deep = upcoming % self.certify.check_every == 0 or upcoming == self.certify.deadline
+        return self._transaction(lambda: self._step(val_metric, loss), deep=deep)
+
+    def _step(self, val_metric: float | None, loss: float | Any | None) -> list[ReductionEvent]:
         self.num_steps += 1
         certify = self.certify
         if loss is not None:
@@ -234,34 +296,47 @@ class ControllerBase(Generic[Layer]):
         """Report a validation metric without advancing the step count.
 
         In ``"pragmatic"`` mode the first metric after a reduction decides it: if it fell by more
-        than ``rollback_rtol`` (relative) below the metric reported before the reduction, the
-        snapshot is restored and reductions stop. The metric also becomes the baseline of the
-        next reduction. Under ``torch.distributed`` the decision uses the mean of the metrics
-        of all processes, so every process must report at the same steps (a collective).
+        than ``rollback_rtol`` (relative) below the metric reported before the reduction, or is
+        NaN (the reduced model diverged; a :class:`ReductionWarning` says so), the model and the
+        optimizer's per-parameter state are restored from the snapshot and reductions stop; the
+        learning-rate schedule stays where training has brought it. The metric also becomes the
+        baseline of the next reduction (a NaN leaves no baseline). Under ``torch.distributed``
+        the decision uses the mean of the metrics of all processes, so every process must report
+        at the same steps (a collective).
 
         Returns
         -------
         list of ReductionEvent
             ``"rolled_back"`` events, if this metric triggered a rollback.
+
+        Raises
+        ------
+        ValueError
+            If ``value`` is infinite.
         """
         value = local = float(value)
+        if math.isinf(local):
+            msg = f"`value` must be a finite number (or NaN); received {local!r}."
+            raise ValueError(msg)
         if self.mode == "pragmatic":  # every process judges by the mean of all processes
             total, count = self._sum_over_ranks([local, 1.0])
             value = total / count
-        if math.isnan(value):
-            mean = "" if math.isnan(local) else f" (the mean over the processes is {value!r})"
-            msg = f"`value` must be a finite number; received {local!r}{mean}."
-            raise ValueError(msg)
+        return self._transaction(lambda: self._judge(value), deep=False)
+
+    def _judge(self, value: float) -> list[ReductionEvent]:
         events: list[ReductionEvent] = []
         pending = self._pending
+        diverged = math.isnan(value)
         if pending is not None:
             base = pending["metric"]
             slack = self.rollback_rtol * abs(base)
             worse = value < base - slack if self.metric == "max" else value > base + slack
             self._pending = None
-            if worse:
+            if worse or diverged:
                 reason = f"validation metric {value:.6g} vs {base:.6g} before the reduction"
                 before = self.state_sizes
+                exact = self._snapshot()
+                self._record_undo(lambda: self._restore(exact, exact=True))
                 self._restore(pending)
                 self.stopped = True
                 events = [
@@ -270,14 +345,138 @@ class ControllerBase(Generic[Layer]):
                 ]
                 self.history += events
                 logger.info("compressm: rolled back (%s); reductions stopped", reason)
-        self._last_metric = value
+                if diverged:
+                    warnings.warn(
+                        f"The validation metric reported at step {self.num_steps}, the first "
+                        "after a reduction, is NaN; the reduction was rolled back and "
+                        "reductions stopped.",
+                        ReductionWarning,
+                        stacklevel=4,
+                    )
+        self._last_metric = None if diverged else value
         return events
 
     def reduce(self) -> list[ReductionEvent]:
-        """Run one reduction event now, on every managed layer (outside the schedule)."""
-        return self._reduce_all()
+        """Run one reduction event now, on every managed layer (outside the schedule).
+
+        A transaction like :meth:`step`: if it raises, nothing has changed.
+        """
+        return self._transaction(self._reduce_all, deep=True)
+
+    # -- transactions ------------------------------------------------------------------------
+
+    def _transaction(self, body: Callable[[], T], *, deep: bool) -> T:
+        """Run ``body``; if it raises, undo what it did and re-raise.
+
+        The controller's counters are saved first (with a full copy of the certified schedule's
+        trackers if ``deep``; otherwise only its loss sum may change); changes of the model and
+        optimizer are undone by the callables of :meth:`_record_undo`, last first. Nested calls
+        (``report_metric`` inside ``step``) belong to the outer transaction.
+        """
+        if self._journal is not None:
+            return body()
+        saved = self._save_counters(deep)
+        journal: list[Callable[[], None]] = []
+        self._journal = journal
+        try:
+            return body()
+        except BaseException:
+            self._journal = None
+            for undo in reversed(journal):
+                undo()
+            self._load_counters(saved)
+            raise
+        finally:
+            self._journal = None
+
+    def _record_undo(self, undo: Callable[[], None]) -> None:
+        """Register ``undo`` (before the change it undoes) with the open transaction."""
+        assert self._journal is not None, "a change of the model outside a transaction"
+        self._journal.append(undo)
+
+    def _save_counters(self, deep: bool) -> dict[str, Any]:
+        certify = self.certify
+        if deep:  # the running loss sum (maybe a device tensor with a graph) is shared
+            memo: dict[int, Any] = {id(certify._sum): certify._sum}
+            saved_certify = copy.deepcopy(certify, memo)
+        else:
+            saved_certify = copy.copy(certify)
+        return {
+            "num_steps": self.num_steps,
+            "stopped": self.stopped,
+            "last_metric": self._last_metric,
+            "pending": self._pending,
+            "last_cut_step": self._last_cut_step,
+            "previous": dict(self._previous),
+            "history": len(self.history),
+            "certify": saved_certify,
+        }
+
+    def _load_counters(self, saved: Mapping[str, Any]) -> None:
+        self.num_steps = saved["num_steps"]
+        self.stopped = saved["stopped"]
+        self._last_metric = saved["last_metric"]
+        self._pending = saved["pending"]
+        self._last_cut_step = saved["last_cut_step"]
+        self._previous = dict(saved["previous"])
+        del self.history[saved["history"] :]
+        self.certify = saved["certify"]
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _reduce_all(self, names: Iterable[str] | None = None) -> list[ReductionEvent]:
+        """One reduction event on the layers ``names`` (default all); events go to the history.
+
+        Every layer is planned first (HSVs, rank, gate, new values: nothing is written), then
+        the planned layers are written (each with its error check, undone on failure), then the
+        optimizer follows. A layer that fails with one of ``LAYER_ERRORS`` is refused and
+        left as it was; any other exception propagates and the transaction undoes the event.
+        """
+        if self._journal is None:
+            return self._transaction(lambda: self._reduce_all(names), deep=True)
+        chosen = list(self.layers) if names is None else list(names)
+        self._record_undo(self._begin_event(chosen))
+        events: dict[str, ReductionEvent] = {}
+        planned: dict[str, tuple[int, list[float], Any, float]] = {}
+        for name in chosen:
+            start = time.perf_counter()
+            layer = self.layers[name]
+            old = self._layer_state_size(layer)
+            hsv: list[float] = []
+            try:
+                hsv, rank, total, context = self._measure(name, layer)
+                if not rank < self.gate * total:
+                    reason = (
+                        f"rank {rank} of {total} is not below the gate {self.gate:g} x {total}"
+                    )
+                    seconds = time.perf_counter() - start
+                    events[name] = self._event(
+                        name, "skipped", hsv=hsv, reason=reason, seconds=seconds
+                    )
+                    continue
+                plan = self._plan(name, layer, rank, context)
+            except LAYER_ERRORS as err:
+                events[name] = self._refused(name, old, err, time.perf_counter() - start, hsv)
+                continue
+            planned[name] = (old, hsv, plan, time.perf_counter() - start)
+        applied: dict[str, tuple[Any, Any]] = {}
+        for name, (old, hsv, plan, seconds) in planned.items():
+            start = time.perf_counter()
+            try:
+                report = self._apply(name, self.layers[name], plan)
+            except LAYER_ERRORS as err:
+                seconds += time.perf_counter() - start
+                events[name] = self._refused(name, old, err, seconds, hsv)
+                continue
+            applied[name] = (plan, report)
+            seconds += time.perf_counter() - start
+            events[name] = self._reduced(name, old, report, hsv, seconds)
+        if applied:
+            self._resize_optimizer(applied)
+        self._end_event(chosen)
+        ordered = [events[name] for name in chosen]
+        self.history += ordered
+        return ordered
 
     def _scheduled(self) -> list[ReductionEvent]:
         if self.mode != "pragmatic":

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from compressm_core import CompressmError, hankel_singular_values
-from compressm_core.schedule import ReductionEvent, ReductionWarning, _check_int
+from compressm_core import DiagonalStateSpace, hankel_singular_values
+from compressm_core.schedule import ReductionWarning, _check_int
 from compressm_core.training import ControllerBase, Mode, ReductionOptions, Schedule
 
+from ._systems import host_system
 from .adapters import find_layers, get_adapter
 from .optim import ParamChange, _path_key, resize_optimizer_state
-from .reduction import LayerReduction, Selection, reduce_layer
+from .reduction import LayerReduction, Selection, _apply, _Plan, _plan_reduction, _sliced
 
 __all__ = ["CompreSSM", "ReductionWarning", "resize_layers"]
 
@@ -168,6 +168,7 @@ class CompreSSM(ControllerBase[nnx.Module]):
         if horizon is not None:
             _check_int("horizon", horizon, 1)
         self.model, self.optimizer, self.horizon = model, optimizer, horizon
+        self._params_before: Any = None
         self._select_layers(
             find_layers(model),
             layers,
@@ -207,66 +208,79 @@ class CompreSSM(ControllerBase[nnx.Module]):
             else jax.tree.map(lambda x: x, nnx.state(self.optimizer)),
         }
 
-    def _restore(self, snapshot: dict[str, Any]) -> None:
+    def _restore(self, snapshot: dict[str, Any], *, exact: bool = False) -> None:
         nnx.update(self.model, snapshot["model"])
-        if self.optimizer is not None:
-            nnx.update(self.optimizer, snapshot["optimizer"])
+        for layer in self.layers.values():
+            adapter = get_adapter(layer)
+            if adapter.on_resize is not None:
+                adapter.on_resize(layer)
+        if self.optimizer is None:
+            return
+        state = snapshot["optimizer"]
+        if not exact:  # step counts (and the schedules they drive) stay where training is
 
-    def _reduce_all(self, names: Iterable[str] | None = None) -> list[ReductionEvent]:
+            def newer_count(then: Any, now: Any) -> Any:
+                return now if jnp.issubdtype(jnp.result_type(now), jnp.integer) else then
+
+            state = jax.tree.map(newer_count, state, nnx.state(self.optimizer))
+        nnx.update(self.optimizer, state)
+
+    def _begin_event(self, names: Sequence[str]) -> Callable[[], None]:
+        snapshot = self._snapshot()  # arrays are immutable: nothing is copied
         wrt = self.optimizer.wrt if self.optimizer is not None else nnx.Param
-        before = jax.tree.map(lambda x: x, nnx.state(self.model, wrt))
-        reports: dict[str, LayerReduction] = {}
-        events = []
-        for name in list(self.layers) if names is None else list(names):
-            event, report = self._reduce_one(name, self.layers[name])
-            events.append(event)
-            if report is not None:
-                reports[name] = report
-        if reports and self.optimizer is not None:
-            self._resize_optimizer(before, reports, wrt)
-        self.history += events
-        return events
+        self._params_before = jax.tree.map(lambda x: x, nnx.state(self.model, wrt))
 
-    def _reduce_one(
-        self, name: str, layer: nnx.Module
-    ) -> tuple[ReductionEvent, LayerReduction | None]:
-        start = time.perf_counter()
+        def undo() -> None:
+            self._params_before = None
+            self._restore(snapshot, exact=True)
+
+        return undo
+
+    def _measure(self, name: str, layer: nnx.Module) -> tuple[list[float], int, int, Any]:
+        sys = host_system(get_adapter(layer).to_state_space(layer))  # float64 on the host
+        hsv = hankel_singular_values(sys, horizon=self.horizon, real_output=self.real_output)
+        return [float(h) for h in hsv], self._target_rank(hsv), int(hsv.shape[-1]), sys
+
+    def _plan(
+        self, name: str, layer: nnx.Module, rank: int, context: Any
+    ) -> tuple[DiagonalStateSpace, _Plan]:
         adapter = get_adapter(layer)
-        old = adapter.state_size(layer)
-        try:
-            sys = adapter.to_state_space(layer)
-            hsv = hankel_singular_values(sys, horizon=self.horizon, real_output=self.real_output)
-            total = int(hsv.shape[-1])
-            rank = self._target_rank(hsv)
-            hsv_list = [float(h) for h in hsv]
-            if not rank < self.gate * total:
-                reason = f"rank {rank} of {total} is not below the gate {self.gate:g} x {total}"
-                event = self._event(
-                    name,
-                    "skipped",
-                    hsv=hsv_list,
-                    reason=reason,
-                    seconds=time.perf_counter() - start,
-                )
-                return event, None
-            report = reduce_layer(
-                layer,
-                rank,
-                method=self.method,
-                selection=self.selection,
-                real_output=self.real_output,
-                horizon=self.horizon,
-                compute_error=self.compute_error,
-                key=jax.random.fold_in(jax.random.PRNGKey(self.seed), self.num_steps),
-            )
-        except (CompressmError, ValueError, RuntimeError) as err:
-            return self._refused(name, old, err, time.perf_counter() - start), None
-        return self._reduced(name, old, report, hsv_list, time.perf_counter() - start), report
+        plan = _plan_reduction(
+            context,
+            rank,
+            tau=None,
+            energy=self.energy,
+            method=self.method,
+            selection=self.selection,
+            real_output=self.real_output,
+            horizon=self.horizon,
+            key=jax.random.fold_in(jax.random.PRNGKey(self.seed), self.num_steps),
+            max_condition=1e8,
+            from_state_space=lambda reduced: adapter.from_state_space(layer, reduced),
+            sliced=lambda indices: _sliced(layer, adapter, indices),
+        )
+        return context, plan
 
-    def _resize_optimizer(
-        self, before: Any, reports: Mapping[str, LayerReduction], wrt: Any
-    ) -> None:
-        assert self.optimizer is not None
+    def _apply(
+        self, name: str, layer: nnx.Module, plan: tuple[DiagonalStateSpace, _Plan]
+    ) -> LayerReduction:
+        sys, values = plan
+        return _apply(
+            layer,
+            get_adapter(layer),
+            sys,
+            values,
+            selection=self.selection,
+            compute_error=self.compute_error,
+        )
+
+    def _resize_optimizer(self, applied: Mapping[str, tuple[Any, Any]]) -> None:
+        if self.optimizer is None:
+            return
+        reports: dict[str, LayerReduction] = {
+            name: report for name, (_, report) in applied.items()
+        }
+        wrt = self.optimizer.wrt
         after = dict(jax.tree_util.tree_leaves_with_path(nnx.state(self.model, wrt)))
         plan: dict[Any, ParamChange] = {}
         for path, leaf in after.items():
@@ -281,6 +295,9 @@ class CompreSSM(ControllerBase[nnx.Module]):
                 axis, indices = report.slices.get(pname, (0, None))
                 plan[path] = ParamChange(leaf, axis, indices)
         _, opt_state = resize_optimizer_state(
-            before, nnx.state(self.optimizer, nnx.OptState), plan
+            self._params_before, nnx.state(self.optimizer, nnx.OptState), plan
         )
         nnx.update(self.optimizer, opt_state)
+
+    def _end_event(self, names: Sequence[str]) -> None:
+        self._params_before = None

@@ -238,8 +238,10 @@ def reduce_layer(
     whatever ``jax_enable_x64`` says, and matches :func:`compressm_torch.reduce_layer` on the
     same weights. The new values are computed, cast to the parameters' dtypes and checked
     (finite, :math:`0 < |\\mu| < 1`) before anything is written: on failure the layer is left
-    as it was and the error says why. Each :class:`flax.nnx.Param` keeps its identity and gets
-    a new array of the new shape; optimizer state built for the old shapes must be rebuilt.
+    as it was and the error says why; if the error check (``compute_error``) fails, the old
+    values are written back before the error propagates. Each :class:`flax.nnx.Param` keeps
+    its identity and gets a new array of the new shape; optimizer state built for the old shapes
+    must be rebuilt.
 
     Parameters
     ----------
@@ -314,13 +316,35 @@ def reduce_layer(
         from_state_space=lambda reduced: adapter.from_state_space(layer, reduced),
         sliced=lambda indices: _sliced(layer, adapter, indices),
     )
+    return _apply(layer, adapter, sys, plan, selection=selection, compute_error=compute_error)
+
+
+def _apply(
+    layer: nnx.Module,
+    adapter: LayerAdapter,
+    sys: DiagonalStateSpace,
+    plan: _Plan,
+    *,
+    selection: str,
+    compute_error: bool,
+) -> LayerReduction:
+    """Write ``plan`` into ``layer``, then measure the error if asked; if anything after the
+    checks raises (the error check included), ``layer`` is restored before it propagates."""
+    saved = {name: getattr(layer, name)[...] for name in plan.values}
     _write(layer, plan.values)
-    if adapter.on_resize is not None:
-        adapter.on_resize(layer)
-    hinf = None
-    if compute_error:
-        after = host_system(adapter.to_state_space(layer))
-        hinf = float(h_infinity_norm(sys, after, real_output=adapter.real_output))
+    try:
+        if adapter.on_resize is not None:
+            adapter.on_resize(layer)
+        hinf = None
+        if compute_error:
+            after = host_system(adapter.to_state_space(layer))
+            hinf = float(h_infinity_norm(sys, after, real_output=adapter.real_output))
+    except BaseException:
+        for name, value in saved.items():
+            getattr(layer, name).set_value(value)
+        if adapter.on_resize is not None:
+            adapter.on_resize(layer)
+        raise
     return LayerReduction(
         old_rank=int(sys.poles.shape[-1]),
         new_rank=adapter.state_size(layer),

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
 
-from compressm_core import CompressmError, hankel_singular_values, select_state_indices
+from compressm_core import hankel_singular_values, select_state_indices
 from compressm_core.schedule import (
     ReductionEvent,
     ReductionWarning,
@@ -22,19 +21,24 @@ from compressm_core.schedule import (
 from compressm_core.training import ControllerBase, Mode, ReductionOptions, Schedule
 
 from ._distributed import all_reduce_numbers
+from ._params import assign
 from .adapters import LayerAdapter, SelectiveAdapter, get_adapter, resize_layers, state_sizes
 from .adapters import find_layers as _find_layers
 from .optim import POLICIES, OptimizerStatePolicy, resize_optimizer_state
-from .reduction import LayerReduction, Selection, _reduce
+from .reduction import LayerReduction, Selection
+from .reduction import _apply as _apply_lti
+from .reduction import _plan as _plan_lti
 from .selective import (
     _AGGREGATES,
     _IMPORTANCE,
     Importance,
     SelectiveRecorder,
+    _apply_selective,
+    _plan_selective,
     _rank_for,
+    _SelectivePlan,
     selective_importance,
 )
-from .selective import reduce_selective_layer as _reduce_selective
 
 __all__ = ["CompreSSM", "ReductionEvent", "ReductionWarning", "reduction_schedule"]
 
@@ -64,6 +68,15 @@ def _check_torch_options(
         _check_int("calibration_sequences", calibration_sequences, 1)
 
 
+class _LayerPlan(NamedTuple):
+    """A layer's planned reduction: its adapter, parameter shapes before, and new values."""
+
+    adapter: LayerAdapter | SelectiveAdapter
+    shapes: dict[str, tuple[int, ...]]
+    values: Any  # reduction._Plan or selective._SelectivePlan
+    system: tuple[Any, torch.Tensor] | None  # (system, HSVs) of an LTI layer
+
+
 class CompreSSM(ControllerBase[nn.Module]):
     """Reduce the state of a model's SSM layers during training (CompreSSM).
 
@@ -88,8 +101,9 @@ class CompreSSM(ControllerBase[nn.Module]):
         Fraction of the HSV energy that may be discarded at each event (``"tolerance"``).
     mode : {"tolerance", "fixed", "pragmatic"}, optional
         ``"pragmatic"``: reduce by ``fraction``, compare the next reported validation metric with
-        the one before the event, and if it fell by more than ``rollback_rtol`` (relative) restore
-        the model, optimizer and scheduler snapshot and stop reducing.
+        the one before the event, and if it fell by more than ``rollback_rtol`` (relative) or is
+        NaN, restore the model and the optimizer's per-parameter state from the snapshot taken
+        before the event and stop reducing (the learning-rate schedule is not rolled back).
     warmup_fraction, num_reductions : optional
         Default schedule: ``num_reductions`` events evenly spaced in the first
         ``warmup_fraction`` of training (:func:`reduction_schedule`).
@@ -103,7 +117,9 @@ class CompreSSM(ControllerBase[nn.Module]):
         Policy for the moments of reduced tensors after a change of basis (see
         :func:`resize_optimizer_state`).
     lr_scheduler : optional
-        The scheduler driving ``optimizer``; snapshotted and restored by pragmatic rollbacks.
+        The scheduler driving ``optimizer``. A pragmatic rollback leaves it, and the learning
+        rates it set, where training has brought them; a call of :meth:`step` that raises
+        restores it with the model and optimizer.
     horizon : None, int or "auto", optional
         Gramians over an infinite horizon (``None``, the paper), over ``horizon`` steps, or over
         the longest sequence the layers have seen in forward passes (``"auto"``; under
@@ -401,20 +417,54 @@ class CompreSSM(ControllerBase[nn.Module]):
             else copy.deepcopy(self.lr_scheduler.state_dict()),
         }
 
-    def _restore(self, snap: dict[str, Any]) -> None:
+    def _restore(self, snap: dict[str, Any], *, exact: bool = False) -> None:
         resize_layers(self.model, snap["sizes"])
         self.model.load_state_dict(snap["model"])
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(snap["optimizer"])
-        if self.lr_scheduler is not None:
+        optimizer = self.optimizer
+        if optimizer is not None:
+            groups = [
+                {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
+            ]
+            optimizer.load_state_dict(snap["optimizer"])
+            if not exact:  # the learning rates (set by the scheduler) stay where training is
+                for group, hyper in zip(optimizer.param_groups, groups, strict=True):
+                    group.update(hyper)
+        if exact and self.lr_scheduler is not None and snap.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(snap["lr_scheduler"])
 
-    def _reduce_all(self, names: Iterable[str] | None = None) -> list[ReductionEvent]:
-        chosen = list(self.layers) if names is None else list(names)
+    def _begin_event(self, names: Sequence[str]) -> Callable[[], None]:
+        layers = [self.layers[name] for name in names]
+        params = {id(p): p for layer in layers for p in layer.parameters()}.values()
+        # values are replaced (``.data``), never changed in place: aliases are enough
+        values = [(p, p.detach(), p.grad) for p in params]
+        optimizer = self.optimizer
+        states = {}
+        if optimizer is not None:
+            states = {p: dict(optimizer.state[p]) for p in params if p in optimizer.state}
+        sizes = [(layer, self._layer_state_size(layer)) for layer in layers]
+        generator = self._generator.get_state()
+
+        @torch.no_grad()
+        def undo() -> None:
+            for param, value, grad in values:
+                assign(param, value)
+                param.grad = grad
+            for layer, size in sizes:
+                adapter = get_adapter(layer)
+                if isinstance(adapter, SelectiveAdapter):
+                    adapter.on_resize(layer, size)
+                elif adapter.on_resize is not None:
+                    adapter.on_resize(layer)
+            if optimizer is not None:
+                for param in params:
+                    if param in states:
+                        optimizer.state[param] = states[param]
+                    else:
+                        optimizer.state.pop(param, None)
+            self._generator.set_state(generator)
+
         self._gather_statistics()
-        events = [self._reduce_one(name, self.layers[name]) for name in chosen]
-        self.history += events
-        return events
+        return undo
 
     def _gather_statistics(self) -> None:
         """Calibrate if needed and sum the selective statistics over ranks, once per step."""
@@ -491,87 +541,82 @@ class CompreSSM(ControllerBase[nn.Module]):
             rank = adapter.rank_multiple(layer, rank)
         return rank
 
-    def _reduce_one(self, name: str, layer: nn.Module) -> ReductionEvent:
-        start = time.perf_counter()
+    def _measure(self, name: str, layer: nn.Module) -> tuple[list[float], int, int, Any]:
         adapter = get_adapter(layer)
         if isinstance(adapter, SelectiveAdapter):
-            return self._reduce_selective(name, layer, adapter, start)
-        old = adapter.state_size(layer)
-        horizon = self._resolved_horizon()
-        try:
-            sys = adapter.to_state_space(layer)
-            hsv = hankel_singular_values(sys, horizon=horizon, real_output=self.real_output)
-        except (CompressmError, ValueError, RuntimeError) as err:
-            return self._refused(name, old, err, time.perf_counter() - start)
-        rank = self._target_rank(hsv)
-        total = int(hsv.shape[-1])
-        hsv_list = hsv.detach().cpu().tolist()
-        if not rank < self.gate * total:
-            reason = f"rank {rank} of {total} is not below the gate {self.gate:g} x {total}"
-            return self._event(
-                name, "skipped", hsv=hsv_list, reason=reason, seconds=time.perf_counter() - start
-            )
-        shapes = {p: tuple(v.shape) for p, v in layer.named_parameters()}
-        try:
-            report = _reduce(
-                layer,
-                adapter,
-                sys,
-                hsv,
-                rank,
-                method=self.method,
-                selection=self.selection,
-                real_output=self.real_output,
-                horizon=horizon,
-                compute_error=self.compute_error,
-                generator=self._generator,
-                max_condition=1e8,
-            )
-        except (CompressmError, ValueError, RuntimeError) as err:
-            return self._refused(name, old, err, time.perf_counter() - start, hsv_list)
-        self._rebind(layer, adapter, shapes, report)
-        return self._reduced(name, old, report, hsv_list, time.perf_counter() - start)
-
-    def _reduce_selective(
-        self, name: str, layer: nn.Module, adapter: SelectiveAdapter, start: float
-    ) -> ReductionEvent:
-        assert self._recorder is not None
-        old = adapter.state_size(layer)
-        stats = self._recorder.statistics.get(name)
-        self._recorder.reset([name])
-        if stats is None:
-            err = ValueError(
-                "no statistics were recorded (no training forward pass in the "
-                f"{self.calibration_steps} calibration steps, and no calibration_batches)"
-            )
-            return self._refused(name, old, err, time.perf_counter() - start)
-        shapes = {p: tuple(v.shape) for p, v in layer.named_parameters()}
-        seed = self.seed + self.num_steps
-        try:
+            assert self._recorder is not None
+            stats = self._recorder.statistics.get(name)
+            if stats is None:
+                msg = (
+                    "no statistics were recorded (no training forward pass in the "
+                    f"{self.calibration_steps} calibration steps, and no calibration_batches)"
+                )
+                raise ValueError(msg)
+            old = adapter.state_size(layer)
+            seed = self.seed + self.num_steps
             rate = selective_importance(layer, stats, aggregate=self.aggregate, seed=seed)
             rank = self._selective_rank(layer, adapter, rate, old)
-            hsv_list = torch.sort(rate.reshape(-1, old).sum(0), descending=True).values.tolist()
-            if not rank < self.gate * old:
-                reason = f"rank {rank} of {old} is not below the gate {self.gate:g} x {old}"
-                return self._event(
-                    name,
-                    "skipped",
-                    hsv=hsv_list,
-                    reason=reason,
-                    seconds=time.perf_counter() - start,
-                )
-            report = _reduce_selective(
+            scores = torch.sort(rate.reshape(-1, old).sum(0), descending=True).values.tolist()
+            return scores, rank, old, stats
+        horizon = self._resolved_horizon()
+        sys = adapter.to_state_space(layer)
+        hsv = hankel_singular_values(sys, horizon=horizon, real_output=self.real_output)
+        rank = self._target_rank(hsv)
+        return hsv.detach().cpu().tolist(), rank, int(hsv.shape[-1]), (sys, hsv, horizon)
+
+    def _plan(self, name: str, layer: nn.Module, rank: int, context: Any) -> _LayerPlan:
+        adapter = get_adapter(layer)
+        shapes = {p: tuple(v.shape) for p, v in layer.named_parameters()}
+        if isinstance(adapter, SelectiveAdapter):
+            plan = _plan_selective(
                 layer,
-                stats,
+                context,
                 rank,
+                tau=None,
                 importance=self.importance,
                 aggregate=self.aggregate,
-                seed=seed,
+                seed=self.seed + self.num_steps,
             )
-        except (CompressmError, ValueError, RuntimeError) as err:
-            return self._refused(name, old, err, time.perf_counter() - start)
-        self._rebind(layer, adapter, shapes, report)
-        return self._reduced(name, old, report, hsv_list, time.perf_counter() - start)
+            return _LayerPlan(adapter, shapes, plan, None)
+        sys, hsv, horizon = context
+        values = _plan_lti(
+            layer,
+            adapter,
+            sys,
+            hsv,
+            rank,
+            method=self.method,
+            selection=self.selection,
+            real_output=self.real_output,
+            horizon=horizon,
+            generator=self._generator,
+            max_condition=1e8,
+        )
+        return _LayerPlan(adapter, shapes, values, (sys, hsv))
+
+    def _apply(self, name: str, layer: nn.Module, plan: _LayerPlan) -> LayerReduction:
+        if isinstance(plan.values, _SelectivePlan):
+            return _apply_selective(layer, plan.values)
+        assert isinstance(plan.adapter, LayerAdapter)
+        assert plan.system is not None
+        sys, hsv = plan.system
+        return _apply_lti(
+            layer,
+            plan.adapter,
+            sys,
+            hsv,
+            plan.values,
+            selection=self.selection,
+            compute_error=self.compute_error,
+        )
+
+    def _resize_optimizer(self, applied: Mapping[str, tuple[Any, Any]]) -> None:
+        for name, (plan, report) in applied.items():
+            self._rebind(self.layers[name], plan.adapter, plan.shapes, report)
+
+    def _end_event(self, names: Sequence[str]) -> None:
+        if self._recorder is not None:
+            self._recorder.reset([n for n in names if n in self._recorder.layers])
 
     @torch.no_grad()
     def _calibrate(self) -> None:

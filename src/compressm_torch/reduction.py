@@ -142,8 +142,9 @@ def reduce_layer(
     the parameters, so the optimizer moments can be sliced exactly too).
 
     The new values are computed and checked (finite, :math:`0 < |\\mu| < 1`) before anything
-    is written: on failure the layer is left as it was and the error says why. Parameter
-    objects keep their identity (their ``.data`` is replaced).
+    is written: on failure the layer is left as it was and the error says why; if the error
+    check (``compute_error``) fails, the old values are written back before the error
+    propagates. Parameter objects keep their identity (their ``.data`` is replaced).
 
     Parameters
     ----------
@@ -221,7 +222,7 @@ def reduce_layer(
     hsv = hankel_singular_values(sys, horizon=horizon, real_output=real_output)
     if tau is not None:
         rank = select_rank(hsv, tau=tau, energy=energy)
-    return _reduce(
+    plan = _plan(
         layer,
         adapter,
         sys,
@@ -231,13 +232,22 @@ def reduce_layer(
         selection=selection,
         real_output=real_output,
         horizon=horizon,
-        compute_error=compute_error,
         generator=generator,
         max_condition=max_condition,
     )
+    return _apply(layer, adapter, sys, hsv, plan, selection=selection, compute_error=compute_error)
 
 
-def _reduce(
+@dataclass(frozen=True)
+class _Plan:
+    """New parameter values of a reduction, computed and not yet written."""
+
+    values: dict[str, torch.Tensor]
+    bound: float
+    indices: torch.Tensor | None
+
+
+def _plan(
     layer: nn.Module,
     adapter: LayerAdapter,
     sys: DiagonalStateSpace,
@@ -248,46 +258,71 @@ def _reduce(
     selection: str,
     real_output: bool,
     horizon: int | None,
-    compute_error: bool,
     generator: torch.Generator | None,
     max_condition: float,
-) -> LayerReduction:
+) -> _Plan:
+    """The reduced values of ``layer`` (selection or balancing); nothing is written."""
     old = int(sys.poles.shape[-1])
-    indices: torch.Tensor | None = None
     if selection == "random":
         perm = torch.randperm(old, generator=generator)
         indices = torch.sort(perm[:rank]).values.to(sys.poles.device)
         dropped = torch.sort(perm[rank:]).values.to(sys.poles.device)
-        bound = _modal_bound(sys, dropped)
-        values = _sliced(layer, adapter, indices)
-    else:
-        reduced, bound = _balanced(
-            sys,
-            rank,
-            hsv,
-            selection=selection,
-            method=method,
-            horizon=horizon,
-            real_output=real_output,
-            max_condition=max_condition,
-        )
-        values = adapter.from_state_space(layer, reduced)
-    _write(layer, values)
-    if adapter.on_resize is not None:
-        adapter.on_resize(layer)
-    hinf = None
-    if compute_error:
-        after = adapter.to_state_space(layer)
-        hinf = float(h_infinity_norm(sys, after, real_output=adapter.real_output))
+        return _Plan(_sliced(layer, adapter, indices), _modal_bound(sys, dropped), indices)
+    reduced, bound = _balanced(
+        sys,
+        rank,
+        hsv,
+        selection=selection,
+        method=method,
+        horizon=horizon,
+        real_output=real_output,
+        max_condition=max_condition,
+    )
+    return _Plan(adapter.from_state_space(layer, reduced), bound, None)
+
+
+def _apply(
+    layer: nn.Module,
+    adapter: LayerAdapter,
+    sys: DiagonalStateSpace,
+    hsv: torch.Tensor,
+    plan: _Plan,
+    *,
+    selection: str,
+    compute_error: bool,
+) -> LayerReduction:
+    """Write ``plan`` into ``layer``, then measure the error if asked; if anything after the
+    checks raises (the error check included), ``layer`` is restored before it propagates."""
+    saved = {
+        name: (getattr(layer, name).detach(), getattr(layer, name).grad) for name in plan.values
+    }
+    _write(layer, plan.values)
+    try:
+        if adapter.on_resize is not None:
+            adapter.on_resize(layer)
+        hinf = None
+        if compute_error:
+            after = adapter.to_state_space(layer)
+            hinf = float(h_infinity_norm(sys, after, real_output=adapter.real_output))
+    except BaseException:
+        with torch.no_grad():
+            for name, (value, grad) in saved.items():
+                param = getattr(layer, name)
+                assign(param, value)
+                param.grad = grad
+        if adapter.on_resize is not None:
+            adapter.on_resize(layer)
+        raise
+    indices = plan.indices
     return LayerReduction(
-        old_rank=old,
+        old_rank=int(sys.poles.shape[-1]),
         new_rank=adapter.state_size(layer),
         hsv=hsv.detach().cpu(),
-        error_bound=bound,
+        error_bound=plan.bound,
         hinf_error=hinf,
         selection=selection,
         indices=None if indices is None else indices.cpu(),
-        changed=tuple(values),
+        changed=tuple(plan.values),
         slices={}
         if indices is None
         else {name: (axis, indices.cpu()) for name, axis in adapter.state_axes.items()},

@@ -542,6 +542,32 @@ def reduce_selective_layer(
     if (rank is None) == (tau is None):
         msg = f"Give exactly one of `rank` and `tau`; received rank={rank!r}, tau={tau!r}."
         raise TypeError(msg)
+    plan = _plan_selective(
+        layer, statistics, rank, tau=tau, importance=importance, aggregate=aggregate, seed=seed
+    )
+    return _apply_selective(layer, plan)
+
+
+class _SelectivePlan(NamedTuple):
+    """The kept state indices of a selective layer, not yet applied."""
+
+    adapter: SelectiveAdapter
+    indices: torch.Tensor
+    scores: torch.Tensor  # summed over groups, float64 on the CPU
+    selection: str
+
+
+def _plan_selective(
+    layer: nn.Module,
+    statistics: SelectiveStatistics,
+    rank: int | None,
+    *,
+    tau: float | None,
+    importance: Importance,
+    aggregate: Literal["sum", "energy", "normalized"],
+    seed: int,
+) -> _SelectivePlan:
+    """Scores, rank and kept indices of :func:`reduce_selective_layer`; nothing is written."""
     adapter = _selective_adapter(layer)
     old = adapter.state_size(layer)
     scores = selective_importance(
@@ -558,16 +584,22 @@ def reduce_selective_layer(
     if adapter.rank_multiple is not None:
         rank = adapter.rank_multiple(layer, rank)
     indices = select_state_indices(scores, rank)
-    slices = _slice(layer, adapter, indices)
     total = scores.reshape(-1, old).sum(0).detach().to("cpu", torch.float64)
+    return _SelectivePlan(adapter, indices, total, importance)
+
+
+def _apply_selective(layer: nn.Module, plan: _SelectivePlan) -> LayerReduction:
+    """Slice ``layer`` to ``plan``'s indices (every value checked first, then all written)."""
+    old = plan.adapter.state_size(layer)
+    slices = _slice(layer, plan.adapter, plan.indices)
     return LayerReduction(
         old_rank=old,
-        new_rank=adapter.state_size(layer),
-        hsv=torch.sort(total, descending=True).values,
+        new_rank=plan.adapter.state_size(layer),
+        hsv=torch.sort(plan.scores, descending=True).values,
         error_bound=None,
         hinf_error=None,
-        selection=importance,
-        indices=indices.cpu(),
+        selection=plan.selection,
+        indices=plan.indices.cpu(),
         changed=tuple(slices),
         slices=slices,
     )
