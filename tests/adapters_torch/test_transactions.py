@@ -165,8 +165,8 @@ def test_failure_in_the_optimizer_surgery_restores_everything(monkeypatch, error
     before = state_of(model, opt, ctl)
     # fail in the second layer's surgery, after the first layer's and part of the second's
     per_layer = len(get_adapter(model.get_submodule(LAYERS[0])).state_axes)
-    fake = failing_on({per_layer + 2}, error)(controller_module.update_optimizer_state)
-    monkeypatch.setattr(controller_module, "update_optimizer_state", fake)
+    fake = failing_on({per_layer + 2}, error)(controller_module.resize_optimizer_state)
+    monkeypatch.setattr(controller_module, "resize_optimizer_state", fake)
     with pytest.raises(type(error)):
         ctl.step()
     assert_unchanged(model, opt, ctl, before)
