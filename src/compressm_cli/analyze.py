@@ -160,7 +160,7 @@ def _selective_statistics(model: Any, task_name: Any, config: Any) -> dict[str, 
 
 def _table(result: dict[str, Any]) -> str:
     lines = [
-        "| layer | N | tau | rank | error bound (2 sum of the tail) |",
+        "| layer | N | tau | rank | error bound (2 sum of the tail + round-off) |",
         "|---|---|---|---|---|",
     ]
     for name, layer in result["layers"].items():
