@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import json
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["analyze", "analyze_checkpoint"]
+from .app import UsageError, writable_file, writable_folder
+
+__all__ = ["analyze", "analyze_checkpoint", "run_analyze"]
+
+# What reading a damaged or foreign file can raise, from torch.load, np.load, zipfile and the
+# checkpoint loaders (random bytes, truncated files, folders, other pickled objects).
+_READ_ERRORS = (
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    RuntimeError,
+)
 
 
 def analyze_checkpoint(path: Path, taus: list[float]) -> dict[str, Any]:
@@ -151,7 +168,7 @@ def _selective_statistics(model: Any, task_name: Any, config: Any) -> dict[str, 
 
 def _table(result: dict[str, Any]) -> str:
     lines = [
-        "| layer | N | tau | rank | error bound (2 sum of the tail) |",
+        "| layer | N | tau | rank | error bound (2 sum of the tail + round-off) |",
         "|---|---|---|---|---|",
     ]
     for name, layer in result["layers"].items():
@@ -180,24 +197,61 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def analyze(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Run ``compressm analyze``; bad input exits through ``parser.error`` (status 2)."""
-    if not args.checkpoint.is_file():
-        parser.error(f"argument checkpoint: no such file: {str(args.checkpoint)!r}")
+def _first_sentence(err: BaseException) -> str:
+    """``"Type: first sentence of the message"`` on one line (torch's run to a paragraph)."""
+    text = " ".join(str(err).split())
+    text = text.split(". ", 1)[0].rstrip(".")
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """Run ``compressm analyze``.
+
+    Raises
+    ------
+    UsageError
+        Naming the checkpoint, ``--out`` or ``--json``, if the checkpoint cannot be read as one
+        written by ``compressm train`` or the outputs cannot be written.
+    """
+    from .report import to_json
+
+    checkpoint: Path = args.checkpoint
+    if checkpoint.is_dir():
+        msg = f"argument checkpoint: {str(checkpoint)!r} is a folder; expected a checkpoint file"
+        raise UsageError(msg)
+    if not checkpoint.is_file():
+        msg = f"argument checkpoint: no such file: {str(checkpoint)!r}"
+        raise UsageError(msg)
+    folder = args.out if args.out is not None else checkpoint.parent
+    writable_folder(folder, "--out")
+    if args.json is not None:
+        writable_file(args.json, "--json")
     try:
-        result = analyze_checkpoint(args.checkpoint, list(args.taus))
-    except (ValueError, KeyError, RuntimeError) as err:
-        parser.error(f"argument checkpoint: {err}")
-    folder = args.out if args.out is not None else args.checkpoint.parent
-    folder.mkdir(parents=True, exist_ok=True)
+        result = analyze_checkpoint(checkpoint, list(args.taus))
+    except _READ_ERRORS as err:
+        msg = (
+            f"argument checkpoint: cannot read {str(checkpoint)!r} as a checkpoint of "
+            f"`compressm train` ({_first_sentence(err)})"
+        )
+        raise UsageError(msg) from None
     table = _table(result)
-    (folder / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
+    (folder / "analysis.json").write_text(to_json(result))
     (folder / "analysis.md").write_text(
-        f"# compressm analyze: {args.checkpoint}\n\n{table}\n\n![HSV spectrum](hsv.png)\n"
+        f"# compressm analyze: {checkpoint}\n\n{table}\n\n![HSV spectrum](hsv.png)\n"
     )
     _plot(result, folder / "hsv.png")
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        args.json.write_text(to_json(result))
     print(table)
     print(f"\nanalysis: {folder / 'analysis.md'}")
     return 0
+
+
+def analyze(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run ``compressm analyze``; bad input exits through ``parser.error`` (status 2)."""
+    try:
+        return run_analyze(args)
+    except UsageError as err:
+        parser.error(str(err))

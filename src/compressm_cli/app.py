@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["main", "parser"]
+__all__ = ["UsageError", "main", "parser", "version"]
 
 QUICK_NOTE = (
     "--quick is a smoke test: its runs are too short to compare the methods (the ordering of "
@@ -24,6 +24,24 @@ QUICK_NOTE = (
 # The --quick preset (replaces the defaults it names; explicit options win).
 QUICK_STEPS, QUICK_D_STATE, QUICK_EVAL_EVERY = 300, 32, 50
 DEFAULT_TAUS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
+MAX_SEED = 2**32 - 1  # what every seeded generator of both backends takes
+
+
+class UsageError(Exception):
+    """Bad input found after parsing (an option's value, a file): :func:`main` exits with status
+    2 and the message on one line. The message starts with ``argument NAME:``."""
+
+
+def version() -> str:
+    """The installed version of compressm (that of the source tree when not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("compressm")
+    except metadata.PackageNotFoundError:
+        from compressm_core import __version__
+
+        return __version__
 
 
 def _horizon(text: str) -> int | str | None:
@@ -42,14 +60,15 @@ def _horizon(text: str) -> int | str | None:
 
 
 def _number(kind: type, accept: Callable[[Any], bool], expected: str) -> Any:
-    """An argparse type: ``kind(text)`` if ``accept`` holds, else a message with ``expected``."""
+    """An argparse type: ``kind(text)`` if it is finite and ``accept`` holds, else a message with
+    ``expected`` (``nan`` and ``inf`` are refused)."""
 
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or math.isnan(value) or not accept(value):
+        if value is None or not math.isfinite(value) or not accept(value):
             msg = f"expected {expected}; received {text!r}"
             raise argparse.ArgumentTypeError(msg)
         return value
@@ -58,12 +77,14 @@ def _number(kind: type, accept: Callable[[Any], bool], expected: str) -> Any:
 
 
 def _positive(kind: type) -> Any:
-    return _number(kind, lambda v: v > 0, f"a positive {kind.__name__}")
+    return _number(kind, lambda v: v > 0, f"a finite positive {kind.__name__}")
 
 
 _nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 _cut_fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 _fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+_warmup_fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+_seed = _number(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
@@ -110,7 +131,10 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         help="Gramian horizon: none (infinite, default), auto (training length) or steps",
     )
     g.add_argument(
-        "--warmup-fraction", type=_fraction, default=0.2, help="reductions happen in (0.2)"
+        "--warmup-fraction",
+        type=_warmup_fraction,
+        default=0.2,
+        help="fraction of training the reductions happen in (0.2)",
     )
     g.add_argument("--num-reductions", type=_positive(int), default=4, help="events (4)")
     g.add_argument(
@@ -143,6 +167,7 @@ def parser() -> argparse.ArgumentParser:
         prog="compressm",
         description="Train state-space models that shrink while they train (CompreSSM).",
     )
+    top.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser(
         "compare",
@@ -151,7 +176,7 @@ def parser() -> argparse.ArgumentParser:
         "trained from scratch at the sizes CompreSSM reached; print a table and write a report.",
     )
     _add_training_options(p)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (0 1 2)")
+    p.add_argument("--seeds", type=_seed, nargs="+", default=[0, 1, 2], help="seeds (0 1 2)")
     p.add_argument(
         "--sweep",
         action="store_true",
@@ -162,7 +187,7 @@ def parser() -> argparse.ArgumentParser:
         "train", help="one run with CompreSSM (or --no-reduce), saving a checkpoint"
     )
     _add_training_options(p)
-    p.add_argument("--seed", type=int, default=0, help="seed (0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed (0)")
     p.add_argument("--no-reduce", action="store_true", help="train without reduction")
     p = sub.add_parser("analyze", help="HSV spectrum, ranks and error bounds of a checkpoint")
     p.add_argument("checkpoint", type=Path, help="a checkpoint written by `compressm train`")
@@ -171,6 +196,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=None, help="folder for the table and plot")
     p.add_argument("--json", type=Path, default=None, help="also write the analysis JSON here")
+    for command in sub.choices.values():
+        command.set_defaults(command_parser=command)  # usage errors print the command's usage
     return top
 
 
@@ -287,14 +314,13 @@ def _sweep(
     return [*runs, full]
 
 
-def _compare(args: argparse.Namespace, task: Any) -> int:
+def _compare(args: argparse.Namespace, task: Any, folder: Path) -> int:
     from .report import format_paired, format_sweep, format_table, write_report
     from .training import RunResult
 
     train = _trainer(args)
     seeds: list[int] = args.seeds
     results: dict[str, list[RunResult]] = {"full": [], "compressm": [], "small": []}
-    folder = _out(args, "compare", args.task)
     header = _header("compare", args, task)
     if args.quick:
         header["note"] = QUICK_NOTE
@@ -358,44 +384,60 @@ def _compare(args: argparse.Namespace, task: Any) -> int:
 
 def _finish_json(args: argparse.Namespace, report: dict[str, Any]) -> None:
     if args.json is not None:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        from .report import to_json
+
+        Path(args.json).write_text(to_json(report))
 
 
-def _train(args: argparse.Namespace, task: Any) -> int:
-    from .report import format_table, write_report
+def _one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (library messages can span several)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
 
-    train = _trainer(args)
-    cfg = _config(
-        args,
-        label="full" if args.no_reduce else "CompreSSM",
-        seed=args.seed,
-        reduce=not args.no_reduce,
-    )
-    folder = _out(args, "train", args.task)
-    header = _header("train", args, task)
+
+def writable_folder(folder: Path, option: str) -> None:
+    """Create ``folder`` (and its parents) and check that a file can be written in it.
+
+    Raises
+    ------
+    UsageError
+        Naming ``option``, if the folder cannot be created or written into.
+    """
     try:
-        result, model, ctl = train(task, cfg, progress=not args.no_progress, on_event=_log)
-    except KeyboardInterrupt as err:
-        partial = getattr(err, "partial_result", None)
-        header["status"] = "interrupted"
-        runs = {"full" if args.no_reduce else "compressm": [partial] if partial else []}
-        write_report(folder, header=header, results=runs)
-        print(f"interrupted; partial report in {folder}", file=sys.stderr)
-        return 130
-    header["status"] = "complete"
-    report = write_report(
-        folder,
-        header=header,
-        results={"full" if args.no_reduce else "compressm": [result]},
-        truth=task.info.get("true_hsv"),
-    )
-    extra = {
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        reason = err.strerror or _one_line(err)
+        msg = f"argument {option}: cannot write into the folder {str(folder)!r} ({reason})"
+        raise UsageError(msg) from None
+
+
+def writable_file(path: Path, option: str) -> None:
+    """Check, before any work, that ``path`` can be written: not a folder, its folder writable.
+
+    Raises
+    ------
+    UsageError
+        Naming ``option``.
+    """
+    if path.is_dir():
+        msg = f"argument {option}: expected a file path; received the folder {str(path)!r}"
+        raise UsageError(msg)
+    writable_folder(path.parent, option)
+
+
+def _checkpoint_extra(args: argparse.Namespace, cfg: Any, task: Any, result: Any) -> Any:
+    return {
         "config": cfg.to_dict(),
         "task": args.task,
         "model": {"d_input": task.d_input, "d_output": task.d_output, "kind": task.kind},
-        "test_metric": result.test_metric,
+        "test_metric": None if result is None else result.test_metric,
     }
+
+
+def _save(args: argparse.Namespace, folder: Path, model: Any, ctl: Any, extra: Any) -> Path:
+    """Write the checkpoint of the backend's format into ``folder``; return its path."""
     if args.backend == "jax":
         from .training_jax import save_checkpoint as save_jax
 
@@ -406,59 +448,174 @@ def _train(args: argparse.Namespace, task: Any) -> int:
 
         path = folder / "checkpoint.pt"
         save_checkpoint(path, model, controller=ctl, extra=extra)
+    return path
+
+
+def _interrupted_checkpoint(
+    args: argparse.Namespace, folder: Path, cfg: Any, task: Any, err: KeyboardInterrupt
+) -> str:
+    """Save the model an interrupted run reached (stored on ``err`` by ``train``); say where."""
+    model = getattr(err, "partial_model", None)
+    if model is None:
+        return "no checkpoint (interrupted before the model was built)"
+    partial = getattr(err, "partial_result", None)
+    extra = _checkpoint_extra(args, cfg, task, partial)
+    try:
+        path = _save(args, folder, model, getattr(err, "partial_controller", None), extra)
+    except (OSError, RuntimeError, ValueError, TypeError) as save_err:
+        return f"no checkpoint ({type(save_err).__name__}: {_one_line(save_err)})"
+    return f"checkpoint: {path}"
+
+
+def _train(args: argparse.Namespace, task: Any, folder: Path) -> int:
+    from .report import format_table, write_report
+
+    train = _trainer(args)
+    cfg = _config(
+        args,
+        label="full" if args.no_reduce else "CompreSSM",
+        seed=args.seed,
+        reduce=not args.no_reduce,
+    )
+    header = _header("train", args, task)
+    try:
+        result, model, ctl = train(task, cfg, progress=not args.no_progress, on_event=_log)
+    except KeyboardInterrupt as err:
+        partial = getattr(err, "partial_result", None)
+        header["status"] = "interrupted"
+        runs = {"full" if args.no_reduce else "compressm": [partial] if partial else []}
+        write_report(folder, header=header, results=runs)
+        saved = _interrupted_checkpoint(args, folder, cfg, task, err)
+        status = partial.status if partial is not None else "interrupted"
+        print(f"{status}; {saved}; partial report in {folder}", file=sys.stderr)
+        return 130
+    header["status"] = "complete"
+    report = write_report(
+        folder,
+        header=header,
+        results={"full" if args.no_reduce else "compressm": [result]},
+        truth=task.info.get("true_hsv"),
+    )
+    path = _save(args, folder, model, ctl, _checkpoint_extra(args, cfg, task, result))
     _finish_json(args, report)
     print(format_table(report["summary"]))
     print(f"\ncheckpoint: {path}\nreport: {folder / 'report.md'}")
     return 0
 
 
-def _check_jax(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
-    """Options the JAX backend does not support exit with status 2 and a message."""
+def _check_jax(args: argparse.Namespace) -> None:
+    """Options the JAX backend does not support."""
     if args.model == "mamba":
-        p.error("argument --model: the JAX backend has no Mamba layer; use --backend torch")
+        msg = "argument --model: the JAX backend has no Mamba layer; use --backend torch"
+        raise UsageError(msg)
     if args.threads is not None:
-        p.error("argument --threads: torch only (JAX's CPU threads are set by XLA)")
+        msg = "argument --threads: torch only (JAX's CPU threads are set by XLA)"
+        raise UsageError(msg)
     try:
         import flax  # noqa: F401
         import optax  # noqa: F401
 
         from .training_jax import resolve_device
     except ImportError as err:
-        p.error(f"argument --backend: jax needs `pip install compressm[jax]` ({err})")
+        msg = f"argument --backend: jax needs `pip install compressm[jax]` ({err})"
+        raise UsageError(msg) from None
     try:
         resolve_device(args.device)
     except ValueError as err:
-        p.error(f"argument --device: {err}")
+        msg = f"argument --device: {err}"
+        raise UsageError(msg) from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``compressm`` command; returns the exit status."""
-    p = parser()
-    args = p.parse_args(argv)
+def _check_torch_device(name: str) -> None:
+    """``name`` parses as a torch device and a tensor can be made on it."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        msg = f"argument --device: not a torch device: {name!r}"
+        raise UsageError(msg) from None
+    if device.type == "meta":
+        msg = "argument --device: 'meta' holds no data; expected cpu, cuda[:index], mps, ..."
+        raise UsageError(msg)
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as err:  # AssertionError: torch built without CUDA
+        msg = f"argument --device: {name!r} is not available here ({_one_line(err)})"
+        raise UsageError(msg) from None
+
+
+def _check_reduction_options(args: argparse.Namespace) -> None:
+    """The controller's own checks of the reduction options (combinations included), so that a
+    run is refused before training rather than when its controller is built."""
+    import re
+
+    from compressm_core.training import ReductionOptions
+
+    try:
+        ReductionOptions(
+            tau=args.tau,
+            mode=args.mode,
+            warmup_fraction=args.warmup_fraction,
+            num_reductions=args.num_reductions,
+            schedule=args.schedule,
+            rewarmup_steps=args.rewarmup_steps,
+            max_cut=None if args.max_cut == 1 else args.max_cut,
+        )
+    except (ValueError, TypeError) as err:
+        named = re.match(r"`(\w+)", str(err))
+        option = "--" + named.group(1).replace("_", "-") if named else "--mode"
+        msg = f"argument {option}: {_one_line(err)}"
+        raise UsageError(msg) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the parsed command; bad input raises :class:`UsageError`."""
     if args.command == "analyze":
-        from .analyze import analyze
+        from .analyze import run_analyze
 
-        return analyze(args, p)
+        return run_analyze(args)
     from .data import load_task
 
     if args.backend == "jax":
-        _check_jax(args, p)
+        _check_jax(args)
     else:
-        import torch
-
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        try:
-            torch.device(args.device)
-        except RuntimeError:
-            p.error(f"argument --device: not a torch device: {args.device!r}")
+        _check_torch_device(args.device)
+    _check_reduction_options(args)
     try:
         task = load_task(args.task)
     except (ValueError, OSError, ImportError) as err:
-        p.error(f"argument --task: {err}")
+        msg = f"argument --task: {_one_line(err)}"
+        raise UsageError(msg) from None
+    folder = _out(args, args.command, args.task)
+    writable_folder(folder, "--out")
+    if args.json is not None:
+        writable_file(args.json, "--json")
+    if args.backend == "torch" and args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.command == "compare":
-        return _compare(args, task)
-    return _train(args, task)
+        return _compare(args, task, folder)
+    return _train(args, task, folder)
+
+
+def _usage_error(p: argparse.ArgumentParser, err: UsageError) -> NoReturn:
+    p.error(_one_line(err))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``compressm`` command; returns the exit status.
+
+    Bad options and input files exit with status 2 and one line naming the option or file
+    (argparse's convention); an interrupted run exits with 130 after writing what it has.
+    """
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except UsageError as err:
+        _usage_error(getattr(args, "command_parser", p), err)
 
 
 if __name__ == "__main__":

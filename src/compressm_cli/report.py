@@ -24,8 +24,11 @@ __all__ = [
     "plot_hsv_spectra",
     "plot_state_sizes",
     "sweep_summary",
+    "to_json",
     "write_report",
 ]
+
+NON_FINITE_NOTE = "NaN or infinite values, written as null (strict JSON has neither)."
 
 LABELS = {
     "full": "full size",
@@ -33,6 +36,39 @@ LABELS = {
     "small": "small from scratch",
     "below": "small below the true order",
 }
+
+
+def _finite(value: Any, path: str, found: list[str]) -> Any:
+    """``value`` with every non-finite float replaced by ``None``; their paths go to ``found``."""
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        found.append(path or "(top level)")
+        return None
+    if isinstance(value, dict):
+        prefix = f"{path}." if path else ""
+        return {k: _finite(v, f"{prefix}{k}", found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
+def to_json(data: dict[str, Any]) -> str:
+    """``data`` as strict JSON (``allow_nan=False``), indented, with a final newline.
+
+    Non-finite floats (a diverged run's metrics) become ``null``, and the key ``"non_finite"``
+    lists where they were: ``{"note": ..., "fields": ["runs.full[0].test_metric", ...]}``.
+    """
+    return _strict(data)[0]
+
+
+def _strict(data: dict[str, Any]) -> tuple[str, list[str]]:
+    """:func:`to_json`, and the paths of the non-finite floats."""
+    found: list[str] = []
+    clean = _finite(data, "", found)
+    if found:
+        clean["non_finite"] = {"note": NON_FINITE_NOTE, "fields": found}
+    return json.dumps(clean, indent=1, allow_nan=False) + "\n", found
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -325,7 +361,8 @@ def write_report(
         plots["metric_vs_time"] = "metric_vs_time.png"
         plot_accuracy_vs_time(results, folder / plots["metric_vs_time"])
     report["plots"] = plots
-    (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    text, non_finite = _strict(report)
+    (folder / "report.json").write_text(text)
     md = [f"# compressm {header.get('command', '')}: {header.get('task', '')}", ""]
     md += [f"- {k}: {v}" for k, v in header.items() if k not in ("command", "config")]
     md += ["", format_table(rows), ""]
@@ -336,6 +373,8 @@ def write_report(
     order = header.get("task_info", {}).get("true_order")
     if order is not None:
         md += [_order_note(order, rows), ""]
+    if non_finite:
+        md += [f"Non-finite values (null in report.json): {', '.join(non_finite)}.", ""]
     md += [f"![{name}]({file})" for name, file in plots.items()]
     (folder / "report.md").write_text("\n".join(md) + "\n")
     return report

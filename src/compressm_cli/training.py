@@ -181,7 +181,8 @@ def train(
     Raises
     ------
     KeyboardInterrupt
-        Re-raised after the partial result is stored on the exception as ``partial_result``.
+        Re-raised after the partial result, the model and the controller are stored on the
+        exception as ``partial_result``, ``partial_model`` and ``partial_controller``.
     """
     model = build_model(task, config)
     # Parameters flagged `_no_weight_decay` (Mamba's A_log and D) are not decayed.
@@ -226,16 +227,20 @@ def train(
         sched.step()
         return loss.detach()
 
-    result = training_loop(
-        task,
-        config,
-        step=step,
-        evaluate=lambda xs, ys: evaluate(task, model, xs, ys, config.device),
-        sizes=lambda: state_sizes(model),
-        controller=ctl,
-        progress=progress,
-        on_event=on_event,
-    )
+    try:
+        result = training_loop(
+            task,
+            config,
+            step=step,
+            evaluate=lambda xs, ys: evaluate(task, model, xs, ys, config.device),
+            sizes=lambda: state_sizes(model),
+            controller=ctl,
+            progress=progress,
+            on_event=on_event,
+        )
+    except KeyboardInterrupt as err:
+        err.partial_model, err.partial_controller = model, ctl  # type: ignore[attr-defined]
+        raise
     return result, model, ctl
 
 
@@ -330,9 +335,10 @@ def training_loop(
                 val = evaluate(task.x_val, task.y_val)
                 if controller is not None and step_no < config.steps:
                     # judges a pending pragmatic reduction (rollbacks are events too)
-                    for event in controller.report_metric(val):
+                    where = f"{config.label}: step {step_no}"
+                    for event in _report_metric(controller, val, where, on_event):
                         if on_event is not None:
-                            on_event(f"{config.label}: step {step_no}, {event.layer}: rolled back")
+                            on_event(f"{where}, {event.layer}: rolled back")
                 current = sizes()
                 result.curve.append((step_no, clock, val, sum(current.values())))
                 bar.set_postfix(loss=f"{float(loss):.3f}", val=f"{val:.3f}", N=current)
@@ -349,15 +355,37 @@ def training_loop(
     return result
 
 
+def _report_metric(
+    controller: Controller, value: float, where: str, on_event: Callable[[str], None] | None
+) -> list[ReductionEvent]:
+    """``controller.report_metric(value)`` if ``value`` is finite; else a warning line and no
+    call (a NaN metric, from a diverged model, judges no reduction)."""
+    if not math.isfinite(value):
+        if on_event is not None:
+            on_event(
+                f"warning: {where}: the validation metric is {value}; not reported to the "
+                "controller (no reduction is judged by it)"
+            )
+        return []
+    return _warnings_as_lines(lambda: controller.report_metric(value), on_event)
+
+
 def _step_controller(
     controller: Controller | None, loss: Any, on_event: Callable[[str], None] | None
 ) -> list[ReductionEvent]:
     """``controller.step(loss=loss)``; its :class:`ReductionWarning` s become event lines."""
     if controller is None:
         return []
+    return _warnings_as_lines(lambda: controller.step(loss=loss), on_event)
+
+
+def _warnings_as_lines(
+    call: Callable[[], list[ReductionEvent]], on_event: Callable[[str], None] | None
+) -> list[ReductionEvent]:
+    """``call()``; the :class:`ReductionWarning` s it emits become event lines."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ReductionWarning)
-        events = controller.step(loss=loss)
+        events = call()
     for item in caught:
         if issubclass(item.category, ReductionWarning):
             if on_event is not None:

@@ -209,7 +209,8 @@ def train(
     Raises
     ------
     KeyboardInterrupt
-        Re-raised after the partial result is stored on the exception as ``partial_result``.
+        Re-raised after the partial result, the model and the controller are stored on the
+        exception as ``partial_result``, ``partial_model`` and ``partial_controller``.
     """
     device = resolve_device(config.device)
     with jax.default_device(device):
@@ -251,16 +252,20 @@ def train(
             idx = rng.integers(len(task.x_train), size=config.batch_size)
             return compiled(task.x_train[idx], task.y_train[idx])
 
-        result = training_loop(
-            task,
-            config,
-            step=step,
-            evaluate=lambda xs, ys: evaluate(task, model, xs, ys),
-            sizes=lambda: state_sizes(model),
-            controller=None if ctl is None else _Refreshing(ctl, compiled),
-            progress=progress,
-            on_event=on_event,
-        )
+        try:
+            result = training_loop(
+                task,
+                config,
+                step=step,
+                evaluate=lambda xs, ys: evaluate(task, model, xs, ys),
+                sizes=lambda: state_sizes(model),
+                controller=None if ctl is None else _Refreshing(ctl, compiled),
+                progress=progress,
+                on_event=on_event,
+            )
+        except KeyboardInterrupt as err:
+            err.partial_model, err.partial_controller = model, ctl  # type: ignore[attr-defined]
+            raise
     return result, model, ctl
 
 

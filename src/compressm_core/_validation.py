@@ -6,8 +6,11 @@ Messages follow one template: which argument, what was expected, what was receiv
 
 from __future__ import annotations
 
+import numbers
 import operator
 from typing import NamedTuple
+
+import numpy as np
 
 from . import _xp
 from ._typing import Array, Namespace
@@ -22,6 +25,7 @@ __all__ = [
     "check_square",
     "check_stable_poles",
     "check_system",
+    "check_tau",
 ]
 
 
@@ -114,6 +118,21 @@ def check_int(value: object, name: str, *, low: int, high: int | None = None) ->
         msg = f"`{name}` must be in [{low}, {high}]; received {integer}."
         raise ValueError(msg)
     return integer
+
+
+def check_tau(tau: object) -> float:
+    """``tau`` as a Python float if it is a real number in ``[0, 1)`` (bools are refused).
+
+    Raises
+    ------
+    ValueError
+        If ``tau`` is not a real number in ``[0, 1)`` (NaN included).
+    """
+    real = isinstance(tau, numbers.Real) and not isinstance(tau, (bool, np.bool_))
+    if not (real and 0 <= float(tau) < 1):  # type: ignore[arg-type]
+        msg = f"`tau` must be a number in [0, 1); received {tau!r}."
+        raise ValueError(msg)
+    return float(tau)  # type: ignore[arg-type]
 
 
 def check_system(

@@ -129,7 +129,9 @@ def promote(*arrays: Array | None, xp: Namespace) -> tuple[list[Array | None], D
         float64 or complex128 (the highest precision the device has), complex when any input is.
     result : dtype
         The dtype outputs are cast back to: the promoted input dtype (integers become the
-        working real dtype).
+        working real dtype), at least float32 or complex64. Half precision (float16, bfloat16,
+        complex32) is widened: Gramians and HSVs grow like ``1 / (1 - |pole|^2)`` and overflow
+        float16 (largest value 65504) for poles of layers near the unit circle.
     """
     present = [a for a in arrays if a is not None]
     dev = compat.device(present[0])
@@ -141,6 +143,8 @@ def promote(*arrays: Array | None, xp: Namespace) -> tuple[list[Array | None], D
     result = xp.result_type(*floating) if floating else work
     if any_complex and not xp.isdtype(result, "complex floating"):
         result = work
+    if xp.finfo(result).bits < 32:  # float16, bfloat16, complex32 (finfo: the real part)
+        result = xp.complex64 if xp.isdtype(result, "complex floating") else xp.float32
     out = [None if a is None else xp.astype(a, work) for a in arrays]
     return out, work, result
 

@@ -8,10 +8,10 @@ import numpy as np
 
 from . import _xp
 from ._typing import Array, Namespace
-from ._validation import check_int
-from .errors import ConditioningError
+from ._validation import check_int, check_tau
+from .errors import ConditioningError, ShapeError
 from .gramians import prepared_gramians, psd_factor
-from .rank import select_rank
+from .rank import hankel_error_bound, select_rank
 from .systems import DiagonalStateSpace, StateSpace
 
 __all__ = [
@@ -32,7 +32,8 @@ class BalancedTruncation(NamedTuple):
     hsv : (..., n) array
         All Hankel singular values of the original system, descending.
     error_bound : (...) array
-        :math:`2 \\sum_{i > r} \\sigma_i`.
+        :math:`2 \\sum_{i > r} \\sigma_i + c\\, n\\, \\varepsilon\\, \\sigma_1`
+        (:func:`~compressm_core.hankel_error_bound`).
     T : (..., n, r) array
         Right projection (new state to old): ``x ~ T x_r``.
     T_inv : (..., r, n) array
@@ -132,6 +133,9 @@ def _truncate(
     p, q, system, info, xp, result = prepared_gramians(
         sys, horizon=horizon, real_output=real_output, xp=xp
     )
+    if info.n == 0:
+        msg = "`sys` must have at least one state to balance; received a system with n = 0."
+        raise ShapeError(msg)
     if rank is not None:
         rank = check_int(rank, "rank", low=1, high=info.n)
     lc, lo = psd_factor(p, xp), psd_factor(q, xp)
@@ -195,7 +199,10 @@ def balanced_truncation(
     .. math::
 
         \\| G - G_r \\|_{\\mathcal{H}_\\infty} \\le 2 \\sum_{i > r} \\sigma_i
-        \\quad (\\texttt{error\\_bound}).
+        + c\\, n\\, \\varepsilon\\, \\sigma_1 \\quad (\\texttt{error\\_bound}),
+
+    the exact-arithmetic bound plus the round-off level of the returned system's precision
+    :math:`\\varepsilon` (:func:`hankel_error_bound`, :math:`c = 10`).
 
     Parameters
     ----------
@@ -205,9 +212,10 @@ def balanced_truncation(
         States to keep, in ``[1, n]`` (``[1, 2n]`` with ``real_output``). A Python int (static
         under ``jax.jit``), e.g. from :func:`select_rank`. Give either ``rank`` or ``tau``.
     tau : float, optional
-        Choose the rank from the HSVs computed here, ``select_rank(hsv, tau=tau,
-        energy=energy)`` (for a batch, the largest of the members' ranks), saving the separate
-        :func:`hankel_singular_values` call. Eager only (the rank is a host-side decision).
+        A real number in ``[0, 1)`` (Python or NumPy scalar). Choose the rank from the HSVs
+        computed here, ``select_rank(hsv, tau=tau, energy=energy)`` (for a batch, the largest
+        of the members' ranks), saving the separate :func:`hankel_singular_values` call. Eager
+        only (the rank is a host-side decision).
     energy : str, optional
         ``"sum"`` (default) or ``"squared"``; see :func:`select_rank`.
     method : {"sqrt", "bfsr"}, optional
@@ -234,9 +242,10 @@ def balanced_truncation(
     Raises
     ------
     ValueError, TypeError
-        If ``rank`` is not an integer in range or ``method`` is unknown.
+        If ``rank`` is not an integer in range, ``tau`` not a number in ``[0, 1)`` or
+        ``method`` is unknown.
     ShapeError, StabilityError
-        On malformed, non-finite or unstable systems.
+        On malformed, non-finite or unstable systems, or a system with no state.
     ConditioningError
         If a kept HSV is zero, so the projection does not exist.
 
@@ -267,11 +276,12 @@ def balanced_truncation(
     if (rank is None) == (tau is None):
         msg = f"Give exactly one of `rank` and `tau`; received rank={rank!r}, tau={tau!r}."
         raise TypeError(msg)
-    reduced, hsv, t, t_inv, s, xp, real, r = _truncate(
+    if tau is not None:
+        tau = check_tau(tau)
+    reduced, hsv, t, t_inv, _, xp, _, r = _truncate(
         sys, rank, tau, energy, method, horizon, real_output, xp
     )
-    bound = xp.astype(2 * xp.sum(s[..., r:], axis=-1), real)
-    return BalancedTruncation(reduced, hsv, bound, t, t_inv)
+    return BalancedTruncation(reduced, hsv, hankel_error_bound(hsv, r, xp=xp), t, t_inv)
 
 
 def balanced_realization(

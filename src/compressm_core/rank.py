@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _xp
 from ._typing import Array, Namespace
-from ._validation import check_int
+from ._validation import check_int, check_tau
 from .errors import ShapeError
 
 __all__ = ["hankel_error_bound", "select_rank"]
@@ -37,7 +37,7 @@ def select_rank(
     hsv : (n,) array
         Hankel singular values (any order; they are sorted in descending order here).
     tau : float
-        Discarded fraction, in ``[0, 1)``.
+        Discarded fraction, in ``[0, 1)``: any real number (Python, NumPy scalar).
     energy : {"sum", "squared"}, optional
         Energy of a state: its HSV (default, the paper's rule) or its square.
 
@@ -62,9 +62,7 @@ def select_rank(
     >>> select_rank(np.array([4.0, 3.0, 2.0, 1.0]), tau=0.3)   # keep 7/10 >= 0.7
     2
     """
-    if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and 0 <= tau < 1):
-        msg = f"`tau` must be a number in [0, 1); received {tau!r}."
-        raise ValueError(msg)
+    tau = check_tau(tau)
     if energy not in ("sum", "squared"):
         msg = f"`energy` must be 'sum' or 'squared'; received {energy!r}."
         raise ValueError(msg)
@@ -86,15 +84,29 @@ def select_rank(
     return min(max(k + 1, 1), values.size)
 
 
+_ROUNDOFF = 10.0  # c of the round-off term c n eps sigma_1 of hankel_error_bound
+
+
 def hankel_error_bound(hsv: Array, rank: int, *, xp: Namespace | None = None) -> Array:
-    """A-priori bound on the balanced-truncation error, twice the discarded HSVs.
+    """A-priori bound on the balanced-truncation error: twice the discarded HSVs, plus the
+    round-off level of the computation.
 
     .. math::
 
-        \\| G - G_r \\|_{\\mathcal{H}_\\infty} \\le 2 \\sum_{i > r} \\sigma_i .
+        \\| G - G_r \\|_{\\mathcal{H}_\\infty} \\le 2 \\sum_{i > r} \\sigma_i
+        + c\\, n\\, \\varepsilon\\, \\sigma_1, \\qquad c = 10,
 
-    It holds for infinite-horizon Gramians of a stable system and both the square-root and the
-    balancing-free methods. It does not hold for time-limited (finite ``horizon``) Gramians.
+    with :math:`\\varepsilon` the machine epsilon of ``hsv`` 's dtype (the precision of the
+    returned system: ``2.2e-16`` for float64, ``1.2e-7`` for float32). The first term is the
+    exact-arithmetic bound (Glover). It holds for infinite-horizon Gramians of a stable system
+    and both the square-root and the balancing-free methods; it does not hold for time-limited
+    (finite ``horizon``) Gramians. The second term is the error that rounding alone leaves in
+    the computed reduced system (also at full rank, where the first term is 0): without it the
+    bound fails, by factors of 10 and more, at ranks whose discarded HSVs are below
+    :math:`n \\varepsilon \\sigma_1`. Measured errors stay below
+    :math:`5 n \\varepsilon \\sigma_1` for poles with :math:`|\\lambda| \\le 0.95`; rounding
+    grows like :math:`\\varepsilon / (1 - |\\lambda|)` for poles closer to the unit circle,
+    which the term does not cover.
 
     Parameters
     ----------
@@ -108,11 +120,17 @@ def hankel_error_bound(hsv: Array, rank: int, *, xp: Namespace | None = None) ->
     Returns
     -------
     (...) array
-        The bound, batched like ``hsv``.
+        The bound, batched like ``hsv`` (``0`` for ``n = 0``).
     """
     xp = _xp.namespace(hsv, xp=xp)
     if hsv.ndim < 1:
         msg = f"`hsv` must have shape (..., n); received shape {tuple(hsv.shape)}."
         raise ShapeError(msg)
     rank = check_int(rank, "rank", low=0, high=int(hsv.shape[-1]))
-    return 2 * xp.sum(hsv[..., rank:], axis=-1)
+    floating = xp.isdtype(hsv.dtype, ("real floating", "complex floating"))
+    eps = float(xp.finfo(hsv.dtype if floating else xp.float64).eps)
+    n = int(hsv.shape[-1])
+    tail = 2 * xp.sum(hsv[..., rank:], axis=-1)
+    if n == 0:
+        return tail
+    return tail + (_ROUNDOFF * n * eps) * xp.max(hsv, axis=-1)

@@ -85,8 +85,9 @@ def test_train_then_analyze(tmp_path, capsys):
     assert (tmp_path / "hsv.png").stat().st_size > 0
 
 
-def test_interrupted_train_leaves_a_partial_report(tmp_path, monkeypatch):
+def test_interrupted_train_leaves_a_partial_report_and_a_checkpoint(tmp_path, monkeypatch):
     import compressm_cli.training_jax as training_jax
+    from compressm_jax import state_sizes
 
     def interrupting(task, out, target):  # called while the first step is traced
         raise KeyboardInterrupt
@@ -100,7 +101,9 @@ def test_interrupted_train_leaves_a_partial_report(tmp_path, monkeypatch):
     assert partial["status"] == "interrupted at step 1"
     assert partial["final_sizes"] == {"blocks.0.ssm": 16}
     assert 0 <= partial["test_metric"] <= 1
-    assert not (out / "checkpoint.npz").exists()
+    model, extra = training_jax.load_checkpoint(out / "checkpoint.npz")  # the state reached
+    assert state_sizes(model) == {"blocks.0.ssm": 16}
+    assert extra["config"]["backend"] == "jax"
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from hypothesis import assume, given
 
 from compressm_core import (
     ConditioningError,
+    ShapeError,
     StateSpace,
     balanced_realization,
     balanced_truncation,
@@ -160,7 +161,8 @@ def test_full_rank_truncation_reproduces_system(xp) -> None:
     sys = to_xp(build(Spec(6, 2, 3, 0.95, True, False, (3,), 7)), xp)
     res = balanced_truncation(sys, 6)
     assert_rel(markov(res.system, 10), markov(sys, 10), 1e-8)
-    assert_rel(res.error_bound, np.zeros(3), 0, scale=1.0)
+    roundoff = 10 * 6 * np.finfo(np.float64).eps * to_np(res.hsv)[..., 0]  # no tail at full rank
+    assert_rel(res.error_bound, roundoff, 1e-12)
 
 
 def test_finite_horizon_truncation_matches_first_steps(xp) -> None:
@@ -220,3 +222,79 @@ def test_tau_selects_the_rank_in_one_call(xp) -> None:
     assert_rel(res.hsv, hsv, 1e-12)
     with pytest.raises(TypeError, match="exactly one of `rank` and `tau`"):
         balanced_truncation(sys, 3, tau=0.1)
+
+
+def test_half_precision_hsvs_are_float32_and_finite(xp) -> None:
+    """float16 and bfloat16 systems get float32 HSVs: in float16 these (up to 2.5e5) overflow."""
+    names = [name for name in ("float16", "bfloat16") if hasattr(xp, name)]
+    if not names:
+        pytest.skip("no half-precision dtype in this namespace")
+    rng = np.random.default_rng(0)
+    poles = np.linspace(0.1, 0.99, 8)
+    b, c = 100 * rng.normal(size=(8, 2)), 100 * rng.normal(size=(1, 8))
+    for name in names:
+        dtype = getattr(xp, name)
+        sys = build(Spec(8, 2, 1, 0.5, False, True, (), 0))._replace(poles=poles, b=b, c=c)
+        half = type(sys)(*(None if f is None else xp.astype(xp.asarray(f), dtype) for f in sys))
+        hsv = hankel_singular_values(half)
+        assert hsv.dtype == xp.float32, name
+        rounded = (None if f is None else to_np(xp.astype(f, xp.float64)) for f in half)
+        exact = hankel_singular_values(type(sys)(*rounded))
+        assert float(to_np(exact)[0]) > 65504  # beyond float16
+        assert_rel(hsv, exact, 1e-6)
+
+
+def test_complex32_hsvs_are_real() -> None:
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    sys = build(Spec(4, 1, 1, 0.8, True, True, (), 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "ComplexHalf support is experimental"
+        half = type(sys)(
+            *(None if f is None else torch.tensor(f, dtype=torch.complex32) for f in sys)
+        )
+    hsv = hankel_singular_values(half)
+    assert hsv.dtype == torch.float32
+    res = balanced_truncation(half, 2)
+    assert res.hsv.dtype == torch.float32
+    assert res.error_bound.dtype == torch.float32
+    assert res.system.a.dtype == torch.complex64
+
+
+def test_tau_accepts_any_real_number(xp) -> None:
+    sys = to_xp(build(Spec(10, 2, 2, 0.95, True, True, (), 21)), xp)
+    hsv = to_np(hankel_singular_values(sys))
+    want = select_rank(hsv, tau=0.2)
+    for tau in (np.float32(0.2), np.float64(0.2), 0.2):
+        assert select_rank(hsv, tau=tau) == want  # type: ignore[arg-type]
+        assert tuple(balanced_truncation(sys, tau=tau).system.a.shape) == (want, want)
+    assert select_rank(hsv, tau=np.int64(0)) == hsv.shape[-1]
+    for bad in (True, np.bool_(False), np.float32("nan"), 1.0, "0.2"):
+        with pytest.raises(ValueError, match=r"`tau` must be a number in \[0, 1\); received"):
+            balanced_truncation(sys, tau=bad)  # type: ignore[arg-type]
+
+
+def test_a_system_without_states_is_refused_by_name(xp) -> None:
+    sys = build(Spec(1, 1, 1, 0.5, False, True, (), 0))
+    empty = to_xp(sys._replace(poles=sys.poles[:0], b=sys.b[:0], c=sys.c[:, :0]), xp)
+    assert tuple(hankel_singular_values(empty).shape) == (0,)
+    assert float(hankel_error_bound(hankel_singular_values(empty), 0)) == 0.0
+    for kwargs in ({"tau": 0.1}, {"rank": 1}):
+        with pytest.raises(ShapeError, match="`sys` must have at least one state to balance"):
+            balanced_truncation(empty, **kwargs)  # type: ignore[arg-type]
+
+
+def test_error_bound_covers_round_off(xp) -> None:
+    """Ranks whose discarded HSVs are below n eps sigma_1: the measured error is round-off,
+    up to 150 times 2 sum(tail) here; the bound's round-off term covers it (no extra slack)."""
+    jax = is_jax_namespace(xp)  # eager JAX compiles every shape: the 150x rank only
+    for seed, diagonal in [(0, True)] if jax else [(0, True), (0, False)]:
+        sys = to_xp(build(Spec(20, 1, 1, 0.6, True, diagonal, (), seed)), xp)
+        hsv = to_np(hankel_singular_values(sys))
+        for rank in [19] if jax else range(1, 21):
+            if hsv[rank - 1] / hsv[0] <= 20 * np.finfo(np.float64).eps:
+                break  # refused: the projection does not exist
+            res = balanced_truncation(sys, rank)
+            err = float(to_np(h_infinity_norm(sys, res.system)))
+            assert err <= float(to_np(res.error_bound)), (seed, diagonal, rank)
