@@ -12,6 +12,8 @@ jax.config.update("jax_enable_x64", True)
 jnp = jax.numpy
 
 from compressm_jax import (  # noqa: E402
+    LRU,
+    CompreSSM,
     ParamChange,
     RewarmupState,
     mark_cut,
@@ -145,3 +147,41 @@ def test_state_survives_resize_optimizer_state() -> None:
 def test_bad_rewarmup_steps(value: object) -> None:
     with pytest.raises(ValueError, match="`rewarmup_steps` must be an int >= 0; received"):
         scale_by_rewarmup(value)  # type: ignore[arg-type]
+
+
+class Net(nnx.Module):
+    def __init__(self) -> None:
+        rngs = nnx.Rngs(0)
+        self.ssm = LRU(4, 16, r_min=0.3, r_max=0.95, rngs=rngs)
+        self.dec = nnx.Linear(4, 1, rngs=rngs)
+
+
+@nnx.jit
+def train_step(model: Net, opt: nnx.Optimizer, grad: jax.Array) -> jax.Array:
+    """One update with every gradient entry ``grad``; the update of ``dec.bias``."""
+    grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, grad), nnx.state(model, nnx.Param))
+    return opt.update(model, grads)["dec"]["bias"][...]
+
+
+def test_the_controller_marks_its_cuts_and_the_factors_match_lr_factor() -> None:
+    lr, k, n = 0.01, 3, 11
+    model = Net()
+    opt = nnx.Optimizer(model, optax.chain(optax.sgd(lr), scale_by_rewarmup(k)), wrt=nnx.Param)
+    ctl = CompreSSM(
+        model,
+        opt,
+        total_steps=n,
+        mode="fixed",
+        fraction=0.5,
+        reduction_steps=[3, 5],
+        rewarmup_steps=k,
+    )
+    recorded, applied = [], []
+    for i in range(n):
+        grad = 1.0 + 0.1 * i
+        recorded.append(ctl.lr_factor)
+        applied.append(float(train_step(model, opt, grad)[0]) / (-lr * grad))
+        ctl.step()
+    assert [(e.step, e.new_rank) for e in ctl.history] == [(3, 8), (5, 4)]
+    assert recorded == expected_factors(n, [3, 5], k)
+    np.testing.assert_allclose(applied, recorded, rtol=1e-6)  # float32 parameters
