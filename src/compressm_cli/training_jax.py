@@ -25,7 +25,12 @@ from flax import nnx
 from compressm_core import CheckpointError
 from compressm_core._io import READ_ERRORS, atomic_write, unreadable
 from compressm_core.schedule import ReductionEvent
-from compressm_jax import CompreSSM, SequenceModel, state_sizes
+from compressm_jax import (
+    CompreSSM,
+    SequenceModel,
+    scale_by_rewarmup,
+    state_sizes,
+)
 
 from .training import RunConfig, RunResult, lr_factors, training_loop
 
@@ -174,7 +179,9 @@ def _loss(task: Task, out: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def _optimizer(model: SequenceModel, config: RunConfig) -> nnx.Optimizer[SequenceModel]:
-    """AdamW with the torch path's schedule: ``lr * lr_factors(steps, lr_warmup)(count)``."""
+    """AdamW with the torch path's schedule: ``lr * lr_factors(steps, lr_warmup)(count)``,
+    followed by :func:`compressm_jax.scale_by_rewarmup` when ``config.rewarmup_steps`` > 0 (the
+    controller marks each cut in its state)."""
     factor = lr_factors(config.steps, config.lr_warmup)
     table = jnp.asarray([config.lr * factor(k) for k in range(config.steps)], jnp.float32)
 
@@ -182,6 +189,8 @@ def _optimizer(model: SequenceModel, config: RunConfig) -> nnx.Optimizer[Sequenc
         return table[jnp.minimum(count, config.steps - 1)]  # count: updates so far
 
     tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+    if config.rewarmup_steps:
+        tx = optax.chain(tx, scale_by_rewarmup(config.rewarmup_steps))
     return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 

@@ -7,7 +7,9 @@ maths of their :mod:`compressm_torch` twins (the layers evaluated by
 reduced one back (:func:`to_state_space`, :func:`reduce_layer`, :func:`register_adapter`);
 pure functions for LRUs held in Equinox modules or Flax linen param dicts
 (:func:`lru_to_state_space`, :func:`reduce_lru_params`); the optax-state surgery
-:func:`resize_optimizer_state`; and the training controller :class:`CompreSSM`.
+:func:`resize_optimizer_state`; the training controller :class:`CompreSSM`; and the
+learning-rate re-warm-up after each cut as an optax transformation (:func:`scale_by_rewarmup`,
+:func:`mark_cut`).
 
 Balanced truncation to ``r`` states changes a layer's transfer function by at most
 
@@ -36,6 +38,7 @@ from .models import SequenceModel, SSMBlock
 from .optim import ParamChange, resize_optimizer_state
 from .pytrees import lru_to_state_space, reduce_lru_params
 from .reduction import LayerReduction, reduce_layer
+from .rewarmup import RewarmupState, mark_cut, scale_by_rewarmup
 from .s5 import S5, hippo_n_eigenpairs
 
 __all__ = [
@@ -47,18 +50,21 @@ __all__ = [
     "ParamChange",
     "ReductionEvent",
     "ReductionWarning",
+    "RewarmupState",
     "SSMBlock",
     "SequenceModel",
     "find_layers",
     "get_adapter",
     "hippo_n_eigenpairs",
     "lru_to_state_space",
+    "mark_cut",
     "reduce_layer",
     "reduce_lru_params",
     "reduction_schedule",
     "register_adapter",
     "resize_layers",
     "resize_optimizer_state",
+    "scale_by_rewarmup",
     "state_sizes",
     "to_state_space",
 ]

@@ -17,6 +17,7 @@ from ._systems import host_system
 from .adapters import find_layers, get_adapter
 from .optim import ParamChange, _path_key, resize_optimizer_state
 from .reduction import LayerReduction, Selection, _apply, _Plan, _plan_reduction, _sliced
+from .rewarmup import mark_cut
 
 __all__ = ["CompreSSM", "ReductionWarning", "resize_layers"]
 
@@ -82,9 +83,22 @@ class CompreSSM(ControllerBase[nnx.Module]):
         As for :class:`compressm_torch.CompreSSM`.
     schedule, check_every, certify_window, learning_drop, rank_rtol, max_cut : optional
         The certified schedule, as for :class:`compressm_torch.CompreSSM` (pass ``loss`` to
-        :meth:`step`). A learning-rate re-warm-up after each cut is :attr:`lr_factor`
-        (``rewarmup_steps``); multiply it into the learning rate of the next updates, e.g.
-        through ``optax.inject_hyperparams``.
+        :meth:`step`).
+    rewarmup_steps : int, optional
+        A learning-rate re-warm-up after each cut, for an optimizer without
+        :func:`scale_by_rewarmup`: :attr:`lr_factor` is ``k / (rewarmup_steps + 1)`` for the
+        ``k``-th of the next ``rewarmup_steps`` updates; multiply it into their learning rate by
+        hand (e.g. through ``optax.inject_hyperparams``). Nothing is applied automatically.
+
+    Notes
+    -----
+    The re-warm-up is automatic when the optimizer's transformation chains
+    :func:`scale_by_rewarmup` after the optimizer, e.g.
+    ``optax.chain(optax.adamw(schedule), scale_by_rewarmup(K))``: at every event that reduced a
+    layer the controller marks the cut in the optimizer state (:func:`mark_cut`), and the next
+    ``K`` updates are scaled by ``1/(K+1), ..., K/(K+1)`` inside the compiled update. The
+    schedule keeps its own count, so its values are not shifted. ``K`` is the transformation's;
+    leave ``rewarmup_steps`` at 0 then (or do not multiply :attr:`lr_factor` in as well).
 
     Examples
     --------
@@ -298,6 +312,8 @@ class CompreSSM(ControllerBase[nnx.Module]):
             self._params_before, nnx.state(self.optimizer, nnx.OptState), plan
         )
         nnx.update(self.optimizer, opt_state)
+        marked = self.optimizer.opt_state  # the optax state: a pytree of OptState
+        nnx.update(marked, nnx.state(mark_cut(nnx.as_pure(marked))))
 
     def _end_event(self, names: Sequence[str]) -> None:
         self._params_before = None

@@ -121,3 +121,33 @@ def test_unsupported_options_exit_2_with_a_message(argv, message, capsys):
         main([*argv, "--backend", "jax"])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_rewarmup_steps_chain_the_optax_rewarmup_after_adamw():
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from compressm_cli.training import RunConfig
+    from compressm_cli.training_jax import _optimizer
+    from compressm_jax import RewarmupState, mark_cut
+
+    config = RunConfig(steps=20, rewarmup_steps=2, backend="jax")
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))  # the transformation does not depend on it
+    tx = _optimizer(model, config).tx
+    plain = _optimizer(model, dataclasses.replace(config, rewarmup_steps=0)).tx
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    for chained, has in [(tx, True), (plain, False)]:
+        leaves = jax.tree_util.tree_leaves(
+            chained.init(params), is_leaf=lambda n: isinstance(n, RewarmupState)
+        )
+        assert any(isinstance(n, RewarmupState) for n in leaves) is has
+    grads = jax.tree_util.tree_map(jax.numpy.ones_like, params)
+    # the first update after a cut: 1/3 of the AdamW update (schedule and weight decay included)
+    marked, _ = tx.update(grads, mark_cut(tx.init(params)), params)
+    own, _ = plain.update(grads, plain.init(params), params)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(marked), jax.tree_util.tree_leaves(own), strict=True
+    ):
+        np.testing.assert_allclose(a, b / 3, rtol=1e-6)
