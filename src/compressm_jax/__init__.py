@@ -1,6 +1,6 @@
 """compressm_jax: JAX / Flax NNX layers that shrink their state while they train.
 
-Layers (:class:`LRU`, :class:`S5`) and reference models (:class:`SSMBlock`,
+Layers (:class:`LRU`, :class:`S5`, :class:`S4D`) and reference models (:class:`SSMBlock`,
 :class:`SequenceModel`), Flax NNX modules with the parameter names, shapes, initialisation and
 maths of their :mod:`compressm_torch` twins (the layers evaluated by
 :func:`jax.lax.associative_scan`); adapters that read a layer as a diagonal system and write a
@@ -36,10 +36,12 @@ from .models import SequenceModel, SSMBlock
 from .optim import ParamChange, resize_optimizer_state
 from .pytrees import lru_to_state_space, reduce_lru_params
 from .reduction import LayerReduction, reduce_layer
+from .s4d import S4D
 from .s5 import S5, hippo_n_eigenpairs
 
 __all__ = [
     "LRU",
+    "S4D",
     "S5",
     "CompreSSM",
     "LayerAdapter",

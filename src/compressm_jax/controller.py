@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from compressm_core import CompressmError, hankel_singular_values
+from compressm_core.rank import shared_rank_hsv
 from compressm_core.schedule import ReductionEvent, ReductionWarning, _check_int
 from compressm_core.training import ControllerBase, Mode, ReductionOptions, Schedule
 
@@ -194,7 +195,7 @@ class CompreSSM(ControllerBase[nnx.Module]):
     def _observe(self, name: str, layer: nnx.Module) -> tuple[Any, Any, Any] | None:
         sys = get_adapter(layer).to_state_space(layer)
         hsv = hankel_singular_values(sys, horizon=self.horizon, real_output=self.real_output)
-        return hsv, sys, None
+        return shared_rank_hsv(hsv), sys, None
 
     def _bound_options(self) -> dict[str, Any]:
         return {"real_output": self.real_output, "horizon": self.horizon}
@@ -235,7 +236,9 @@ class CompreSSM(ControllerBase[nnx.Module]):
         old = adapter.state_size(layer)
         try:
             sys = adapter.to_state_space(layer)
-            hsv = hankel_singular_values(sys, horizon=self.horizon, real_output=self.real_output)
+            hsv = shared_rank_hsv(
+                hankel_singular_values(sys, horizon=self.horizon, real_output=self.real_output)
+            )
             total = int(hsv.shape[-1])
             rank = self._target_rank(hsv)
             hsv_list = [float(h) for h in hsv]
