@@ -386,3 +386,30 @@ def test_state_spaces_s4d_is_found_and_reduced(lr):
     resize_layers(outer, {"0": 5})
     assert layer.kernel.C.shape == (3, 5, 2)
     assert layer.n == 10
+
+
+def test_certified_schedule_cuts_an_s4d_layer_with_the_batched_weyl_bound():
+    """Parameters that do not move: the Weyl bound of the batch (its largest member's) is 0, so
+    the cut is certified after the window, as for a single system."""
+    torch.manual_seed(0)
+    model = SequenceModel(2, 3, d_model=4, d_state=8, layer="s4d").double()
+    ctl = CompreSSM(
+        model,
+        None,
+        total_steps=400,
+        schedule="certified",
+        mode="fixed",
+        fraction=0.5,
+        check_every=10,
+        certify_window=2,
+        num_reductions=1,
+        warmup_fraction=0.5,
+    )
+    events = []
+    for loss in [2.3] * 30 + [1.0] * 40:
+        events += [e for e in ctl.step(loss=loss) if e.status == "reduced"]
+    assert [(e.step, e.old_rank, e.new_rank, e.trigger) for e in events] == [
+        (60, 8, 4, "certified")
+    ]
+    assert events[0].margin is not None
+    assert events[0].margin > 0
