@@ -101,7 +101,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         help="mnist1d (default), digits, sysid, or a .npz file with x_train/y_train/x_test/y_test",
     )
     g.add_argument(
-        "--model", choices=("lru", "s5", "mamba"), default="lru", help="SSM layer (lru)"
+        "--model", choices=("lru", "s5", "s4d", "mamba"), default="lru", help="SSM layer (lru)"
     )
     g.add_argument("--d-model", type=_positive(int), default=16, help="model width (16)")
     g.add_argument("--d-state", type=_positive(int), default=128, help="initial state (128)")

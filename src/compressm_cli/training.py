@@ -43,7 +43,7 @@ class RunConfig:
     """
 
     label: str = "compressm"
-    layer: Literal["lru", "s5", "mamba"] = "lru"
+    layer: Literal["lru", "s5", "s4d", "mamba"] = "lru"
     d_model: int = 16
     d_state: int | tuple[int, ...] = 128
     n_layers: int = 1

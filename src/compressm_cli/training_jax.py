@@ -79,7 +79,7 @@ def resolve_device(name: str) -> Any:
 
 def _model(d_input: int, d_output: int, kind: str, config: RunConfig) -> SequenceModel:
     if config.layer == "mamba":
-        msg = "the JAX backend has no Mamba layer; use `lru` or `s5`."
+        msg = "the JAX backend has no Mamba layer; use `lru`, `s5` or `s4d`."
         raise ValueError(msg)
     return SequenceModel(
         d_input,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
+from . import _xp
 from ._typing import Array
 from ._validation import check_int
 from .certified import CertifiedSchedule
@@ -551,7 +552,10 @@ class ControllerBase(Generic[Layer]):
         gap = float(ordered[rank - 1] - ordered[rank]) if 1 <= rank < ordered.size else 0.0
         if 2 * moved >= gap:
             return float(ordered[0] + np.max(old)) + moved
-        return float(hsv_perturbation_bound(before, system, **self._bound_options()))
+        # a batch of systems cut to one shared rank (``shared_rank_hsv``): its profile moves by
+        # at most the largest member's bound
+        moved_bound = hsv_perturbation_bound(before, system, **self._bound_options())
+        return float(np.max(_xp.to_host(moved_bound, allow_transfer=True)))
 
     def _deadline(self) -> list[ReductionEvent]:
         """Force every remaining cut (one event per round while a layer still reduces)."""

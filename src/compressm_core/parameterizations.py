@@ -18,6 +18,12 @@ Conventions (element-wise over the states, poles ``λ``, complex):
   ``B`` scaled by the ``j``-th factor). The inverse takes the principal logarithm,
   :math:`a = \\log(\\lambda) / \\Delta` and :math:`B = \\frac{a}{\\lambda - 1} \\bar B`.
 
+* S4D (Gu et al., 2022, state-spaces' minimal ``s4d.py``): per channel ``h`` a continuous
+  diagonal system with :math:`a = -e^{\\text{log\\_A\\_real}} + i\\,\\text{A\\_imag}`, input
+  matrix ``B = 1`` (fixed), step :math:`\\Delta_h = e^{\\text{log\\_dt}_h}`, zero-order hold and
+  output :math:`2 \\operatorname{Re}(C x)`: the ``N/2`` stored modes stand for ``N`` real states
+  (their conjugates).
+
 The inverse maps need ``0 < |λ| < 1`` (:func:`check_poles`) and run eagerly (they inspect the
 values); the forward maps are traceable (``jax.jit``).
 """
@@ -37,6 +43,8 @@ __all__ = [
     "lru_from_poles",
     "lru_to_poles",
     "pole_phase",
+    "s4d_discrete",
+    "s4d_from_discrete",
     "zoh",
 ]
 
@@ -283,6 +291,135 @@ def inverse_zoh(
         msg = f"The reduced {what} has Re(Lambda) > -1e-4, which `clip_eigs` would change."
         raise StabilityError(msg)
     return a, b_bar * (a / (poles - 1))[..., None]
+
+
+def s4d_discrete(
+    log_dt: Array,
+    log_a_real: Array,
+    a_imag: Array,
+    c: Array,
+    *,
+    xp: Namespace | None = None,
+) -> tuple[Array, Array, Array]:
+    """The discrete SISO systems of an S4D layer, one per channel.
+
+    .. math::
+
+        a_{hn} = -e^{\\text{log\\_A\\_real}_{hn}} + i\\, \\text{A\\_imag}_{hn}, \\quad
+        \\Delta_h = e^{\\text{log\\_dt}_h}, \\quad
+        \\lambda_{hn} = e^{\\Delta_h a_{hn}}, \\quad
+        \\bar b_{hn} = \\frac{\\lambda_{hn} - 1}{a_{hn}} \\cdot 1, \\quad
+        c^{out}_{hn} = 2 C_{hn},
+
+    so channel ``h`` runs :math:`x_k = \\lambda_h \\odot x_{k-1} + \\bar b_h u_k` and
+    :math:`y_k = \\operatorname{Re}(c^{out}_h \\cdot x_k) = 2 \\operatorname{Re}(C_h \\cdot x_k)`
+    (plus the feedthrough). ``B = 1`` is not a parameter (state-spaces' minimal ``S4D``); its
+    role is played by ``C``.
+
+    Parameters
+    ----------
+    log_dt : array
+        ``(..., H)``, real.
+    log_a_real, a_imag : array
+        ``(..., H, M)``, real (``M = N/2`` stored modes).
+    c : array
+        ``(..., H, M)``, complex.
+    xp : namespace, optional
+        The array namespace (default: that of the arrays).
+
+    Returns
+    -------
+    poles : array
+        ``λ`` ``(..., H, M)``, complex of the inputs' precision.
+    b_bar : array
+        ``(λ - 1) / a`` ``(..., H, M)``.
+    c_out : array
+        ``2 C`` ``(..., H, M)``: the output matrix of the real-part output ``Re(c_out x)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from compressm_core.parameterizations import s4d_discrete
+    >>> poles, b_bar, c_out = s4d_discrete(
+    ...     np.zeros(1), np.log([[np.log(2.0)]]), np.zeros((1, 1)), np.ones((1, 1)) + 0j
+    ... )
+    >>> np.round(poles, 12), np.round(b_bar, 6), c_out
+    (array([[0.5+0.j]]), array([[0.721348+0.j]]), array([[2.+0.j]]))
+    """
+    xp = _xp.namespace(log_dt, log_a_real, a_imag, c, xp=xp)
+    a = _complex(-xp.exp(log_a_real), a_imag, xp)
+    step = xp.astype(xp.exp(log_dt), a.dtype)[..., None]
+    poles, b_bar = zoh(a, xp.ones_like(a)[..., None], step, xp=xp)
+    return poles, b_bar[..., 0], 2 * _to_complex(c, xp)
+
+
+def s4d_from_discrete(
+    poles: Array,
+    b_bar: Array,
+    c_out: Array,
+    log_dt: Array,
+    *,
+    what: str = "S4D layer",
+    xp: Namespace | None = None,
+) -> tuple[Array, Array, Array]:
+    """S4D parameters that realise discrete SISO systems, keeping each channel's step.
+
+    The inverse of :func:`s4d_discrete` for given steps :math:`\\Delta_h = e^{\\text{log\\_dt}_h}`
+    (any ``Δ > 0`` realises the same discrete system; the layer's own steps are kept):
+    :func:`inverse_zoh` gives :math:`a = \\log(\\lambda) / \\Delta_h` (principal branch, so
+    ``Im(a Δ)`` is in ``(-π, π]``) and the continuous input :math:`b = a \\bar b / (\\lambda - 1)`,
+    which the fixed ``B = 1`` cannot hold, so it moves into ``C``:
+
+    .. math::
+
+        \\text{log\\_A\\_real} = \\log(-\\operatorname{Re} a), \\quad
+        \\text{A\\_imag} = \\operatorname{Im} a, \\quad
+        C = \\tfrac12\\, c^{out} \\odot b,
+
+    the factor ``1/2`` undoing the layer's output ``2 Re(C x)``. ``Re a < 0`` follows from
+    ``|λ| < 1``. A real pole (``Im a = 0``) is kept as a mode of its own; with a real residue its
+    ``2 Re`` output is the real system's.
+
+    Parameters
+    ----------
+    poles, b_bar, c_out : array
+        ``(..., H, M)``, complex: poles, input entries and output entries of the real-part
+        output ``Re(c_out x)`` of ``H`` SISO systems with ``M`` states each.
+    log_dt : array
+        ``(..., H)``, real: the steps to keep.
+    what : str, optional
+        The name of the system in error messages.
+    xp : namespace, optional
+        The array namespace (default: that of the arrays).
+
+    Returns
+    -------
+    log_a_real, a_imag : array
+        ``(..., H, M)``, real, of the poles' precision.
+    c : array
+        ``(..., H, M)``, complex.
+
+    Raises
+    ------
+    StabilityError
+        A pole outside ``0 < |λ| < 1`` or non-finite (:func:`check_poles`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from compressm_core.parameterizations import s4d_discrete, s4d_from_discrete
+    >>> log_dt, log_a_real = np.log([0.1]), np.log([[0.5, 2.0]])
+    >>> a_imag, c = np.array([[3.0, -1.0]]), np.array([[1 + 2j, -0.5j]])
+    >>> back = s4d_from_discrete(*s4d_discrete(log_dt, log_a_real, a_imag, c), log_dt)
+    >>> [bool(np.allclose(x, y)) for x, y in zip(back, (log_a_real, a_imag, c))]
+    [True, True, True]
+    """
+    xp = _xp.namespace(poles, b_bar, c_out, log_dt, xp=xp)
+    poles = _to_complex(poles, xp)
+    step = xp.astype(xp.exp(log_dt), poles.dtype)[..., None]
+    a, b = inverse_zoh(poles, _to_complex(b_bar, xp)[..., None], step, what=what, xp=xp)
+    c = _to_complex(c_out, xp) * b[..., 0] / 2
+    return xp.log(-xp.real(a)), xp.imag(a), c
 
 
 def check_poles(poles: Array, what: str = "system", *, xp: Namespace | None = None) -> Array:

@@ -11,7 +11,7 @@ from ._typing import Array, Namespace
 from ._validation import check_int, check_tau
 from .errors import ShapeError
 
-__all__ = ["hankel_error_bound", "select_rank"]
+__all__ = ["hankel_error_bound", "select_rank", "shared_rank_hsv"]
 
 
 def select_rank(
@@ -134,3 +134,55 @@ def hankel_error_bound(hsv: Array, rank: int, *, xp: Namespace | None = None) ->
     if n == 0:
         return tail
     return tail + (_ROUNDOFF * n * eps) * xp.max(hsv, axis=-1)
+
+
+def shared_rank_hsv(hsv: Array, *, xp: Namespace | None = None) -> Array:
+    """The Hankel singular values of a batch of systems that is cut to one shared rank.
+
+    A layer made of independent systems (S4D: one SISO system per channel) has rectangular
+    parameters, so every member keeps the same number of states ``r``. Its profile is the
+    per-index maximum over the batch of each member's descending HSVs,
+
+    .. math::
+
+        p_i = \\max_b \\sigma_{b, i}, \\qquad i = 1, \\dots, n,
+
+    which is descending, equals ``hsv`` for a single system, and dominates every member's tail:
+    :math:`\\max_b 2 \\sum_{i > r} \\sigma_{b, i} \\le 2 \\sum_{i > r} p_i`. The layer's
+    transfer function is block diagonal, so its H-infinity error after truncating every member
+    to ``r`` states is the largest member's error, bounded by ``2 sum_{i > r} p_i``. Weyl-type
+    bounds carry over: if every :math:`\\sigma_{b, i}` moves by at most ``e``, so does
+    :math:`p_i`. Rank rules (:func:`select_rank`) and the controllers apply to ``p``.
+
+    Parameters
+    ----------
+    hsv : (..., n) array
+        HSVs of each member, descending along the last axis (as
+        :func:`~compressm_core.hankel_singular_values` returns them).
+    xp : array_namespace, optional
+        Namespace override.
+
+    Returns
+    -------
+    (n,) array
+        ``p``; ``hsv`` itself when it is 1-D.
+
+    Raises
+    ------
+    ShapeError
+        If ``hsv`` has no state axis.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from compressm_core.rank import shared_rank_hsv
+    >>> shared_rank_hsv(np.array([[3.0, 1.0, 0.5], [2.0, 1.5, 0.1]]))
+    array([3. , 1.5, 0.5])
+    """
+    xp = _xp.namespace(hsv, xp=xp)
+    if hsv.ndim < 1:
+        msg = f"`hsv` must have shape (..., n); received shape {tuple(hsv.shape)}."
+        raise ShapeError(msg)
+    if hsv.ndim == 1:
+        return hsv
+    return xp.max(xp.reshape(hsv, (-1, hsv.shape[-1])), axis=0)

@@ -1,6 +1,6 @@
 """compressm_jax: JAX / Flax NNX layers that shrink their state while they train.
 
-Layers (:class:`LRU`, :class:`S5`) and reference models (:class:`SSMBlock`,
+Layers (:class:`LRU`, :class:`S5`, :class:`S4D`) and reference models (:class:`SSMBlock`,
 :class:`SequenceModel`), Flax NNX modules with the parameter names, shapes, initialisation and
 maths of their :mod:`compressm_torch` twins (the layers evaluated by
 :func:`jax.lax.associative_scan`); adapters that read a layer as a diagonal system and write a
@@ -39,10 +39,12 @@ from .optim import ParamChange, resize_optimizer_state
 from .pytrees import lru_to_state_space, reduce_lru_params
 from .reduction import LayerReduction, reduce_layer
 from .rewarmup import RewarmupState, mark_cut, scale_by_rewarmup
+from .s4d import S4D
 from .s5 import S5, hippo_n_eigenpairs
 
 __all__ = [
     "LRU",
+    "S4D",
     "S5",
     "CompreSSM",
     "LayerAdapter",

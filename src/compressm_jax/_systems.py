@@ -1,4 +1,4 @@
-"""Parameters <-> discrete systems of the LRU and S5 layers, for JAX and for host NumPy.
+"""Parameters <-> discrete systems of the LRU, S5 and S4D layers, for JAX and host NumPy.
 
 The maps themselves are :mod:`compressm_core.parameterizations`; here they are applied to the
 layers' parameter layout. The forward maps run in both namespaces: the layers evaluate them in
@@ -19,19 +19,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressm_core import DiagonalStateSpace
-from compressm_core.parameterizations import inverse_zoh, lru_from_poles, lru_to_poles, zoh
+from compressm_core.parameterizations import (
+    inverse_zoh,
+    lru_from_poles,
+    lru_to_poles,
+    s4d_discrete,
+    s4d_from_discrete,
+    zoh,
+)
 
 from ._precision import complex_of, highest_dtype
 
 __all__ = [
     "LRU_NAMES",
     "LRU_STATE_AXES",
+    "S4D_NAMES",
+    "S4D_STATE_AXES",
     "S5_STATE_AXES",
     "device_system",
     "evaluate",
     "host_system",
     "lru_discrete",
     "lru_from_state_space",
+    "s4d_from_state_space",
+    "s4d_zoh",
     "s5_continuous",
     "s5_discrete",
     "s5_from_state_space",
@@ -50,6 +61,9 @@ LRU_STATE_AXES = {
     "C_im": 1,
 }
 S5_STATE_AXES = {"Lambda_re": 0, "Lambda_im": 0, "B": 0, "C": 1, "log_step": 0}
+# The S4D parameters in the argument order of s4d_zoh; those with a state (mode) axis.
+S4D_NAMES = ("log_dt", "log_A_real", "A_imag", "C")
+S4D_STATE_AXES = {"log_A_real": 1, "A_imag": 1, "C": 1}
 
 
 def _complex(re: Any, im: Any, xp: ModuleType) -> Any:
@@ -120,6 +134,14 @@ def s5_zoh(
         lambda_re, lambda_im, b, c, log_step, clip_eigs=clip_eigs, xp=xp
     )
     return s5_discrete(lam, b_t, c_t, step, output_scale=output_scale, xp=xp)
+
+
+def s4d_zoh(
+    log_dt: Any, log_a_real: Any, a_imag: Any, c: Any, *, xp: ModuleType
+) -> tuple[Any, Any, Any]:
+    """Poles, inputs ``(mu - 1) / a`` and outputs ``2 C`` of the S4D layer's ``H`` SISO systems,
+    each (H, N/2) complex (:func:`~compressm_core.parameterizations.s4d_discrete`)."""
+    return s4d_discrete(log_dt, log_a_real, a_imag, _complex(c[..., 0], c[..., 1], xp))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -211,4 +233,26 @@ def s5_from_state_space(
         "B": np.stack([b.real, b.imag], axis=-1),
         "C": np.stack([c.real, c.imag], axis=-1),
         "log_step": np.full(poles.shape[0], mean_log_step),
+    }
+
+
+def s4d_from_state_space(sys: DiagonalStateSpace, *, log_dt: np.ndarray) -> dict[str, np.ndarray]:
+    """S4D parameters (float64, host) that realise the batch of ``H`` SISO systems ``sys``
+    (poles (H, r), ``b`` (H, r, 1), ``c`` (H, 1, r) of the output ``Re(c x)``), keeping each
+    channel's ``log_dt`` (:func:`~compressm_core.parameterizations.s4d_from_discrete`: the
+    fixed ``B = 1`` is absorbed into ``C``).
+
+    Raises
+    ------
+    StabilityError
+        A pole outside ``0 < |mu| < 1``.
+    """
+    poles, b_bar, c_out = _host(sys)
+    log_a_real, a_imag, c = s4d_from_discrete(
+        poles, b_bar[..., 0], c_out[..., 0, :], np.asarray(log_dt, dtype=np.float64)
+    )
+    return {
+        "log_A_real": log_a_real,
+        "A_imag": a_imag,
+        "C": np.stack([c.real, c.imag], axis=-1),
     }

@@ -13,15 +13,20 @@ from compressm_core import DiagonalStateSpace
 
 from ._systems import (
     LRU_STATE_AXES,
+    S4D_NAMES,
+    S4D_STATE_AXES,
     S5_STATE_AXES,
     device_system,
     host_system,
     lru_discrete,
     lru_from_state_space,
+    s4d_from_state_space,
+    s4d_zoh,
     s5_from_state_space,
     s5_zoh,
 )
 from .lru import LRU
+from .s4d import S4D
 from .s5 import S5
 
 __all__ = [
@@ -44,7 +49,10 @@ class LayerAdapter:
         ``layer -> DiagonalStateSpace``: the standard realization :math:`(\\lambda, B, C, D)` of
         the layer, whose output is ``Re(C x) + D u`` if ``real_output`` else ``C x + D u``.
         Any arrays convertible by :func:`numpy.asarray` (host NumPy float64/complex128 is best:
-        the reduction runs on the host in float64 whatever ``jax_enable_x64`` says).
+        the reduction runs on the host in float64 whatever ``jax_enable_x64`` says). A layer
+        made of independent systems (:class:`S4D`: one SISO system per channel) returns them
+        as a batch (leading axes); all members are reduced to one shared rank, chosen from
+        :func:`compressm_core.rank.shared_rank_hsv`.
     from_state_space : callable
         ``(layer, DiagonalStateSpace) -> {parameter name: array}``: the parameter values that
         realise a (reduced) system, given as NumPy complex128 arrays, in the layer's
@@ -238,5 +246,32 @@ register_adapter(
         to_state_space=_s5_to_state_space,
         from_state_space=_s5_from_state_space,
         state_axes=S5_STATE_AXES,
+    ),
+)
+
+# --- S4D -------------------------------------------------------------------------------------
+
+
+def _s4d_to_state_space(layer: nnx.Module) -> DiagonalStateSpace:
+    """``H`` SISO systems: poles (H, N/2), ``b`` (H, N/2, 1), ``c = 2 C`` (H, 1, N/2) of the
+    output ``Re(c x)``, ``d`` (H, 1, 1)."""
+    assert isinstance(layer, S4D)
+    poles, b_bar, c_out = s4d_zoh(*_host(layer, *S4D_NAMES), xp=np)
+    (d,) = _host(layer, "D")
+    return DiagonalStateSpace(poles, b_bar[..., None], c_out[..., None, :], d[:, None, None])
+
+
+def _s4d_from_state_space(layer: nnx.Module, sys: DiagonalStateSpace) -> dict[str, np.ndarray]:
+    assert isinstance(layer, S4D)
+    (log_dt,) = _host(layer, "log_dt")
+    return s4d_from_state_space(sys, log_dt=log_dt)
+
+
+register_adapter(
+    S4D,
+    LayerAdapter(
+        to_state_space=_s4d_to_state_space,
+        from_state_space=_s4d_from_state_space,
+        state_axes=S4D_STATE_AXES,
     ),
 )

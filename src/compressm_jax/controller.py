@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from compressm_core import DiagonalStateSpace, hankel_singular_values
+from compressm_core.rank import shared_rank_hsv
 from compressm_core.schedule import ReductionWarning, _check_int
 from compressm_core.training import ControllerBase, Mode, ReductionOptions, Schedule
 
@@ -209,7 +210,7 @@ class CompreSSM(ControllerBase[nnx.Module]):
     def _observe(self, name: str, layer: nnx.Module) -> tuple[Any, Any, Any] | None:
         sys = get_adapter(layer).to_state_space(layer)
         hsv = hankel_singular_values(sys, horizon=self.horizon, real_output=self.real_output)
-        return hsv, sys, None
+        return shared_rank_hsv(hsv), sys, None
 
     def _bound_options(self) -> dict[str, Any]:
         return {"real_output": self.real_output, "horizon": self.horizon}
@@ -252,7 +253,9 @@ class CompreSSM(ControllerBase[nnx.Module]):
 
     def _measure(self, name: str, layer: nnx.Module) -> tuple[list[float], int, int, Any]:
         sys = host_system(get_adapter(layer).to_state_space(layer))  # float64 on the host
-        hsv = hankel_singular_values(sys, horizon=self.horizon, real_output=self.real_output)
+        hsv = shared_rank_hsv(
+            hankel_singular_values(sys, horizon=self.horizon, real_output=self.real_output)
+        )
         return [float(h) for h in hsv], self._target_rank(hsv), int(hsv.shape[-1]), sys
 
     def _plan(

@@ -11,11 +11,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .lru import LRU
+from .s4d import S4D
 from .s5 import S5
 
 __all__ = ["SSMBlock", "SequenceModel"]
 
-_LAYERS: dict[str, Callable[..., nnx.Module]] = {"lru": LRU, "s5": S5}
+_LAYERS: dict[str, Callable[..., nnx.Module]] = {"lru": LRU, "s5": S5, "s4d": S4D}
 
 
 def _linear(d_in: int, d_out: int, param_dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
@@ -118,11 +119,13 @@ class SequenceModel(nnx.Module):
         Width.
     d_state : int or sequence of int, optional
         State size of every SSM layer, or one per layer (e.g. the sizes a reduced model
-        reached, to train a small model from scratch).
+        reached, :func:`state_sizes`, to train a small model from scratch), counted as the
+        library counts it: complex states for the LRU and S5, stored complex modes per channel
+        for S4D (each layer is built as ``S4D(d_model, 2 * size)``).
     n_layers : int, optional
         Number of blocks.
-    layer : {"lru", "s5"}, optional
-        SSM layer type (:class:`LRU` or :class:`S5`).
+    layer : {"lru", "s5", "s4d"}, optional
+        SSM layer type (:class:`LRU`, :class:`S5` or :class:`S4D`).
     pool : {"mean", None}, optional
         ``"mean"``: one output per sequence (classification); ``None``: one per step.
     dropout : float, optional
@@ -154,7 +157,7 @@ class SequenceModel(nnx.Module):
         d_model: int = 64,
         d_state: int | Sequence[int] = 64,
         n_layers: int = 1,
-        layer: Literal["lru", "s5"] = "lru",
+        layer: Literal["lru", "s5", "s4d"] = "lru",
         pool: Literal["mean"] | None = "mean",
         dropout: float = 0.0,
         norm: Literal["layer", "batch"] = "layer",
@@ -178,7 +181,11 @@ class SequenceModel(nnx.Module):
             [
                 SSMBlock(
                     _LAYERS[layer](
-                        d_model, size, param_dtype=param_dtype, rngs=rngs, **layer_kwargs
+                        d_model,
+                        2 * size if layer == "s4d" else size,
+                        param_dtype=param_dtype,
+                        rngs=rngs,
+                        **layer_kwargs,
                     ),
                     d_model,
                     dropout=dropout,

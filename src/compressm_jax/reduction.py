@@ -23,6 +23,7 @@ from compressm_core import (
     rediagonalize,
     select_rank,
 )
+from compressm_core.rank import shared_rank_hsv
 from compressm_core.training import SELECTIONS, Selection
 
 from ._systems import host_system
@@ -40,12 +41,16 @@ class LayerReduction:
     old_rank, new_rank : int
         State sizes before and after.
     hsv : (n,) ndarray
-        Hankel singular values before the reduction (float64, host), descending.
+        Hankel singular values before the reduction (float64, host), descending; for a layer
+        made of a batch of systems (:class:`S4D`) their per-index maximum
+        (:func:`compressm_core.rank.shared_rank_hsv`).
     error_bound : float
         Bound on the H-infinity norm of the change of the layer's transfer function:
         :math:`2 \\sum_{\\text{discarded}} \\sigma_i` for balanced truncation, the modal bound
         :math:`\\sum_{\\text{discarded}} \\|c_i\\| \\|b_i\\| / (1 - |\\lambda_i|)` for
-        ``selection="random"``. Only an indicator with ``horizon`` set.
+        ``selection="random"``; for a batch of systems (:class:`S4D`) the largest member's bound,
+        which bounds the layer's block-diagonal transfer function. Only an indicator with
+        ``horizon`` set.
     hinf_error : float or None
         Measured H-infinity norm of the change of the layer's (real) output map, if asked.
     selection : str
@@ -97,8 +102,11 @@ def _check_rank(rank: object, total: int) -> int:
 
 
 def _modal_bound(sys: DiagonalStateSpace, dropped: np.ndarray) -> float:
-    gain = np.linalg.norm(sys.b[dropped], axis=-1) * np.linalg.norm(sys.c[:, dropped], axis=0)
-    return float(np.sum(gain / (1 - np.abs(sys.poles[dropped]))))
+    """The modal bound of the dropped states, the largest over a batch of systems."""
+    gain = np.linalg.norm(sys.b[..., dropped, :], axis=-1) * np.linalg.norm(
+        sys.c[..., :, dropped], axis=-2
+    )
+    return float(np.max(np.sum(gain / (1 - np.abs(sys.poles[..., dropped])), axis=-1)))
 
 
 def _balanced(
@@ -116,13 +124,13 @@ def _balanced(
         bt = balanced_truncation(
             sys, rank, method=method, horizon=horizon, real_output=real_output
         )
-        reduced, bound = bt.system, float(bt.error_bound)
+        reduced, bound = bt.system, float(np.max(bt.error_bound))
     else:
         br = balanced_realization(sys, horizon=horizon, real_output=real_output)
         a, b, c, d = br.system
         keep = slice(a.shape[-1] - rank, None)
-        reduced = StateSpace(a[keep, keep], b[keep], c[:, keep], d)
-        bound = float(2 * hsv[: a.shape[-1] - rank].sum())
+        reduced = StateSpace(a[..., keep, keep], b[..., keep, :], c[..., :, keep], d)
+        bound = float(np.max(2 * np.sum(br.hsv[..., : a.shape[-1] - rank], axis=-1)))
     diag = rediagonalize(reduced, real_output=real_output, max_condition=max_condition)
     return diag, bound
 
@@ -153,7 +161,9 @@ def _plan_reduction(
     sliced: Callable[[np.ndarray], dict[str, np.ndarray]],
 ) -> _Plan:
     """The reduced values of a host system: HSVs, rank, then selection or balancing."""
-    hsv = np.asarray(hankel_singular_values(sys, horizon=horizon, real_output=real_output))
+    hsv = np.asarray(
+        shared_rank_hsv(hankel_singular_values(sys, horizon=horizon, real_output=real_output))
+    )
     if tau is not None:
         rank = select_rank(hsv, tau=tau, energy=energy)
     rank = _check_rank(rank, int(hsv.shape[-1]))
@@ -246,7 +256,10 @@ def reduce_layer(
     Parameters
     ----------
     layer : flax.nnx.Module
-        A layer with a registered adapter (:class:`LRU`, :class:`S5`, or your own).
+        A layer with a registered adapter (:class:`LRU`, :class:`S5`, :class:`S4D`, or your
+        own). A layer made of a batch of systems (:class:`S4D`: one per channel) is reduced
+        to one ``rank`` shared by all of them, chosen with ``tau`` from the per-index maximum
+        of their HSVs (:func:`compressm_core.rank.shared_rank_hsv`).
     rank : int, optional
         States to keep, in ``[1, n]`` (real states in ``[1, 2n]`` with ``real_output``). Give
         either ``rank`` or ``tau``.
@@ -338,7 +351,7 @@ def _apply(
         hinf = None
         if compute_error:
             after = host_system(adapter.to_state_space(layer))
-            hinf = float(h_infinity_norm(sys, after, real_output=adapter.real_output))
+            hinf = float(np.max(h_infinity_norm(sys, after, real_output=adapter.real_output)))
     except BaseException:
         for name, value in saved.items():
             getattr(layer, name).set_value(value)

@@ -1,7 +1,7 @@
 """compressm_torch: PyTorch SSM layers that shrink their state while they train.
 
-Layers (:class:`LRU`, :class:`S5`, the selective :class:`Mamba`), adapters that read a layer
-as a diagonal system and write a reduced one back (:func:`to_state_space`,
+Layers (:class:`LRU`, :class:`S5`, :class:`S4D`, the selective :class:`Mamba`), adapters that
+read a layer as a diagonal system and write a reduced one back (:func:`to_state_space`,
 :func:`reduce_layer`, :func:`register_adapter`), selective layers reduced by index selection
 from statistics recorded in training (:class:`SelectiveRecorder`,
 :func:`reduce_selective_layer`), the
@@ -26,11 +26,13 @@ from .mamba import Mamba
 from .models import SequenceModel, SSMBlock
 from .optim import resize_optimizer_state, update_optimizer_state
 from .reduction import LayerReduction, reduce_layer
+from .s4d import S4D
 from .s5 import S5, hippo_n_eigenpairs
 from .selective import SelectiveRecorder, reduce_selective_layer, selective_importance
 
 __all__ = [
     "LRU",
+    "S4D",
     "S5",
     "CompreSSM",
     "LayerAdapter",

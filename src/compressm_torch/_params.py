@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+import functools
 
-__all__ = ["assign"]
+import torch
+from torch import nn
+
+__all__ = ["assign", "resolve"]
 
 
 @torch.no_grad()
@@ -24,3 +27,13 @@ def assign(param: torch.Tensor, value: torch.Tensor) -> None:
         param.data = value.new_empty(0, dtype=other)
     param.data = value
     param.grad = None
+
+
+def resolve(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor (parameter or buffer) at the dotted attribute path ``name`` of ``module``
+    (``"kernel.log_A_real"``)."""
+    value = functools.reduce(getattr, name.split("."), module)
+    if not isinstance(value, torch.Tensor):
+        msg = f"`{name}` of {type(module).__name__} must be a tensor; received {type(value)}."
+        raise TypeError(msg)
+    return value

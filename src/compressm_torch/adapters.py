@@ -9,10 +9,16 @@ import torch
 from torch import nn
 
 from compressm_core import DiagonalStateSpace
-from compressm_core.parameterizations import inverse_zoh, lru_from_poles
+from compressm_core.parameterizations import (
+    inverse_zoh,
+    lru_from_poles,
+    s4d_discrete,
+    s4d_from_discrete,
+)
 
-from ._params import assign
+from ._params import assign, resolve
 from .lru import LRU
+from .s4d import S4D
 from .s5 import S5
 
 __all__ = [
@@ -38,7 +44,10 @@ class LayerAdapter:
     to_state_space : callable
         ``layer -> DiagonalStateSpace`` in float64/complex128 on the layer's device: the
         standard realization :math:`(\\lambda, B, C, D)` of the layer, whose output is
-        ``Re(C x) + D u`` if ``real_output`` else ``C x + D u``.
+        ``Re(C x) + D u`` if ``real_output`` else ``C x + D u``. A layer made of independent
+        systems (:class:`S4D`: one SISO system per channel) returns them as a batch (leading
+        axes); all members are reduced to one shared rank, chosen from
+        :func:`compressm_core.rank.shared_rank_hsv`.
     from_state_space : callable
         ``(layer, DiagonalStateSpace) -> {parameter name: tensor}``: the parameter values that
         realise a (reduced) system in the layer's parameterisation. Pure: the caller writes
@@ -47,7 +56,8 @@ class LayerAdapter:
     state_axes : mapping
         ``{parameter name: axis}`` for every parameter with one entry per state along ``axis``;
         used to slice states by index, to resize layers from checkpoints and to find the
-        optimizer state a reduction touches.
+        optimizer state a reduction touches. Names may be dotted paths into submodules
+        (``"kernel.C"``) and may name buffers.
     real_output : bool
         Whether the layer's output is the real part of the system's output.
     on_resize : callable, optional
@@ -63,7 +73,7 @@ class LayerAdapter:
     def state_size(self, layer: nn.Module) -> int:
         """Number of states of ``layer``."""
         name, axis = next(iter(self.state_axes.items()))
-        return int(getattr(layer, name).shape[axis])
+        return int(resolve(layer, name).shape[axis])
 
     def incoming_size(
         self, layer: nn.Module, state_dict: Mapping[str, object], prefix: str = ""
@@ -78,7 +88,7 @@ class LayerAdapter:
     def resize(self, layer: nn.Module, size: int) -> None:
         """Give ``layer`` ``size`` states (uninitialised values, Parameter objects kept)."""
         for pname, axis in self.state_axes.items():
-            param = getattr(layer, pname)
+            param = resolve(layer, pname)
             shape = list(param.shape)
             shape[axis] = size
             assign(param, param.new_zeros(shape))
@@ -358,3 +368,72 @@ register_adapter(
         state_axes={"Lambda_re": 0, "Lambda_im": 0, "B": 0, "C": 1, "log_step": 0},
     ),
 )
+
+# --- S4D -------------------------------------------------------------------------------------
+
+# state-spaces' minimal S4D (``models/s4/s4d.py``), matched by name: its kernel's tensors are
+# ``kernel.log_dt`` (H,), ``kernel.log_A_real``, ``kernel.A_imag`` (H, N/2), ``kernel.C``
+# (H, N/2, 2) (parameters, or buffers when registered with ``lr=0``), and ``D`` (H,).
+_S4D_STATE_SPACES = "models.s4.s4d.S4D"
+
+
+def _s4d_to_state_space(prefix: str) -> Callable[[nn.Module], DiagonalStateSpace]:
+    def read(layer: nn.Module) -> DiagonalStateSpace:
+        with torch.no_grad():
+            log_dt, log_a_real, a_imag, c = (
+                resolve(layer, prefix + name).detach().to(torch.float64)
+                for name in ("log_dt", "log_A_real", "A_imag", "C")
+            )
+            poles, b_bar, c_out = s4d_discrete(
+                log_dt, log_a_real, a_imag, torch.complex(c[..., 0], c[..., 1])
+            )
+            d = resolve(layer, "D").detach().to(torch.float64)
+        return DiagonalStateSpace(poles, b_bar[..., None], c_out[..., None, :], d[:, None, None])
+
+    return read
+
+
+def _s4d_from_state_space(
+    prefix: str,
+) -> Callable[[nn.Module, DiagonalStateSpace], dict[str, torch.Tensor]]:
+    def write(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str, torch.Tensor]:
+        poles, b_bar, c_out = (torch.as_tensor(x).to(torch.complex128) for x in sys[:3])
+        log_dt = resolve(layer, prefix + "log_dt").detach().to(torch.float64)
+        # Each channel keeps its step; the reduced poles fix A = log(mu) / dt.
+        log_a_real, a_imag, c = s4d_from_discrete(
+            poles, b_bar[..., 0], c_out[..., 0, :], log_dt, what="S4D layer"
+        )
+        return {
+            prefix + "log_A_real": log_a_real,
+            prefix + "A_imag": a_imag,
+            prefix + "C": torch.stack([c.real, c.imag], dim=-1),
+        }
+
+    return write
+
+
+def _s4d_adapter(prefix: str, on_resize: Callable[[nn.Module], None] | None) -> LayerAdapter:
+    """The adapter of an S4D layer whose kernel tensors are ``prefix + name``.
+
+    The layer is read as ``H`` SISO systems (a batch): poles, inputs and outputs (H, N/2),
+    ``b`` (H, N/2, 1), ``c`` (H, 1, N/2) with ``c = 2 C`` for the output ``Re(c x)``, ``d``
+    (H, 1, 1). A reduction gives every channel the same number of modes; each channel keeps
+    its ``log_dt`` and the reduced poles and residues are written back through
+    :func:`compressm_core.parameterizations.s4d_from_discrete` (the fixed ``B = 1`` is absorbed
+    into ``C``).
+    """
+    return LayerAdapter(
+        to_state_space=_s4d_to_state_space(prefix),
+        from_state_space=_s4d_from_state_space(prefix),
+        state_axes={prefix + "log_A_real": 1, prefix + "A_imag": 1, prefix + "C": 1},
+        on_resize=on_resize,
+    )
+
+
+def _state_spaces_s4d_resized(layer: nn.Module) -> None:
+    """state-spaces' S4D keeps its real state size in ``n``."""
+    setattr(layer, "n", 2 * int(resolve(layer, "kernel.log_A_real").shape[-1]))  # noqa: B010
+
+
+register_adapter(S4D, _s4d_adapter("", None))
+register_adapter(_S4D_STATE_SPACES, _s4d_adapter("kernel.", _state_spaces_s4d_resized))

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from compressm_core import hankel_singular_values, select_state_indices
+from compressm_core.rank import shared_rank_hsv
 from compressm_core.schedule import (
     ReductionEvent,
     ReductionWarning,
@@ -498,7 +499,7 @@ class CompreSSM(ControllerBase[nn.Module]):
         hsv = hankel_singular_values(
             sys, horizon=self._resolved_horizon(), real_output=self.real_output
         )
-        return hsv.detach().cpu(), sys, None
+        return shared_rank_hsv(hsv).detach().cpu(), sys, None
 
     def _after_checks(self) -> None:
         if self._recorder is not None:
@@ -560,7 +561,9 @@ class CompreSSM(ControllerBase[nn.Module]):
             return scores, rank, old, stats
         horizon = self._resolved_horizon()
         sys = adapter.to_state_space(layer)
-        hsv = hankel_singular_values(sys, horizon=horizon, real_output=self.real_output)
+        hsv = shared_rank_hsv(
+            hankel_singular_values(sys, horizon=horizon, real_output=self.real_output)
+        )
         rank = self._target_rank(hsv)
         return hsv.detach().cpu().tolist(), rank, int(hsv.shape[-1]), (sys, hsv, horizon)
 
@@ -643,6 +646,8 @@ class CompreSSM(ControllerBase[nn.Module]):
             return
         if report.slices:
             for pname, (axis, pos) in report.slices.items():
+                if pname not in shapes:  # a buffer (no optimizer state)
+                    continue
                 resize_optimizer_state(
                     self.optimizer,
                     layer.get_parameter(pname),
@@ -654,9 +659,11 @@ class CompreSSM(ControllerBase[nn.Module]):
             return
         assert isinstance(adapter, LayerAdapter)
         for pname, axis in adapter.state_axes.items():
+            if pname not in shapes:  # a buffer (no optimizer state)
+                continue
             resize_optimizer_state(
                 self.optimizer,
-                getattr(layer, pname),
+                layer.get_parameter(pname),
                 shapes[pname],
                 axis=axis,
                 indices=None,

@@ -11,11 +11,12 @@ from torch.nn import functional as F
 
 from .lru import LRU
 from .mamba import Mamba
+from .s4d import S4D
 from .s5 import S5
 
 __all__ = ["SSMBlock", "SequenceModel"]
 
-_LAYERS: dict[str, type[nn.Module]] = {"lru": LRU, "s5": S5, "mamba": Mamba}
+_LAYERS: dict[str, type[nn.Module]] = {"lru": LRU, "s5": S5, "s4d": S4D, "mamba": Mamba}
 
 
 class SSMBlock(nn.Module):
@@ -75,11 +76,14 @@ class SequenceModel(nn.Module):
         Width.
     d_state : int or sequence of int, optional
         State size of every SSM layer, or one per layer (e.g. the sizes a reduced model
-        reached, to train a small model from scratch).
+        reached, :func:`state_sizes`, to train a small model from scratch), counted as the
+        library counts it: complex states for the LRU and S5, stored complex modes per channel
+        for S4D (each layer is built as ``S4D(d_model, 2 * size)``).
     n_layers : int, optional
         Number of blocks.
-    layer : {"lru", "s5", "mamba"}, optional
-        SSM layer type (:class:`LRU`, :class:`S5` or the selective :class:`Mamba`).
+    layer : {"lru", "s5", "s4d", "mamba"}, optional
+        SSM layer type (:class:`LRU`, :class:`S5`, :class:`S4D` or the selective
+        :class:`Mamba`).
     pool : {"mean", None}, optional
         ``"mean"``: one output per sequence (classification); ``None``: one per step.
     dropout : float, optional
@@ -106,7 +110,7 @@ class SequenceModel(nn.Module):
         d_model: int = 64,
         d_state: int | Sequence[int] = 64,
         n_layers: int = 1,
-        layer: Literal["lru", "s5", "mamba"] = "lru",
+        layer: Literal["lru", "s5", "s4d", "mamba"] = "lru",
         pool: Literal["mean"] | None = "mean",
         dropout: float = 0.0,
         norm: Literal["layer", "batch"] = "layer",
@@ -127,7 +131,7 @@ class SequenceModel(nn.Module):
         self.encoder = nn.Linear(d_input, d_model)
         self.blocks = nn.ModuleList(
             SSMBlock(
-                _LAYERS[layer](d_model, size, **layer_kwargs),
+                _LAYERS[layer](d_model, 2 * size if layer == "s4d" else size, **layer_kwargs),
                 d_model,
                 dropout=dropout,
                 norm=norm,

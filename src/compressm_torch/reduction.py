@@ -20,9 +20,10 @@ from compressm_core import (
     rediagonalize,
     select_rank,
 )
+from compressm_core.rank import shared_rank_hsv
 from compressm_core.training import SELECTIONS, Selection
 
-from ._params import assign
+from ._params import assign, resolve
 from .adapters import LayerAdapter, get_adapter
 
 __all__ = ["LayerReduction", "Selection", "reduce_layer"]
@@ -37,14 +38,17 @@ class LayerReduction:
     old_rank, new_rank : int
         State sizes before and after.
     hsv : (n,) tensor
-        Hankel singular values before the reduction (float64, CPU), descending; for a selective
-        layer (:func:`reduce_selective_layer`) its state-importance scores, descending.
+        Hankel singular values before the reduction (float64, CPU), descending; for a layer
+        made of a batch of systems (:class:`S4D`) their per-index maximum
+        (:func:`compressm_core.rank.shared_rank_hsv`); for a selective layer
+        (:func:`reduce_selective_layer`) its state-importance scores, descending.
     error_bound : float or None
         Bound on the H-infinity norm of the change of the layer's transfer function:
         :math:`2 \\sum_{\\text{discarded}} \\sigma_i` for balanced truncation, the modal bound
         :math:`\\sum_{\\text{discarded}} \\|c_i\\| \\|b_i\\| / (1 - |\\lambda_i|)` for
-        ``selection="random"``. Only an indicator with ``horizon`` set. ``None`` for selective
-        layers (no bound exists).
+        ``selection="random"``; for a batch of systems (:class:`S4D`) the largest member's bound,
+        which bounds the layer's block-diagonal transfer function. Only an indicator with
+        ``horizon`` set. ``None`` for selective layers (no bound exists).
     hinf_error : float or None
         Measured H-infinity norm of the change of the layer's (real) output map, if asked.
     selection : str
@@ -80,10 +84,11 @@ def _check_rank(rank: object, total: int) -> int:
 
 
 def _modal_bound(sys: DiagonalStateSpace, dropped: torch.Tensor) -> float:
-    gain = torch.linalg.vector_norm(sys.b[dropped], dim=-1) * torch.linalg.vector_norm(
-        sys.c[:, dropped], dim=0
+    """The modal bound of the dropped states, the largest over a batch of systems."""
+    gain = torch.linalg.vector_norm(sys.b[..., dropped, :], dim=-1) * torch.linalg.vector_norm(
+        sys.c[..., :, dropped], dim=-2
     )
-    return float(torch.sum(gain / (1 - sys.poles[dropped].abs())))
+    return float(torch.max(torch.sum(gain / (1 - sys.poles[..., dropped].abs()), dim=-1)))
 
 
 def _balanced(
@@ -101,13 +106,13 @@ def _balanced(
         bt = balanced_truncation(
             sys, rank, method=method, horizon=horizon, real_output=real_output
         )
-        reduced, bound = bt.system, float(bt.error_bound)
+        reduced, bound = bt.system, float(torch.max(bt.error_bound))
     else:
         br = balanced_realization(sys, horizon=horizon, real_output=real_output)
         a, b, c, d = br.system
         keep = slice(a.shape[-1] - rank, None)
-        reduced = StateSpace(a[keep, keep], b[keep], c[:, keep], d)
-        bound = float(2 * hsv[: a.shape[-1] - rank].sum())
+        reduced = StateSpace(a[..., keep, keep], b[..., keep, :], c[..., :, keep], d)
+        bound = float(torch.max(2 * br.hsv[..., : a.shape[-1] - rank].sum(dim=-1)))
     diag = rediagonalize(reduced, real_output=real_output, max_condition=max_condition)
     return diag, bound
 
@@ -149,7 +154,10 @@ def reduce_layer(
     Parameters
     ----------
     layer : torch.nn.Module
-        A layer with a registered adapter (:class:`LRU`, :class:`S5`, or your own).
+        A layer with a registered adapter (:class:`LRU`, :class:`S5`, :class:`S4D`, or your
+        own). A layer made of a batch of systems (:class:`S4D`: one per channel) is reduced
+        to one ``rank`` shared by all of them, chosen with ``tau`` from the per-index maximum
+        of their HSVs (:func:`compressm_core.rank.shared_rank_hsv`).
     rank : int, optional
         States to keep, in ``[1, n]`` (real states in ``[1, 2n]`` with ``real_output``). Give
         either ``rank`` or ``tau``.
@@ -219,7 +227,7 @@ def reduce_layer(
         )
         raise TypeError(msg)
     sys = adapter.to_state_space(layer)
-    hsv = hankel_singular_values(sys, horizon=horizon, real_output=real_output)
+    hsv = shared_rank_hsv(hankel_singular_values(sys, horizon=horizon, real_output=real_output))
     if tau is not None:
         rank = select_rank(hsv, tau=tau, energy=energy)
     plan = _plan(
@@ -294,7 +302,7 @@ def _apply(
     """Write ``plan`` into ``layer``, then measure the error if asked; if anything after the
     checks raises (the error check included), ``layer`` is restored before it propagates."""
     saved = {
-        name: (getattr(layer, name).detach(), getattr(layer, name).grad) for name in plan.values
+        name: (resolve(layer, name).detach(), resolve(layer, name).grad) for name in plan.values
     }
     _write(layer, plan.values)
     try:
@@ -303,11 +311,11 @@ def _apply(
         hinf = None
         if compute_error:
             after = adapter.to_state_space(layer)
-            hinf = float(h_infinity_norm(sys, after, real_output=adapter.real_output))
+            hinf = float(torch.max(h_infinity_norm(sys, after, real_output=adapter.real_output)))
     except BaseException:
         with torch.no_grad():
             for name, (value, grad) in saved.items():
-                param = getattr(layer, name)
+                param = resolve(layer, name)
                 assign(param, value)
                 param.grad = grad
         if adapter.on_resize is not None:
@@ -333,7 +341,7 @@ def _sliced(
     layer: nn.Module, adapter: LayerAdapter, indices: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     return {
-        name: getattr(layer, name).detach().index_select(axis, indices)
+        name: resolve(layer, name).detach().index_select(axis, indices)
         for name, axis in adapter.state_axes.items()
     }
 
@@ -343,11 +351,11 @@ def _write(layer: nn.Module, values: dict[str, torch.Tensor]) -> None:
     """Check every new value, then assign all of them (all or nothing)."""
     staged = {}
     for name, value in values.items():
-        param = getattr(layer, name)
+        param = resolve(layer, name)
         new = value.detach().to(device=param.device, dtype=param.dtype)
         if not bool(torch.all(torch.isfinite(new))):
             msg = f"The reduced value of `{name}` is not finite; the layer is left unchanged."
             raise StabilityError(msg)
         staged[name] = new.contiguous()
     for name, new in staged.items():
-        assign(getattr(layer, name), new)
+        assign(resolve(layer, name), new)

@@ -19,6 +19,8 @@ from compressm_core import (
     rediagonalize,
     select_rank,
 )
+from compressm_core.errors import ShapeError
+from compressm_core.rank import shared_rank_hsv
 from tests._helpers import Spec, assert_rel, backend_settings, build, markov, specs, to_np, to_xp
 
 hsv_lists = st.lists(st.floats(0, 1e3), min_size=1, max_size=40).map(
@@ -53,6 +55,26 @@ def test_select_rank_monotone_in_tau(xp) -> None:
     ranks = [select_rank(hsv, tau=t) for t in (0.0, 0.01, 0.05, 0.1, 0.5, 0.9)]
     assert ranks == sorted(ranks, reverse=True)
     assert ranks[0] == 30
+
+
+def test_shared_rank_hsv_bounds_every_members_truncation(xp) -> None:
+    """The per-index maximum of a batch's HSVs: descending, and its tail sum bounds every
+    member's balanced-truncation bound, so 2 * tail(p) bounds the batch's H-infinity error."""
+    rng = np.random.default_rng(0)
+    poles = rng.uniform(0.1, 0.95, size=(4, 6)) * np.exp(1j * rng.uniform(-3, 3, size=(4, 6)))
+    sys = DiagonalStateSpace(
+        poles, rng.normal(size=(4, 6, 1)) + 0j, rng.normal(size=(4, 1, 6)) + 0j
+    )
+    hsv = to_np(hankel_singular_values(to_xp(sys, xp)))
+    profile = to_np(shared_rank_hsv(xp.asarray(hsv)))
+    np.testing.assert_array_equal(profile, hsv.max(axis=0))
+    assert np.all(np.diff(profile) <= 0)
+    for rank in range(1, 6):
+        bound = np.asarray(balanced_truncation(sys, rank).error_bound)
+        assert np.all(bound <= 2 * profile[rank:].sum() * (1 + 1e-12))
+    np.testing.assert_array_equal(to_np(shared_rank_hsv(xp.asarray(hsv[1]))), hsv[1])
+    with pytest.raises(ShapeError, match=r"`hsv` must have shape \(\.\.\., n\)"):
+        shared_rank_hsv(xp.asarray(1.0))
 
 
 @pytest.mark.parametrize("tau", [-0.1, 1.0, 1.5, float("nan"), True, np.bool_(False), "0.1"])

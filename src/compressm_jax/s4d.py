@@ -1,0 +1,178 @@
+"""The S4D layer (Gu et al., 2022) as a Flax NNX module: per-channel diagonal SSMs, ZOH."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ._precision import complex_of, working_dtype
+from ._scan import diagonal_scan
+from ._systems import S4D_NAMES, evaluate, s4d_zoh
+from .lru import _check_size
+
+__all__ = ["S4D"]
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _init_values(
+    key: jax.Array,
+    h: int,
+    m: int,
+    dt_min: float,
+    dt_max: float,
+    real: Any,
+    param_dtype: Any,
+) -> dict[str, jax.Array]:
+    """The S4D-Lin initialisation, one compiled function (eager construction compiles once)."""
+    uniform_key, normal_key = jax.random.split(key)
+    u = jax.random.uniform(uniform_key, (h,), real)
+    # One draw for C (H, M, 2) and D (H,), split afterwards.
+    z = jax.random.normal(normal_key, (2 * h * m + h,), real)
+    values = {
+        "log_dt": math.log(dt_min) + u * math.log(dt_max / dt_min),
+        "log_A_real": jnp.full((h, m), math.log(0.5), real),
+        "A_imag": jnp.broadcast_to(math.pi * jnp.arange(m, dtype=real), (h, m)),
+        "C": z[: 2 * h * m].reshape(h, m, 2) * math.sqrt(0.5),
+        "D": z[2 * h * m :],
+    }
+    return {name: value.astype(param_dtype) for name, value in values.items()}
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _forward(real: Any, u: jax.Array, values: tuple[jax.Array, ...], d: jax.Array) -> jax.Array:
+    """``2 Re(sum_n C x) + D u`` per channel, computed in ``real`` precision, returned in
+    ``u``'s dtype."""
+    cplx = complex_of(real)
+    poles, b_bar, c_out = s4d_zoh(*(v.astype(real) for v in values), xp=jnp)
+    poles, b_bar, c_out = poles.astype(cplx), b_bar.astype(cplx), c_out.astype(cplx)
+    x_in = u.astype(real)
+    v = x_in[..., None] * b_bar  # (..., L, H, M)
+    x = diagonal_scan(poles.reshape(-1), v.reshape(*v.shape[:-2], -1)).reshape(v.shape)
+    y = jnp.sum(x.real * c_out.real - x.imag * c_out.imag, axis=-1) + d.astype(real) * x_in
+    return y.astype(u.dtype)
+
+
+class S4D(nnx.Module):
+    """S4D: ``H`` independent SISO state-space models, one per channel, with a real output.
+
+    The parameterisation of state-spaces' minimal ``models/s4/s4d.py``. Channel ``h`` has
+    ``M = N/2`` stored complex modes with
+
+    .. math::
+
+        a_{hn} = -e^{\\text{log\\_A\\_real}_{hn}} + i\\, \\text{A\\_imag}_{hn}, \\quad
+        \\Delta_h = e^{\\text{log\\_dt}_h}, \\quad
+        \\bar\\lambda_{hn} = e^{\\Delta_h a_{hn}}, \\quad
+        \\bar b_{hn} = \\frac{\\bar\\lambda_{hn} - 1}{a_{hn}} B_{hn},
+
+    .. math::
+
+        x_{k, h} = \\bar\\lambda_h \\odot x_{k-1, h} + \\bar b_h u_{k, h}, \\qquad
+        y_{k, h} = 2 \\operatorname{Re}\\Big(\\sum_n C_{hn} x_{k, hn}\\Big) + D_h u_{k, h},
+
+    zero-order hold with ``B = 1`` fixed (not a parameter, as in the minimal ``s4d.py``). The
+    output ``2 Re`` is the sum of each mode and its conjugate, so the ``N/2`` stored modes
+    realise ``N`` real states per channel.
+
+    Parameter names, shapes, initialisation and maths are those of :class:`compressm_torch.S4D`:
+    ``log_dt`` (H,), ``log_A_real`` and ``A_imag`` (H, N/2), ``C`` (H, N/2, 2) (real and
+    imaginary parts) and ``D`` (H,), each an :class:`flax.nnx.Param`.
+
+    Parameters
+    ----------
+    d_model : int
+        Number of channels ``H`` (input and output width).
+    d_state : int
+        Real state size ``N`` per channel, even; ``N/2`` complex modes are stored. A reduced
+        layer has ``d_state = 2 * n_modes``.
+    dt_min, dt_max : float, optional
+        Range of the log-uniform initial steps.
+    param_dtype : dtype, optional
+        Dtype of the parameters (real).
+    rngs : flax.nnx.Rngs
+        Random streams; the ``params`` stream (else ``default``) draws the initial values.
+
+    Notes
+    -----
+    Initialisation as in the minimal ``s4d.py`` (S4D-Lin): ``log_A_real = log 0.5``,
+    ``A_imag = pi n`` for mode ``n``, ``C`` complex standard normal (real and imaginary parts of
+    variance 1/2), ``D`` standard normal, ``log_dt`` uniform in ``[log dt_min, log dt_max]``.
+    The recurrence is a parallel scan (:func:`jax.lax.associative_scan`) over the ``H * N/2``
+    modes in float32 (float64 for float64 parameters or inputs); the output has the input's
+    dtype. The library counts the state in stored modes (``n_modes = N/2``), as for :class:`S5`
+    with ``conj_sym``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from compressm_jax import S4D
+    >>> layer = S4D(d_model=4, d_state=16, rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((2, 10, 4))).shape, layer.n_modes
+    ((2, 10, 4), 8)
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        *,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        _check_size("d_model", d_model)
+        _check_size("d_state", d_state)
+        if d_state % 2:
+            msg = f"`d_state` must be even (N/2 conjugate-pair modes); received {d_state}."
+            raise ValueError(msg)
+        if not 0 < dt_min <= dt_max:
+            msg = f"Need 0 < `dt_min` <= `dt_max`; received {dt_min!r}, {dt_max!r}."
+            raise ValueError(msg)
+        self.d_model, self.dt_min, self.dt_max = d_model, dt_min, dt_max
+        dtype = jnp.dtype(param_dtype)
+        real = working_dtype(jnp.zeros((), dtype))
+        values = _init_values(rngs.params(), d_model, d_state // 2, dt_min, dt_max, real, dtype)
+        self.log_dt = nnx.Param(values["log_dt"])
+        self.log_A_real = nnx.Param(values["log_A_real"])
+        self.A_imag = nnx.Param(values["A_imag"])
+        self.C = nnx.Param(values["C"])
+        self.D = nnx.Param(values["D"])
+
+    @property
+    def n_modes(self) -> int:
+        """Number of stored complex modes ``N/2`` per channel (the library's state size)."""
+        return int(self.log_A_real.shape[-1])
+
+    @property
+    def d_state(self) -> int:
+        """Real state size ``N = 2 * n_modes`` per channel."""
+        return 2 * self.n_modes
+
+    def discrete_system(self, dtype: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Poles :math:`\\bar\\lambda`, inputs :math:`\\bar b` and outputs ``2 C`` of the ``H``
+        SISO systems, each (H, N/2) complex, in the real precision ``dtype`` (default: float32,
+        or float64 for float64 parameters)."""
+        real = working_dtype(self.log_A_real) if dtype is None else dtype
+        system: tuple[jax.Array, jax.Array, jax.Array] = evaluate(
+            s4d_zoh, (), real, self._values()
+        )
+        return system
+
+    def _values(self) -> tuple[jax.Array, ...]:
+        return tuple(getattr(self, name)[...] for name in S4D_NAMES)
+
+    def __call__(self, u: jax.Array) -> jax.Array:
+        """Map ``u`` of shape (..., length, d_model) to ``y`` of the same shape."""
+        if u.ndim < 2 or u.shape[-1] != self.d_model:
+            msg = f"`u` must have shape (..., length, {self.d_model}); received {tuple(u.shape)}."
+            raise ValueError(msg)
+        d = self.D[...]
+        out: jax.Array = _forward(working_dtype(d, u), u, self._values(), d)
+        return out
