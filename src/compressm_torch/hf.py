@@ -578,7 +578,9 @@ class CompreSSMTrainerCallback(TrainerCallback):
         """Build the controller; on resume, load its state from the checkpoint."""
         model = kwargs["model"]
         optimizer = kwargs.get("optimizer")
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer
+        if isinstance(inner, torch.optim.Optimizer):
+            optimizer = inner  # its step hooks fire (rewarmup_steps); state is shared
         total = self.total_steps if self.total_steps is not None else int(state.max_steps)
         if self._controller is not None:
             self._controller.remove_hooks()

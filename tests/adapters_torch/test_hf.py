@@ -194,7 +194,7 @@ def test_callback_checks_its_options():
 # --- transformers.Trainer ----------------------------------------------------------------------
 
 
-def trainer_for(model, out, callbacks, *, steps=12, **args):
+def trainer_for(model, out, callbacks, *, steps=12, extra=None, **args):
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
 
@@ -211,7 +211,9 @@ def trainer_for(model, out, callbacks, *, steps=12, **args):
         "seed": 0,
     }
     arguments = TrainingArguments(str(out), **{**defaults, **args})
-    return Trainer(model=model, args=arguments, train_dataset=data, callbacks=callbacks)
+    return Trainer(
+        model=model, args=arguments, train_dataset=data, callbacks=callbacks, **(extra or {})
+    )
 
 
 OPTIONS = {"mode": "fixed", "fraction": 0.5, "reduction_steps": [4], "calibration_steps": 2}
@@ -273,3 +275,35 @@ def test_trainer_resumes_a_reduced_checkpoint_into_a_fresh_model(tmp_path):
     trainer.train(resume_from_checkpoint=str(moved))
     assert third.controller.num_steps == 12
     assert state_sizes(fresh) == {L0: 8, L1: 8}
+
+
+def test_trainer_callback_hands_the_monitored_metric_to_a_pragmatic_controller(tmp_path):
+    calls = []
+
+    def falling_score(prediction):
+        calls.append(1)
+        return {"score": -float(len(calls))}  # every evaluation is worse than the one before
+
+    callback = CompreSSMTrainerCallback(
+        monitor="eval_score",
+        mode="pragmatic",
+        rollback_rtol=0.0,
+        fraction=0.5,
+        reduction_steps=[4],
+        calibration_steps=2,
+    )
+    model = hf_mamba()
+    evaluation = {"eval_dataset": [{"input_ids": x, "labels": x} for x in tokens(9)]}
+    evaluation["compute_metrics"] = falling_score
+    trainer = trainer_for(
+        model, tmp_path, [callback], steps=6, extra=evaluation, eval_strategy="steps", eval_steps=2
+    )
+    trainer.train()
+    statuses = [(e.step, e.status) for e in callback.history]
+    # reduced at step 4, judged by the evaluation after it (delivered at step 5): rolled back
+    assert statuses == [(4, "reduced"), (4, "reduced"), (5, "rolled_back"), (5, "rolled_back")]
+    assert state_sizes(model) == {L0: 16, L1: 16}
+    assert model.config.compressm_state_sizes == {L0: 16, L1: 16}
+    callback.monitor = "eval_nope"
+    with pytest.raises(KeyError, match="`monitor='eval_nope'` is not among"):
+        callback.on_evaluate(trainer.args, trainer.state, trainer.control, metrics={"eval_x": 1})
