@@ -222,7 +222,8 @@ OPTIONS = {"mode": "fixed", "fraction": 0.5, "reduction_steps": [4], "calibratio
 @pytest.mark.filterwarnings("ignore::compressm_core.ReductionWarning")  # cuts before learning
 def test_trainer_callback_reduces_and_records_the_sizes(tmp_path):
     model = hf_mamba()
-    callback = CompreSSMTrainerCallback(**OPTIONS)
+    # rewarmup_steps hooks the optimizer's step: the optimizer inside accelerate's wrapper
+    callback = CompreSSMTrainerCallback(**OPTIONS, rewarmup_steps=2)
     trainer = trainer_for(model, tmp_path, [callback], logging_strategy="steps", logging_steps=1)
     trainer.train()
     assert trainer.state.global_step == 12
