@@ -275,7 +275,10 @@ def _merge(paths: list[Path], out: Path) -> None:
         for task, entry in report["tasks"].items():
             entry = {"steps": report["steps"], "seeds": report["seeds"], **entry}
             if task in merged["tasks"]:  # same task: arms of the later file win
-                entry["arms"] = {**merged["tasks"][task]["arms"], **entry["arms"]}
+                earlier = merged["tasks"][task]
+                entry["arms"] = {**earlier["arms"], **entry["arms"]}
+                matched = earlier.get("ablations_matched", False)
+                entry["ablations_matched"] = matched or entry.get("ablations_matched", False)
             merged["tasks"][task] = entry
     merged["elapsed_s"] = sum(r["elapsed_s"] for r in reports)
     merged["workers"] = "-".join(str(w) for w in sorted({r["workers"] for r in reports}))
