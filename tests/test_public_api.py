@@ -68,7 +68,8 @@ def test_controllers_share_the_event_record_and_the_warning() -> None:
 
 # Names one framework has and the other cannot: torch's selective (Mamba) layers and the
 # statistics they are reduced from, torch's checkpoints of reduced models, the deprecated name
-# of `resize_optimizer_state`; JAX's pure functions over parameter trees of other libraries.
+# of `resize_optimizer_state`; JAX's pure functions over parameter trees of other libraries and
+# the optax form of the re-warm-up (torch applies it through optimizer step hooks).
 TORCH_ONLY = {
     "Mamba",
     "SelectiveAdapter",
@@ -79,7 +80,14 @@ TORCH_ONLY = {
     "selective_importance",
     "update_optimizer_state",
 }
-JAX_ONLY = {"ParamChange", "lru_to_state_space", "reduce_lru_params"}
+JAX_ONLY = {
+    "ParamChange",
+    "RewarmupState",
+    "lru_to_state_space",
+    "mark_cut",
+    "reduce_lru_params",
+    "scale_by_rewarmup",
+}
 
 
 @pytest.mark.skipif(

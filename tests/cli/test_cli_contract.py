@@ -123,7 +123,7 @@ def _truncated(path):
         ("bytes.pt", lambda p: p.write_bytes(bytes(range(256)) * 8), "(UnpicklingError"),
         ("empty.pt", lambda p: p.write_bytes(b""), "(EOFError)"),
         ("truncated.pt", _truncated, "(RuntimeError"),
-        ("list.pt", lambda p: torch.save([1, 2, 3], p), "(ValueError"),
+        ("list.pt", lambda p: torch.save([1, 2, 3], p), "not a checkpoint"),
         ("folder.pt", lambda p: p.mkdir(), "is a folder; expected a checkpoint file"),
         ("corrupt.npz", _corrupt_jax_checkpoint, "(BadZipFile"),
     ],
