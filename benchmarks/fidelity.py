@@ -27,7 +27,8 @@ Writes ``results/fidelity.json`` (per task: ``metric``, ``higher_is_better``, ``
 mean and a sign count).
 
 Run: ``python benchmarks/fidelity.py [--tasks mnist1d digits sysid] [--seeds 0 1 2 3 4]
-[--workers 2] [--steps 3000] [--arms ...]``.
+[--workers 2] [--steps 3000] [--arms ...] [--set warmup_fraction=0.1 ...]``; ``--set`` changes a
+``RunConfig`` field in every arm (a variant of the recipe, recorded in the JSON).
 """
 
 from __future__ import annotations
@@ -135,8 +136,22 @@ def _overrides(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     return OVERRIDES[arm]
 
 
+def _setting(text: str) -> tuple[str, Any]:
+    """``key=value`` of ``--set``: a ``RunConfig`` field and a JSON value (``none`` -> None)."""
+    from compressm_cli.training import RunConfig
+
+    key, sep, value = text.partition("=")
+    if not sep or key not in RunConfig.__dataclass_fields__:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with a RunConfig field: {text!r}")
+    return key, None if value.lower() == "none" else json.loads(value)
+
+
+def _base(args: argparse.Namespace) -> dict[str, Any]:
+    return {"steps": args.steps, "d_state": args.d_state, "layer": args.model, **dict(args.set)}
+
+
 def _jobs(args: argparse.Namespace, arms: list[str]) -> list[dict[str, Any]]:
-    base = {"steps": args.steps, "d_state": args.d_state, "layer": args.model}
+    base = _base(args)
     return [
         {"task": t, "arm": a, "seed": s, "config": {**base, **_overrides(args, a)}}
         for t in args.tasks
@@ -149,7 +164,7 @@ def _jobs(args: argparse.Namespace, arms: list[str]) -> list[dict[str, Any]]:
 def _followers(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Jobs that depend on the ``compressm`` runs: ``small`` at their final sizes, and the
     selection ablations at their per-event ranks."""
-    base = {"steps": args.steps, "d_state": args.d_state, "layer": args.model}
+    base = _base(args)
     jobs = []
     for row in rows:
         if row["arm"] != "compressm":
@@ -198,8 +213,9 @@ def _markdown(report: dict[str, Any]) -> str:
         unit = " (%)" if scale == 100 else ""
         better = "higher" if sign > 0 else "lower"
         steps = entry.get("steps", report.get("steps"))
+        settings = "".join(f"; {k} = {v}" for k, v in entry.get("settings", {}).items())
         lines += [
-            f"## {task} ({entry['metric']}{unit}, {better} is better; {steps} steps)",
+            f"## {task} ({entry['metric']}{unit}, {better} is better; {steps} steps{settings})",
             "",
             "| arm | test | final size | seconds |",
             "|---|---|---|---|",
@@ -297,6 +313,7 @@ def main() -> None:
     parser.add_argument("--d-state", type=int, default=128)
     parser.add_argument("--model", default="lru", choices=("lru", "s5", "mamba"))
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--set", type=_setting, nargs="+", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--out", type=Path, default=RESULTS / "fidelity")
     parser.add_argument(
         "--merge",
@@ -335,6 +352,7 @@ def main() -> None:
             "steps": args.steps,
             "seeds": args.seeds,
             "ablations_matched": "compressm" in args.arms,
+            "settings": dict(args.set),
             "elapsed_s": time.perf_counter() - start,
             "arms": arms,
         }

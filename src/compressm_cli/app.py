@@ -93,7 +93,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         "--backend",
         choices=("torch", "jax"),
         default="torch",
-        help="training framework: torch (default) or jax (Flax NNX + optax; lru and s5 only)",
+        help="training framework: torch (default) or jax (Flax NNX + optax; lru, s5 and s4d)",
     )
     g.add_argument(
         "--task",
@@ -133,8 +133,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--warmup-fraction",
         type=_warmup_fraction,
-        default=0.2,
-        help="fraction of training the reductions happen in (0.2)",
+        default=0.1,
+        help="fraction of training the reductions happen in (0.1)",
     )
     g.add_argument("--num-reductions", type=_positive(int), default=4, help="events (4)")
     g.add_argument(

@@ -56,7 +56,7 @@ class RunConfig:
     tau: float = 0.1
     mode: Mode = "tolerance"
     fraction: float = 0.1
-    warmup_fraction: float = 0.2
+    warmup_fraction: float = 0.1
     num_reductions: int = 4
     schedule: Schedule = "steps"
     rewarmup_steps: int = 0
