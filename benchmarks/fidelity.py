@@ -297,7 +297,7 @@ def _merge(paths: list[Path], out: Path) -> None:
                 entry["ablations_matched"] = matched or entry.get("ablations_matched", False)
             merged["tasks"][task] = entry
     merged["elapsed_s"] = sum(r["elapsed_s"] for r in reports)
-    merged["workers"] = "-".join(str(w) for w in sorted({r["workers"] for r in reports}))
+    merged["workers"] = "-".join(sorted({str(r["workers"]) for r in reports}))
     merged["steps"] = sorted({e["steps"] for e in merged["tasks"].values()})
     merged["seeds"] = sorted({s for e in merged["tasks"].values() for s in e["seeds"]})
     out.with_suffix(".json").write_text(json.dumps(merged, indent=1) + "\n")
