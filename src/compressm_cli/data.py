@@ -23,16 +23,8 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from compressm_core import (
-    StateSpace,
-    balanced_truncation,
-    controllability_gramian,
-    h2_norm,
-    hankel_singular_values,
-    pole_order,
-)
-
 from .spectra import spectra_arrays
+from .sysid import SYSID_OUTPUTS, SYSID_SEEDS, sysid_arrays
 
 __all__ = ["TASKS", "Task", "load_task"]
 
@@ -43,18 +35,6 @@ Kind = Literal["classification", "regression"]
 
 _MAX_CLASSES = 2**16
 """Class labels in a ``.npz`` file must be below this: the model gets one output per class."""
-
-# The system-identification ground truth: fixed, whatever the ``seed`` of `load_task`.
-_SYSID_SYSTEM_SEED = 167
-_SYSID_DATA_SEED = 2024
-_SYSID_ORDER = 6
-_SYSID_INPUTS = 2
-_SYSID_OUTPUTS = 2
-_SYSID_LENGTH = 64
-_SYSID_TRAIN = 4000
-_SYSID_TEST = 1000
-_SYSID_MODULI = (0.5, 0.95)
-_SYSID_PHASES = (0.2, np.pi - 0.2)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -408,101 +388,16 @@ def _digits(seed: int, fraction: float) -> Task:
 # --------------------------------------------------------------------------------- sysid
 
 
-def _rotation(modulus: float, phase: float) -> NDArray[np.float64]:
-    cos, sin = np.cos(phase), np.sin(phase)
-    return modulus * np.array([[cos, -sin], [sin, cos]])
-
-
-def _sysid_system() -> tuple[NDArray[np.float64], ...]:
-    """The fixed ground-truth system ``(A, B, C, D)``; see :func:`load_task`."""
-    rng = np.random.default_rng(_SYSID_SYSTEM_SEED)
-    n, m, p = _SYSID_ORDER, _SYSID_INPUTS, _SYSID_OUTPUTS
-    pairs = n // 2
-    moduli_edges = np.linspace(*_SYSID_MODULI, pairs + 1)
-    moduli = rng.uniform(moduli_edges[:-1], moduli_edges[1:])
-    phase_edges = np.linspace(*_SYSID_PHASES, pairs + 1)
-    phases = rng.permutation(rng.uniform(phase_edges[:-1], phase_edges[1:]))
-    a = np.zeros((n, n))
-    b = rng.standard_normal((n, m))
-    c = rng.standard_normal((p, n))
-    for i in range(pairs):
-        block = slice(2 * i, 2 * i + 2)
-        a[block, block] = _rotation(float(moduli[i]), float(phases[i]))
-        # every pair of modes gets the same H2 norm (split evenly between B and C)
-        energy = float(np.asarray(h2_norm(StateSpace(a[block, block], b[block], c[:, block]))))
-        b[block] /= energy**0.5
-        c[:, block] /= energy**0.5
-    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    a, b, c = q @ a @ q.T, q @ b, c @ q.T
-    # unit steady-state variance of every output under unit white noise: diag(C P C^T) = 1
-    gram = np.asarray(controllability_gramian(StateSpace(a, b, c)))
-    c = c / np.sqrt(np.diag(c @ gram @ c.T))[:, None]
-    return a, b, c, np.zeros((p, m))
-
-
-def _simulate(
-    a: NDArray[np.float64],
-    b: NDArray[np.float64],
-    c: NDArray[np.float64],
-    d: NDArray[np.float64],
-    u: NDArray[np.float64],
-) -> NDArray[np.float64]:
-    """Outputs of ``x_k = A x_{k-1} + B u_k, y_k = C x_k + D u_k`` from ``x_0 = 0``."""
-    x = np.zeros((u.shape[0], a.shape[0]))
-    y = np.empty((*u.shape[:2], c.shape[0]))
-    for k in range(u.shape[1]):
-        x = x @ a.T + u[:, k] @ b.T
-        y[:, k] = x @ c.T + u[:, k] @ d.T
-    return y
-
-
-@functools.lru_cache(maxsize=1)
-def _sysid_arrays() -> tuple[
-    NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any], dict[str, Any]
-]:
-    a, b, c, d = _sysid_system()
-    rng = np.random.default_rng(_SYSID_DATA_SEED)
-    u = rng.standard_normal((_SYSID_TRAIN + _SYSID_TEST, _SYSID_LENGTH, _SYSID_INPUTS))
-    y = _simulate(a, b, c, d, u)
-    system = StateSpace(a, b, c, d)
-    hsv = np.asarray(hankel_singular_values(system))
-    poles = np.linalg.eigvals(a)
-    poles = poles[np.asarray(pole_order(poles))]
-    u_test, y_test = u[_SYSID_TRAIN:], y[_SYSID_TRAIN:]
-    truncation_mse = []
-    for r in range(1, _SYSID_ORDER + 1):
-        red = balanced_truncation(system, r).system
-        y_r = _simulate(np.asarray(red.a), np.asarray(red.b), np.asarray(red.c), d, u_test)
-        truncation_mse.append(float(np.mean((y_r - y_test) ** 2)))
-    truth = {
-        "true_order": _SYSID_ORDER,
-        "true_hsv": [float(s) for s in hsv],
-        "poles": [[float(z.real), float(z.imag)] for z in poles],
-        "pole_moduli": [float(abs(z)) for z in poles],
-        "a": a.tolist(),
-        "b": b.tolist(),
-        "c": c.tolist(),
-        "d": d.tolist(),
-        "noise_std": 0.0,
-        "nonlinearity": None,
-        "target_variance": float(np.var(y_test)),
-        "truncation_test_mse": truncation_mse,
-    }
-    for arr in (u, y):
-        arr.setflags(write=False)
-    return u[:_SYSID_TRAIN], y[:_SYSID_TRAIN], u_test, y_test, truth
-
-
 def _sysid(seed: int, fraction: float) -> Task:
-    u, y, u_test, y_test, truth = _sysid_arrays()
+    u, y, u_test, y_test, truth = sysid_arrays()
     train, val = _hold_out(len(u), fraction, seed)
     info = {
         "source": "synthetic system identification: outputs of a fixed random stable real "
         "MIMO LTI system (see compressm_cli.data.load_task)",
         "convention": "x_k = A x_{k-1} + B u_k, y_k = C x_k + D u_k, x_0 = 0",
         "input": "white Gaussian noise, unit variance",
-        "system_seed": _SYSID_SYSTEM_SEED,
-        "data_seed": _SYSID_DATA_SEED,
+        "system_seed": SYSID_SEEDS[0],
+        "data_seed": SYSID_SEEDS[1],
         "normalisation": "none; C is scaled so that each output has unit steady-state variance",
         **truth,
         "val_fraction": fraction,
@@ -512,7 +407,7 @@ def _sysid(seed: int, fraction: float) -> Task:
         "sysid",
         "regression",
         (u[train], y[train], u[val], y[val], u_test, y_test),
-        d_output=_SYSID_OUTPUTS,
+        d_output=SYSID_OUTPUTS,
         info=info,
     )
 
