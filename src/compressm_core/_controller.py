@@ -74,9 +74,19 @@ class ControllerBase(Generic[Layer]):
 
     # -- configuration -----------------------------------------------------------------------
 
-    def _configure(self, options: ReductionOptions, *, total_steps: int) -> None:
-        """Store the (already checked) ``options`` and set up the schedule of ``total_steps``
-        optimizer steps."""
+    def _configure(
+        self,
+        options: ReductionOptions | None,
+        keywords: Mapping[str, Any],
+        *,
+        total_steps: int,
+    ) -> None:
+        """Check and store the options (``options`` with ``keywords`` replacing its fields,
+        :func:`~compressm_core.training.resolve_options`) and set up the schedule of
+        ``total_steps`` optimizer steps."""
+        from .training import resolve_options  # the training module imports this one
+
+        options = resolve_options(options, keywords, owner=type(self).__name__)
         self.total_steps = check_int(total_steps, "total_steps", low=1)
         self.options = options
         self.tau, self.fraction, self.gate = options.tau, options.fraction, options.gate

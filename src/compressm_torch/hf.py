@@ -12,12 +12,10 @@ This module imports :mod:`transformers`; ``import compressm_torch`` does not.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any, TypeVar, cast
 
 import torch
@@ -31,11 +29,10 @@ from transformers import (
     TrainingArguments,
 )
 
-from compressm_core.training import ReductionOptions
-
+from ._options import split_options
 from ._params import assign
 from .adapters import SelectiveAdapter, find_layers, get_adapter, resize_layers, state_sizes
-from .controller import CompreSSM, ReductionEvent, _check_torch_options
+from .controller import CompreSSM, ReductionEvent
 
 __all__ = [
     "CompreSSMTrainerCallback",
@@ -382,32 +379,6 @@ def _checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:
     return os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
 
 
-# Arguments of CompreSSM that the callback fills in itself.
-_BUILT = ("model", "optimizer", "total_steps", "lr_scheduler")
-
-
-def _controller_defaults() -> dict[str, Any]:
-    parameters = inspect.signature(CompreSSM).parameters
-    return {n: p.default for n, p in parameters.items() if n not in _BUILT}
-
-
-def _check_options(options: Mapping[str, Any]) -> None:
-    """Check the controller options early, so a typo fails at construction, not in train."""
-    defaults = _controller_defaults()
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        msg = (
-            f"Unknown CompreSSM options {unknown}; the callback passes every keyword argument "
-            f"to compressm_torch.CompreSSM, which accepts {sorted(defaults)}."
-        )
-        raise TypeError(msg)
-    core = {f.name for f in fields(ReductionOptions)}
-    ReductionOptions(**{k: v for k, v in options.items() if k in core})
-    merged = {**defaults, **options}
-    wanted = inspect.signature(_check_torch_options).parameters
-    _check_torch_options(**{k: merged[k] for k in wanted})
-
-
 class CompreSSMTrainerCallback(TrainerCallback):
     """Reduce the SSM layers of a model while ``transformers.Trainer`` trains it.
 
@@ -444,8 +415,9 @@ class CompreSSMTrainerCallback(TrainerCallback):
         Install the ``load_state_dict`` pre-hooks that resize the managed layers to incoming
         weights (see above).
     **options
-        Keyword arguments of :class:`~compressm_torch.CompreSSM` (``tau``, ``mode``,
-        ``fraction``, ``reduction_steps``, ``calibration_steps``, ``layers``, ...), checked
+        Keyword arguments of :class:`~compressm_torch.CompreSSM` (``options``, the options of
+        :class:`~compressm_core.training.ReductionOptions` such as ``tau``, ``mode``,
+        ``fraction``, ``reduction_steps``, and ``calibration_steps``, ``layers``, ...), checked
         here.
 
     Attributes
@@ -492,13 +464,17 @@ class CompreSSMTrainerCallback(TrainerCallback):
         if monitor is not None and not isinstance(monitor, str):
             msg = f"`monitor` must be a str or None; received {type(monitor).__name__}."
             raise TypeError(msg)
-        if options.get("mode") == "pragmatic" and monitor is None:
+        record, _ = split_options(
+            options.get("options"),
+            {k: v for k, v in options.items() if k != "options"},
+            owner="CompreSSMTrainerCallback",
+        )
+        if record.mode == "pragmatic" and monitor is None:
             msg = (
                 "`monitor` must name an evaluation metric (such as 'eval_loss') when "
                 "`mode='pragmatic'` (the controller judges each reduction by it)."
             )
             raise ValueError(msg)
-        _check_options(options)
         self.total_steps = total_steps
         self.monitor = monitor
         self.resize_on_load = resize_on_load

@@ -26,7 +26,7 @@ from compressm_core import (
     state_importance,
     update_selective_statistics,
 )
-from compressm_core.schedule import _check_int
+from compressm_core.checks import check_int
 
 from ._distributed import all_reduce_numbers, is_distributed
 from ._params import assign
@@ -36,6 +36,9 @@ from .mamba import Mamba
 from .reduction import LayerReduction
 
 __all__ = [
+    "AGGREGATES",
+    "IMPORTANCES",
+    "Aggregate",
     "Importance",
     "SelectiveRecorder",
     "reduce_selective_layer",
@@ -43,8 +46,16 @@ __all__ = [
 ]
 
 Importance = Literal["gramian", "mean_lti", "random"]
-_IMPORTANCE = ("gramian", "mean_lti", "random")
-_AGGREGATES = ("sum", "energy", "normalized")
+"""State-importance scores of a selective layer (see :func:`selective_importance`)."""
+
+Aggregate = Literal["sum", "energy", "normalized"]
+"""How the per-channel scores of a selective layer are combined."""
+
+IMPORTANCES: tuple[Importance, ...] = ("gramian", "mean_lti", "random")
+"""The values of :data:`Importance`."""
+
+AGGREGATES: tuple[Aggregate, ...] = ("sum", "energy", "normalized")
+"""The values of :data:`Aggregate`."""
 
 
 def _int(layer: nn.Module, name: str) -> int:
@@ -302,7 +313,7 @@ class SelectiveRecorder:
         max_sequences: int | None = None,
     ) -> None:
         if max_sequences is not None:
-            max_sequences = _check_int("max_sequences", max_sequences, 1)
+            max_sequences = check_int(max_sequences, "max_sequences", low=1)
         found = {
             name: layer
             for name, layer in find_layers(model).items()
@@ -438,11 +449,11 @@ def selective_importance(
     :func:`compressm_core.state_importance` of the finalized ``statistics``, with the layer's
     groups. See there for the scores and what they do (not) guarantee.
     """
-    if importance not in _IMPORTANCE:
-        msg = f"`importance` must be one of {_IMPORTANCE}; received {importance!r}."
+    if importance not in IMPORTANCES:
+        msg = f"`importance` must be one of {IMPORTANCES}; received {importance!r}."
         raise ValueError(msg)
-    if aggregate not in _AGGREGATES:
-        msg = f"`aggregate` must be one of {_AGGREGATES}; received {aggregate!r}."
+    if aggregate not in AGGREGATES:
+        msg = f"`aggregate` must be one of {AGGREGATES}; received {aggregate!r}."
         raise ValueError(msg)
     adapter = _selective_adapter(layer)
     gramians = finalize_selective_statistics(statistics)
