@@ -482,7 +482,6 @@ class CompreSSM(ControllerBase[nn.Module]):
             layer,
             adapter,
             sys,
-            hsv,
             rank,
             method=self.method,
             selection=self.selection,
