@@ -13,15 +13,15 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from compressm_core.checks import check_int
 from compressm_core.training import ReductionOptions, signature_with
 
+from ._callbacks import ControllerHolder
 from ._options import CompreSSMKeywords, controller_parameters, split_options
-from .adapters import find_layers, get_adapter, resize_layers, state_sizes
-from .controller import CompreSSM, ReductionEvent
+from .adapters import state_sizes
+from .controller import CompreSSM
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -34,7 +34,7 @@ logger = logging.getLogger("compressm")
 STATE_SIZES_KEY = "compressm_state_sizes"
 
 
-class CompreSSMCallback(Callback):
+class CompreSSMCallback(ControllerHolder, Callback):
     """Reduce the SSM layers of a LightningModule while ``Trainer.fit`` trains it.
 
     At ``on_fit_start`` the callback builds a :class:`~compressm_torch.CompreSSM` controller on
@@ -144,6 +144,7 @@ class CompreSSMCallback(Callback):
         layers = torch_options.pop("layers")
         self.layers = None if layers is None else list(layers)
         self._torch_options = torch_options
+        self._built_at = ("on_fit_start", "Trainer.fit")
         self._controller: CompreSSM | None = None
         self._restored: dict[str, Any] | None = None
         self._metric: float | None = None
@@ -151,25 +152,6 @@ class CompreSSMCallback(Callback):
         self._load_hooks: list[RemovableHandle] = []
 
     # -- public ----------------------------------------------------------------------------
-
-    @property
-    def controller(self) -> CompreSSM:
-        """The controller of the current ``fit``.
-
-        Raises
-        ------
-        RuntimeError
-            Before ``on_fit_start``.
-        """
-        if self._controller is None:
-            msg = "The controller is built at `on_fit_start`; call `Trainer.fit` first."
-            raise RuntimeError(msg)
-        return self._controller
-
-    @property
-    def history(self) -> list[ReductionEvent]:
-        """Events of the controller (``[]`` before ``fit``)."""
-        return [] if self._controller is None else self._controller.history
 
     # -- Lightning hooks -------------------------------------------------------------------
 
@@ -186,9 +168,7 @@ class CompreSSMCallback(Callback):
             self._restored = None
             self._metric = None
         self._remove_load_hooks()
-        for layer in self._managed_layers(pl_module).values():
-            hook = layer.register_load_state_dict_pre_hook  # untyped in torch
-            self._load_hooks.append(hook(_resize_to_incoming_state))  # type: ignore[no-untyped-call]
+        self._install_load_hooks(pl_module, self.layers)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove the load hooks and the controller's forward hooks."""
@@ -292,25 +272,3 @@ class CompreSSMCallback(Callback):
         controller = self.controller
         controller.load_state_dict(state["controller"])
         self._metric = state.get("metric")
-
-    def _managed_layers(self, pl_module: nn.Module) -> dict[str, nn.Module]:
-        found = find_layers(pl_module)
-        if self.layers is None:
-            return found
-        return {name: layer for name, layer in found.items() if name in self.layers}
-
-    def _remove_load_hooks(self) -> None:
-        for handle in self._load_hooks:
-            handle.remove()
-        self._load_hooks = []
-
-
-def _resize_to_incoming_state(
-    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
-) -> None:
-    """``load_state_dict`` pre-hook: resize ``module`` to the state size in ``state_dict``."""
-    adapter = get_adapter(module)
-    size = adapter.incoming_size(module, state_dict, prefix)
-    if size is not None and size >= 1 and size != adapter.state_size(module):
-        logger.info("compressm: resizing %s to %d states to load a state dict", prefix, size)
-        resize_layers(module, {"": size})
