@@ -1,32 +1,30 @@
-"""Framework-free bookkeeping of the training controllers.
+"""Framework-free bookkeeping of the training controllers: options, schedules, decisions.
 
 ``compressm_torch.CompreSSM`` and ``compressm_jax.CompreSSM`` differ only in how they read,
 reduce, snapshot and restore a model. Everything else lives here, once: the schedule, step
-counting, the rank rule and gate inputs, the flow of a reduction event (plan every layer, then
-write, then resize the optimizer, as one transaction), the pragmatic snapshot / rollback flow,
-event records and the framework-free part of ``state_dict``. The options and their checks are
-:class:`compressm_core.training.ReductionOptions`; :class:`ControllerBase` is public as
-``compressm_core.training.ControllerBase``.
+counting, the rank rule and gate inputs, the pragmatic snapshot / rollback flow, the certified
+checks and the framework-free part of ``state_dict``; the flow of a reduction event (plan every
+layer, then write, then resize the optimizer, as one transaction) and its records are in
+``_events``. The options and their checks are :class:`compressm_core.training.ReductionOptions`;
+:class:`ControllerBase` is public as ``compressm_core.training.ControllerBase``.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from . import _xp
+from ._events import EventFlow
 from ._typing import Array
-from ._validation import check_int
 from .certified import CertifiedSchedule
-from .errors import CompressmError
+from .checks import check_int
 from .perturbation import hsv_perturbation_bound
 from .rank import select_rank
 from .schedule import ReductionEvent, ReductionWarning, reduction_schedule
@@ -41,16 +39,10 @@ logger = logging.getLogger("compressm")
 #: Fraction of ``total_steps`` between two checks when ``check_every`` is not given.
 CHECK_FRACTION = 0.01
 
-#: Errors of one layer's reduction that refuse that layer (with a ``ReductionWarning``) instead
-#: of aborting the event: the library's own, and the ``ValueError`` / ``RuntimeError`` of the
-#: linear algebra underneath (``torch.linalg.LinAlgError``, a device out of memory, ...).
-LAYER_ERRORS = (CompressmError, ValueError, RuntimeError)
-
 Layer = TypeVar("Layer")
-T = TypeVar("T")
 
 
-class ControllerBase(Generic[Layer]):
+class ControllerBase(EventFlow[Layer]):
     """Shared state and flow of a controller; subclasses supply the framework parts.
 
     Subclasses call :meth:`_configure` and :meth:`_select_layers` from ``__init__`` and
@@ -74,9 +66,19 @@ class ControllerBase(Generic[Layer]):
 
     # -- configuration -----------------------------------------------------------------------
 
-    def _configure(self, options: ReductionOptions, *, total_steps: int) -> None:
-        """Store the (already checked) ``options`` and set up the schedule of ``total_steps``
-        optimizer steps."""
+    def _configure(
+        self,
+        options: ReductionOptions | None,
+        keywords: Mapping[str, Any],
+        *,
+        total_steps: int,
+    ) -> None:
+        """Check and store the options (``options`` with ``keywords`` replacing its fields,
+        :func:`~compressm_core.training.resolve_options`) and set up the schedule of
+        ``total_steps`` optimizer steps."""
+        from .training import resolve_options  # the training module imports this one
+
+        options = resolve_options(options, keywords, owner=type(self).__name__)
         self.total_steps = check_int(total_steps, "total_steps", low=1)
         self.options = options
         self.tau, self.fraction, self.gate = options.tau, options.fraction, options.gate
@@ -143,77 +145,6 @@ class ControllerBase(Generic[Layer]):
         self._previous: dict[str, Any] = {}
         if self.schedule_kind == "certified":
             self.schedule = [old.deadline]
-
-    # -- framework parts ---------------------------------------------------------------------
-
-    def _layer_state_size(self, layer: Layer) -> int:
-        raise NotImplementedError
-
-    def _snapshot(self) -> dict[str, Any]:
-        """What :meth:`_restore` needs to undo a reduction event."""
-        raise NotImplementedError
-
-    def _restore(self, snapshot: dict[str, Any], *, exact: bool = False) -> None:
-        """Bring back a :meth:`_snapshot`: the model and the optimizer's per-parameter state.
-
-        ``exact=False`` (a pragmatic rollback) keeps the learning-rate schedule where training
-        has brought it (step counts, scheduler, the learning rates it set); ``exact=True``
-        restores everything (undoing a failed call).
-        """
-        raise NotImplementedError
-
-    def _begin_event(self, names: Sequence[str]) -> Callable[[], None]:
-        """Prepare an event on the layers ``names``; return what undoes everything it may
-        change (their parameters, optimizer state, random state)."""
-        raise NotImplementedError
-
-    def _measure(self, name: str, layer: Layer) -> tuple[list[float], int, int, Any]:
-        """``(hsv, rank, total, context)``: the HSVs (or importance scores) of ``layer``,
-        descending, the rank the mode asks for, the size the gate compares it with, and what
-        :meth:`_plan` needs. Nothing is changed."""
-        raise NotImplementedError
-
-    def _plan(self, name: str, layer: Layer, rank: int, context: Any) -> Any:
-        """The new, checked values of ``layer`` at ``rank``; nothing is written."""
-        raise NotImplementedError
-
-    def _apply(self, name: str, layer: Layer, plan: Any) -> Any:
-        """Write ``plan`` into ``layer`` (and run the error check if asked); return the
-        adapter's ``LayerReduction``. If it raises, ``layer`` is as it was."""
-        raise NotImplementedError
-
-    def _resize_optimizer(self, applied: Mapping[str, tuple[Any, Any]]) -> None:
-        """Bring the optimizer's state to the reduced layers: ``{name: (plan, report)}``."""
-        raise NotImplementedError
-
-    def _end_event(self, names: Sequence[str]) -> None:
-        """Called after an event on ``names`` succeeded (drop its recorded statistics)."""
-
-    def _after_step(self) -> None:
-        """Called at the end of every :meth:`step`."""
-
-    def _observe(self, name: str, layer: Layer) -> tuple[Array, Any, Any] | None:
-        """A check of the certified schedule: ``(hsv, system, kept)`` of the current
-        parameters. ``system`` (a core system, for the Weyl bound between checks) or ``kept``
-        (the state indices a selective layer would keep at ``rank``) is ``None``; ``None`` if
-        the layer cannot be observed now."""
-        raise NotImplementedError
-
-    def _after_checks(self) -> None:
-        """Called at the end of a check, after its cuts (drop recorded statistics)."""
-
-    def _agree(self, flag: bool) -> bool:
-        """The same decision on every process (logical AND across ranks where distributed)."""
-        return flag
-
-    def _sum_over_ranks(self, values: Sequence[float]) -> list[float]:
-        """``values`` summed over the processes of a distributed run (a collective: every
-        process calls it at the same point); ``values`` themselves in one process."""
-        return [float(v) for v in values]
-
-    def _bound_options(self) -> dict[str, Any]:
-        """Keyword options of :func:`hsv_perturbation_bound` (horizon, real output)."""
-        return {"real_output": self.real_output}
 
     # -- public ------------------------------------------------------------------------------
 
@@ -364,120 +295,7 @@ class ControllerBase(Generic[Layer]):
         """
         return self._transaction(self._reduce_all, deep=True)
 
-    # -- transactions ------------------------------------------------------------------------
-
-    def _transaction(self, body: Callable[[], T], *, deep: bool) -> T:
-        """Run ``body``; if it raises, undo what it did and re-raise.
-
-        The controller's counters are saved first (with a full copy of the certified schedule's
-        trackers if ``deep``; otherwise only its loss sum may change); changes of the model and
-        optimizer are undone by the callables of :meth:`_record_undo`, last first. Nested calls
-        (``report_metric`` inside ``step``) belong to the outer transaction.
-        """
-        if self._journal is not None:
-            return body()
-        saved = self._save_counters(deep)
-        journal: list[Callable[[], None]] = []
-        self._journal = journal
-        try:
-            return body()
-        except BaseException:
-            self._journal = None
-            for undo in reversed(journal):
-                undo()
-            self._load_counters(saved)
-            raise
-        finally:
-            self._journal = None
-
-    def _record_undo(self, undo: Callable[[], None]) -> None:
-        """Register ``undo`` (before the change it undoes) with the open transaction."""
-        assert self._journal is not None, "a change of the model outside a transaction"
-        self._journal.append(undo)
-
-    def _save_counters(self, deep: bool) -> dict[str, Any]:
-        certify = self.certify
-        if deep:  # the running loss sum (maybe a device tensor with a graph) is shared
-            memo: dict[int, Any] = {id(certify._sum): certify._sum}
-            saved_certify = copy.deepcopy(certify, memo)
-        else:
-            saved_certify = copy.copy(certify)
-        return {
-            "num_steps": self.num_steps,
-            "stopped": self.stopped,
-            "last_metric": self._last_metric,
-            "pending": self._pending,
-            "last_cut_step": self._last_cut_step,
-            "previous": dict(self._previous),
-            "history": len(self.history),
-            "certify": saved_certify,
-        }
-
-    def _load_counters(self, saved: Mapping[str, Any]) -> None:
-        self.num_steps = saved["num_steps"]
-        self.stopped = saved["stopped"]
-        self._last_metric = saved["last_metric"]
-        self._pending = saved["pending"]
-        self._last_cut_step = saved["last_cut_step"]
-        self._previous = dict(saved["previous"])
-        del self.history[saved["history"] :]
-        self.certify = saved["certify"]
-
     # -- internals ---------------------------------------------------------------------------
-
-    def _reduce_all(self, names: Iterable[str] | None = None) -> list[ReductionEvent]:
-        """One reduction event on the layers ``names`` (default all); events go to the history.
-
-        Every layer is planned first (HSVs, rank, gate, new values: nothing is written), then
-        the planned layers are written (each with its error check, undone on failure), then the
-        optimizer follows. A layer that fails with one of ``LAYER_ERRORS`` is refused and
-        left as it was; any other exception propagates and the transaction undoes the event.
-        """
-        if self._journal is None:
-            return self._transaction(lambda: self._reduce_all(names), deep=True)
-        chosen = list(self.layers) if names is None else list(names)
-        self._record_undo(self._begin_event(chosen))
-        events: dict[str, ReductionEvent] = {}
-        planned: dict[str, tuple[int, list[float], Any, float]] = {}
-        for name in chosen:
-            start = time.perf_counter()
-            layer = self.layers[name]
-            old = self._layer_state_size(layer)
-            hsv: list[float] = []
-            try:
-                hsv, rank, total, context = self._measure(name, layer)
-                if not rank < self.gate * total:
-                    reason = (
-                        f"rank {rank} of {total} is not below the gate {self.gate:g} x {total}"
-                    )
-                    seconds = time.perf_counter() - start
-                    events[name] = self._event(
-                        name, "skipped", hsv=hsv, reason=reason, seconds=seconds
-                    )
-                    continue
-                plan = self._plan(name, layer, rank, context)
-            except LAYER_ERRORS as err:
-                events[name] = self._refused(name, old, err, time.perf_counter() - start, hsv)
-                continue
-            planned[name] = (old, hsv, plan, time.perf_counter() - start)
-        applied: dict[str, tuple[Any, Any]] = {}
-        for name, (old, hsv, plan, seconds) in planned.items():
-            start = time.perf_counter()
-            try:
-                report = self._apply(name, self.layers[name], plan)
-            except LAYER_ERRORS as err:
-                seconds += time.perf_counter() - start
-                events[name] = self._refused(name, old, err, seconds, hsv)
-                continue
-            applied[name] = (plan, report)
-            seconds += time.perf_counter() - start
-            events[name] = self._reduced(name, old, report, hsv, seconds)
-        if applied:
-            self._resize_optimizer(applied)
-        self._end_event(chosen)
-        ordered = [events[name] for name in chosen]
-        self.history += ordered
-        return ordered
 
     def _scheduled(self) -> list[ReductionEvent]:
         if self.mode != "pragmatic":
@@ -626,60 +444,6 @@ class ControllerBase(Generic[Layer]):
         if self.max_cut is not None:
             rank = max(rank, math.ceil((1 - self.max_cut) * total - 1e-9))
         return min(total, max(self.min_rank, rank))
-
-    def _event(
-        self, name: str, status: str, old: int | None = None, new: int | None = None, **kw: Any
-    ) -> ReductionEvent:
-        size = self._layer_state_size(self.layers[name])
-        return ReductionEvent(
-            step=self.num_steps,
-            layer=name,
-            status=status,
-            old_rank=size if old is None else old,
-            new_rank=size if new is None else new,
-            **kw,
-        )
-
-    def _reduced(
-        self, name: str, old: int, report: Any, hsv: list[float], seconds: float
-    ) -> ReductionEvent:
-        """Record a reduction (``report``: the adapter's ``LayerReduction``)."""
-        logger.info(
-            "compressm: step %d, %s: %d -> %d states", self.num_steps, name, old, report.new_rank
-        )
-        return ReductionEvent(
-            step=self.num_steps,
-            layer=name,
-            status="reduced",
-            old_rank=old,
-            new_rank=report.new_rank,
-            hsv=hsv,
-            error_bound=report.error_bound,
-            hinf_error=report.hinf_error,
-            seconds=seconds,
-        )
-
-    def _refused(
-        self, name: str, old: int, err: Exception, seconds: float, hsv: Sequence[float] = ()
-    ) -> ReductionEvent:
-        """Warn about a reduction that raised and record it; the layer is unchanged."""
-        reason = f"{type(err).__name__}: {err}"
-        warnings.warn(
-            f"Reduction of layer {name!r} at step {self.num_steps} refused; the layer is "
-            f"unchanged. {reason}",
-            ReductionWarning,
-            stacklevel=4,
-        )
-        return ReductionEvent(
-            step=self.num_steps,
-            layer=name,
-            status="refused",
-            old_rank=old,
-            new_rank=old,
-            hsv=list(hsv),
-            seconds=seconds,
-            reason=reason,
-        )
 
     def _base_state(self) -> dict[str, Any]:
         """The framework-free part of ``state_dict`` (JSON-safe)."""

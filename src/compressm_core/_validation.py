@@ -7,13 +7,13 @@ Messages follow one template: which argument, what was expected, what was receiv
 from __future__ import annotations
 
 import numbers
-import operator
 from typing import NamedTuple
 
 import numpy as np
 
 from . import _xp
 from ._typing import Array, Namespace
+from .checks import check_int
 from .errors import ShapeError, StabilityError
 from .systems import DiagonalStateSpace, StateSpace
 
@@ -83,41 +83,6 @@ def check_stable_poles(poles: Array, name: str, xp: Namespace) -> None:
             f"{radius:.17g}."
         )
         raise StabilityError(msg)
-
-
-def _index(value: object) -> int | None:
-    """``value`` as a Python ``int`` if it is an integer (has ``__index__``), else ``None``."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return int(operator.index(value))  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-def check_int(value: object, name: str, *, low: int, high: int | None = None) -> int:
-    """Check that ``value`` is an integer in ``[low, high]`` and return it as a Python ``int``.
-
-    Bools are rejected; other integers (anything with ``__index__``, such as NumPy integers) are
-    accepted. With ``high`` (the arguments of the numerical functions) a non-integer raises
-    ``TypeError`` and an integer out of range ``ValueError``. Without it (counts and options of
-    the training controllers, bounded below only) every bad value raises ``ValueError`` with the
-    message "`name` must be an int >= low".
-    """
-    integer = _index(value)
-    if high is None:
-        if integer is None or integer < low:
-            msg = f"`{name}` must be an int >= {low}; received {value!r}."
-            raise ValueError(msg)
-        return integer
-    if integer is None:
-        kind = "" if isinstance(value, bool) else f"{type(value).__name__} "
-        msg = f"`{name}` must be an integer; received {kind}{value!r}."
-        raise TypeError(msg)
-    if not low <= integer <= high:
-        msg = f"`{name}` must be in [{low}, {high}]; received {integer}."
-        raise ValueError(msg)
-    return integer
 
 
 def check_tau(tau: object) -> float:

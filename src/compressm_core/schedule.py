@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._validation import check_int
+from .checks import check_int
 
 __all__ = ["ReductionEvent", "ReductionWarning", "reduction_schedule"]
 
@@ -71,22 +71,6 @@ class ReductionEvent:
     trigger: str = ""
     margin: float | None = None
     loss: float | None = None
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    """``check_int(value, name, low=low)`` in the argument order of the adapters' callers."""
-    return check_int(value, name, low=low)
-
-
-def _check_fraction(name: str, value: object, *, closed: bool = False) -> float:
-    interval = "[0, 1]" if closed else "[0, 1)"
-    msg = f"`{name}` must be a float in {interval}; received {value!r}."
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(msg)
-    number = float(value)
-    if not (0 <= number <= 1 if closed else 0 <= number < 1):
-        raise ValueError(msg)
-    return number
 
 
 def reduction_schedule(

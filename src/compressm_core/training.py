@@ -1,11 +1,12 @@
 """Options of the training controllers, shared by every framework.
 
 :class:`ReductionOptions` holds the framework-free options of :class:`compressm_torch.CompreSSM`,
-:class:`compressm_jax.CompreSSM` and :class:`compressm_torch.lightning.CompreSSMCallback`, with
-their defaults and checks: those classes build one from their keyword arguments, so an invalid
-option fails with the same message everywhere. Options that depend on a framework (the optimizer
-policy, the Gramian horizon, the statistics of selective layers) and the length of training
-(``total_steps``) stay with the controllers.
+:class:`compressm_jax.CompreSSM`, :class:`compressm_torch.lightning.CompreSSMCallback` and
+:class:`compressm_torch.hf.CompreSSMTrainerCallback`, with their defaults, checks and
+documentation. Those classes take one as ``options=`` or build one from their keyword arguments
+(:func:`resolve_options`), so an invalid option fails with the same message everywhere. Options
+that depend on a framework (the optimizer policy, the Gramian horizon, the statistics of
+selective layers) and the length of training (``total_steps``) stay with the controllers.
 
 :class:`ControllerBase` is the framework-free part of the controllers: schedule, step counting,
 rank rule and gate inputs, the pragmatic snapshot / rollback flow and event records.
@@ -13,13 +14,14 @@ rank rule and gate inputs, the pragmatic snapshot / rollback flow and event reco
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypedDict, TypeVar
 
 from ._controller import ControllerBase
-from ._validation import check_int
-from .schedule import _check_fraction
+from .checks import check_fraction, check_int
 
 __all__ = [
     "MODES",
@@ -27,9 +29,13 @@ __all__ = [
     "SELECTIONS",
     "ControllerBase",
     "Mode",
+    "ReductionKeywords",
     "ReductionOptions",
     "Schedule",
     "Selection",
+    "option_parameters",
+    "resolve_options",
+    "signature_with",
 ]
 
 Mode = Literal["tolerance", "fixed", "pragmatic"]
@@ -61,9 +67,10 @@ _MAX_INT = 2**62
 class ReductionOptions:
     """The framework-free options of a training controller, checked at construction.
 
-    Every field has the default of the keyword argument of the same name of
-    :class:`compressm_torch.CompreSSM`, :class:`compressm_jax.CompreSSM` and
-    :class:`compressm_torch.lightning.CompreSSMCallback`, which document them in full.
+    The controllers (:class:`compressm_torch.CompreSSM`, :class:`compressm_jax.CompreSSM`,
+    :class:`compressm_torch.lightning.CompreSSMCallback`,
+    :class:`compressm_torch.hf.CompreSSMTrainerCallback`) take these options by keyword, with
+    these defaults, or all at once as ``options=``; this is where they are documented.
 
     Parameters
     ----------
@@ -71,26 +78,34 @@ class ReductionOptions:
         Fraction of the HSV energy that may be discarded at each event (``"tolerance"``), in
         ``[0, 1)``.
     mode : {"tolerance", "fixed", "pragmatic"}, optional
-        How the rank of a reduction is chosen (:data:`Mode`).
+        How the rank of a reduction is chosen (:data:`Mode`). ``"pragmatic"``: reduce by
+        ``fraction``, compare the next reported validation metric with the one before the
+        event, and if it fell by more than ``rollback_rtol`` (relative) or is NaN, restore the
+        model and the optimizer's per-parameter state from the snapshot taken before the event
+        and stop reducing (the learning-rate schedule is not rolled back).
     warmup_fraction : float, optional
-        The default schedule spreads ``num_reductions`` events over this fraction of training,
-        in ``(0, 1]``; the deadline of the certified schedule. Checked only when
-        ``reduction_steps`` is ``None`` (it is unused otherwise).
+        The default schedule spreads ``num_reductions`` events evenly over this fraction of
+        training (:func:`~compressm_core.reduction_schedule`), in ``(0, 1]``; the deadline of
+        the certified schedule. Checked only when ``reduction_steps`` is ``None`` (it is unused
+        otherwise).
     num_reductions : int, optional
         Events of the default schedule; cuts per layer of the certified schedule.
     reduction_steps : sequence of int, optional
-        Explicit schedule (steps >= 1), stored as a tuple; excludes ``schedule="certified"``.
+        Explicit schedule (steps >= 1, overriding the default), stored as a tuple; excludes
+        ``schedule="certified"``.
     fraction : float, optional
         Fraction of states removed per event in ``"fixed"`` and ``"pragmatic"`` modes, in
         ``[0, 1)``.
     selection : {"largest", "smallest", "random"}, optional
-        Which states are kept (:data:`Selection`); ``"random"`` excludes ``real_output=True``.
+        Keep the strongest balanced states (the method), the weakest, or random modal states
+        (:data:`Selection`); ``"random"`` excludes ``real_output=True``.
     gate : float, optional
-        Reduce only if ``new_rank < gate * current_rank``; in ``[0, 1]``.
+        Reduce only if ``new_rank < gate * current_rank`` (the paper's 5 % gate); in
+        ``[0, 1]``.
     min_rank : int, optional
         Never go below this many states (>= 1).
     method : {"sqrt", "bfsr"}, optional
-        Balanced-truncation algorithm.
+        Balanced-truncation algorithm (:func:`~compressm_core.balanced_truncation`).
     real_output : bool, optional
         Keep the reduced layer's output real (see the adapters' ``reduce_layer``).
     energy : {"sum", "squared"}, optional
@@ -101,23 +116,36 @@ class ReductionOptions:
     metric : {"max", "min"}, optional
         Whether a larger (accuracy) or smaller (loss) validation metric is better.
     compute_error : bool, optional
-        Measure the H-infinity change of every reduced layer.
+        Measure the H-infinity change of every reduced layer (recorded in the history).
     seed : int, optional
         Seed of the random selection.
     schedule : {"steps", "certified"}, optional
-        Fixed steps, or cuts certified stable (:data:`Schedule`); ``"certified"`` excludes
-        ``mode="pragmatic"``.
+        ``"steps"``: reduce at the fixed steps (``reduction_steps``, or ``num_reductions``
+        evenly spaced in the first ``warmup_fraction``; the paper). ``"certified"``: check the
+        layers every ``check_every`` steps before the deadline ``warmup_fraction *
+        total_steps``; cut a layer once learning has started (pass ``loss`` to the
+        controller's ``step``) and the cut at the rank the rule asks for has been certified
+        stable for ``certify_window`` checks (Weyl bound of :class:`~compressm_core.RankTracker`;
+        for selective layers, an unchanged set of kept states) or the rule's rank has stayed
+        within ``rank_rtol`` over ``certify_window + 1`` checks, at most ``num_reductions``
+        times; the deadline forces the remaining cuts (:mod:`compressm_core.certified`).
+        ``"certified"`` excludes ``mode="pragmatic"``.
     check_every : int, optional
         Steps between checks of the certified schedule and between readings of the training
         loss (``None``: 1 % of ``total_steps``, set by the controller).
     certify_window : int, optional
-        Consecutive certified checks a cut needs.
+        Consecutive certified checks a cut needs (certified schedule).
     learning_drop : float, optional
-        Relative fall of the training loss that counts as "learning has started", in ``(0, 1)``.
+        Relative fall of the mean training loss below its first ``check_every`` steps that
+        counts as "learning has started", in ``(0, 1)``.
     rank_rtol : float, optional
-        Relative spread of the rule's rank that counts as stable, in ``[0, 1)``.
+        Relative spread of the rule's rank over the last checks that counts as stable
+        (certified schedule), in ``[0, 1)``.
     rewarmup_steps : int, optional
-        Optimizer updates of the learning-rate re-warm-up after each cut (>= 0).
+        After each event that reduced a layer, scale the learning rate of the next
+        ``rewarmup_steps`` optimizer updates by ``k / (rewarmup_steps + 1)``, ``k = 1, 2, ...``
+        (a brief re-warm-up; >= 0). How it is applied depends on the framework (torch: step
+        hooks of the optimizer; JAX: :func:`compressm_jax.scale_by_rewarmup`).
     max_cut : float or None, optional
         Largest fraction of a layer's current states one event may remove, in ``(0, 1]``
         (a floor ``ceil((1 - max_cut) n)`` on the rank); ``None``: no floor (the paper).
@@ -169,10 +197,10 @@ class ReductionOptions:
         def store(name: str, value: object) -> None:
             object.__setattr__(self, name, value)
 
-        store("tau", _check_fraction("tau", self.tau))
-        store("fraction", _check_fraction("fraction", self.fraction))
-        store("gate", _check_fraction("gate", self.gate, closed=True))
-        store("rollback_rtol", _check_fraction("rollback_rtol", self.rollback_rtol, closed=True))
+        store("tau", check_fraction(self.tau, "tau"))
+        store("fraction", check_fraction(self.fraction, "fraction"))
+        store("gate", check_fraction(self.gate, "gate", closed=True))
+        store("rollback_rtol", check_fraction(self.rollback_rtol, "rollback_rtol", closed=True))
         store("min_rank", check_int(self.min_rank, "min_rank", low=1))
         for name, value, allowed in (
             ("mode", self.mode, MODES),
@@ -229,3 +257,149 @@ class ReductionOptions:
         else:
             steps = tuple(check_int(s, "reduction_steps[i]", low=1) for s in self.reduction_steps)
             store("reduction_steps", steps)
+
+
+class ReductionKeywords(TypedDict, total=False):
+    """The fields of :class:`ReductionOptions` as keyword arguments (for type checkers).
+
+    The controllers take them as ``**keywords: Unpack[ReductionKeywords]``; their values, defaults
+    and checks are those of :class:`ReductionOptions`.
+    """
+
+    tau: float
+    mode: Mode
+    warmup_fraction: float
+    num_reductions: int
+    reduction_steps: Sequence[int] | None
+    fraction: float
+    selection: Selection
+    gate: float
+    min_rank: int
+    method: Literal["sqrt", "bfsr"]
+    real_output: bool
+    energy: Literal["sum", "squared"]
+    rollback_rtol: float
+    metric: Literal["max", "min"]
+    compute_error: bool
+    seed: int
+    schedule: Schedule
+    check_every: int | None
+    certify_window: int
+    learning_drop: float
+    rank_rtol: float
+    rewarmup_steps: int
+    max_cut: float | None
+
+
+def resolve_options(
+    options: ReductionOptions | None, keywords: Mapping[str, Any], *, owner: str
+) -> ReductionOptions:
+    """The options of a controller: ``options`` with the fields named in ``keywords`` replaced.
+
+    Parameters
+    ----------
+    options : ReductionOptions or None
+        The options given as one record (``None``: the defaults).
+    keywords : mapping
+        Options given by name; they take precedence over ``options``.
+    owner : str
+        The class whose arguments these are, for the messages.
+
+    Returns
+    -------
+    ReductionOptions
+        The checked options.
+
+    Raises
+    ------
+    TypeError
+        If ``options`` is not a :class:`ReductionOptions` or ``keywords`` names no option.
+    ValueError
+        If an option is invalid (see :class:`ReductionOptions`).
+
+    Examples
+    --------
+    >>> from compressm_core.training import ReductionOptions, resolve_options
+    >>> resolve_options(ReductionOptions(tau=0.2), {"mode": "fixed"}, owner="CompreSSM").tau
+    0.2
+    """
+    if options is None:
+        options = ReductionOptions()
+    elif not isinstance(options, ReductionOptions):
+        msg = (
+            f"`options` must be a compressm_core.training.ReductionOptions or None; received "
+            f"{type(options).__name__}."
+        )
+        raise TypeError(msg)
+    unknown = sorted(set(keywords) - _FIELDS)
+    if unknown:
+        msg = f"{owner}() got an unexpected keyword argument {unknown[0]!r}"
+        raise TypeError(msg)
+    return dataclasses.replace(options, **keywords) if keywords else options
+
+
+def option_parameters() -> list[inspect.Parameter]:
+    """The fields of :class:`ReductionOptions` as keyword-only parameters with their defaults.
+
+    Returns
+    -------
+    list of inspect.Parameter
+        In the order of the fields.
+
+    Examples
+    --------
+    >>> from compressm_core.training import option_parameters
+    >>> option_parameters()[0]
+    <Parameter "tau: 'float' = 0.1">
+    """
+    return [
+        inspect.Parameter(f.name, _KEYWORD, default=f.default, annotation=f.type)
+        for f in dataclasses.fields(ReductionOptions)
+    ]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+_KEYWORD = inspect.Parameter.KEYWORD_ONLY
+
+
+def signature_with(parameters: Iterable[inspect.Parameter] | None = None) -> Callable[[F], F]:
+    """A decorator that shows ``parameters`` in place of the ``**keywords`` of a function.
+
+    :func:`inspect.signature` (``help``, IDEs) then lists every option a controller accepts by
+    name, with its default, although the function takes them as ``**keywords``. Parameters the
+    function names itself are not repeated.
+
+    Parameters
+    ----------
+    parameters : iterable of inspect.Parameter, optional
+        Keyword-only parameters; default :func:`option_parameters`.
+
+    Returns
+    -------
+    callable
+        The decorator; it returns the function itself, with ``__signature__`` set.
+
+    Examples
+    --------
+    >>> import inspect
+    >>> from compressm_core.training import signature_with
+    >>> @signature_with()
+    ... def build(*, total_steps, **keywords):
+    ...     pass
+    >>> inspect.signature(build).parameters["gate"].default
+    0.95
+    """
+    extra = option_parameters() if parameters is None else list(parameters)
+
+    def decorate(function: F) -> F:
+        signature = inspect.signature(function)
+        own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        names = {p.name for p in own}
+        shown = own + [p for p in extra if p.name not in names]
+        function.__signature__ = signature.replace(parameters=shown)  # type: ignore[attr-defined]
+        return function
+
+    return decorate
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(ReductionOptions))

@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from compressm_core import DiagonalStateSpace, hankel_singular_values
+from compressm_core.checks import check_int
 from compressm_core.rank import shared_rank_hsv
-from compressm_core.schedule import ReductionWarning, _check_int
-from compressm_core.training import ControllerBase, Mode, ReductionOptions, Schedule
+from compressm_core.schedule import ReductionWarning
+from compressm_core.training import (
+    ControllerBase,
+    ReductionKeywords,
+    ReductionOptions,
+    signature_with,
+)
 
 from ._systems import host_system
 from .adapters import find_layers, get_adapter
 from .optim import ParamChange, _path_key, resize_optimizer_state
-from .reduction import LayerReduction, Selection, _apply, _Plan, _plan_reduction, _sliced
+from .reduction import LayerReduction, _apply, _Plan, _plan_reduction, _sliced
 from .rewarmup import mark_cut
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["CompreSSM", "ReductionWarning", "resize_layers"]
 
@@ -41,7 +50,7 @@ def resize_layers(model: nnx.Module, sizes: Mapping[str, int]) -> None:
         msg = f"`sizes` names layers that `model` does not have: {unknown}."
         raise KeyError(msg)
     for name, size in sizes.items():
-        _check_int(f"sizes[{name!r}]", size, 1)
+        check_int(size, f"sizes[{name!r}]", low=1)
         layer = layers[name]
         adapter = get_adapter(layer)
         if adapter.state_size(layer) == size:
@@ -76,20 +85,25 @@ class CompreSSM(ControllerBase[nnx.Module]):
         Its optimizer (``None`` skips the optimizer surgery).
     total_steps : int
         Length of training in optimizer steps.
-    tau, mode, warmup_fraction, num_reductions, reduction_steps, fraction : optional
-        As for :class:`compressm_torch.CompreSSM`.
-    selection, horizon, gate, min_rank, method, real_output, energy : optional
-        As for :class:`compressm_torch.CompreSSM` (``horizon`` is ``None`` or an int).
-    rollback_rtol, metric, compute_error, layers, seed : optional
-        As for :class:`compressm_torch.CompreSSM`.
-    schedule, check_every, certify_window, learning_drop, rank_rtol, max_cut : optional
-        The certified schedule, as for :class:`compressm_torch.CompreSSM` (pass ``loss`` to
-        :meth:`step`).
-    rewarmup_steps : int, optional
-        A learning-rate re-warm-up after each cut, for an optimizer without
-        :func:`scale_by_rewarmup`: :attr:`lr_factor` is ``k / (rewarmup_steps + 1)`` for the
-        ``k``-th of the next ``rewarmup_steps`` updates; multiply it into their learning rate by
-        hand (e.g. through ``optax.inject_hyperparams``). Nothing is applied automatically.
+    options : ReductionOptions, optional
+        The framework-free options as one record, as for :class:`compressm_torch.CompreSSM`.
+    horizon : int, optional
+        Gramians over ``horizon`` steps (``None``: an infinite horizon, the paper).
+    layers : iterable of str, optional
+        Names of the layers to manage (default: all supported layers).
+    **keywords
+        The options of :class:`~compressm_core.training.ReductionOptions` by name (``tau``,
+        ``mode``, ``reduction_steps``, ``schedule``, ...; pass ``loss`` to :meth:`step` for the
+        certified schedule), taking precedence over ``options``. ``rewarmup_steps`` is for an
+        optimizer without :func:`scale_by_rewarmup`: :attr:`lr_factor` is
+        ``k / (rewarmup_steps + 1)`` for the ``k``-th of the next ``rewarmup_steps`` updates;
+        multiply it into their learning rate by hand (e.g. through
+        ``optax.inject_hyperparams``). Nothing is applied automatically.
+
+    Attributes
+    ----------
+    options : ReductionOptions
+        The options in force.
 
     Notes
     -----
@@ -115,37 +129,17 @@ class CompreSSM(ControllerBase[nnx.Module]):
     16
     """
 
+    @signature_with()
     def __init__(
         self,
         model: nnx.Module,
         optimizer: nnx.Optimizer[Any] | None,
         *,
         total_steps: int,
-        tau: float = 0.1,
-        mode: Mode = "tolerance",
-        warmup_fraction: float = 0.1,
-        num_reductions: int = 4,
-        reduction_steps: Sequence[int] | None = None,
-        fraction: float = 0.1,
-        selection: Selection = "largest",
+        options: ReductionOptions | None = None,
         horizon: int | None = None,
-        gate: float = 0.95,
-        min_rank: int = 1,
-        method: Literal["sqrt", "bfsr"] = "sqrt",
-        real_output: bool = False,
-        energy: Literal["sum", "squared"] = "sum",
-        rollback_rtol: float = 0.02,
-        metric: Literal["max", "min"] = "max",
-        compute_error: bool = False,
         layers: Iterable[str] | None = None,
-        seed: int = 0,
-        schedule: Schedule = "steps",
-        check_every: int | None = None,
-        certify_window: int = 3,
-        learning_drop: float = 0.2,
-        rank_rtol: float = 0.1,
-        rewarmup_steps: int = 0,
-        max_cut: float | None = None,
+        **keywords: Unpack[ReductionKeywords],
     ) -> None:
         if not isinstance(model, nnx.Module):
             msg = f"`model` must be a flax.nnx.Module; received {type(model).__name__}."
@@ -154,34 +148,9 @@ class CompreSSM(ControllerBase[nnx.Module]):
             kind = type(optimizer).__name__
             msg = f"`optimizer` must be a flax.nnx.Optimizer or None; received {kind}."
             raise TypeError(msg)
-        options = ReductionOptions(
-            tau=tau,
-            mode=mode,
-            warmup_fraction=warmup_fraction,
-            num_reductions=num_reductions,
-            reduction_steps=reduction_steps,
-            fraction=fraction,
-            selection=selection,
-            gate=gate,
-            min_rank=min_rank,
-            method=method,
-            real_output=real_output,
-            energy=energy,
-            rollback_rtol=rollback_rtol,
-            metric=metric,
-            compute_error=compute_error,
-            seed=seed,
-            schedule=schedule,
-            check_every=check_every,
-            certify_window=certify_window,
-            learning_drop=learning_drop,
-            rank_rtol=rank_rtol,
-            rewarmup_steps=rewarmup_steps,
-            max_cut=max_cut,
-        )
-        self._configure(options, total_steps=total_steps)
+        self._configure(options, keywords, total_steps=total_steps)
         if horizon is not None:
-            _check_int("horizon", horizon, 1)
+            check_int(horizon, "horizon", low=1)
         self.model, self.optimizer, self.horizon = model, optimizer, horizon
         self._params_before: Any = None
         self._select_layers(

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from compressm_core import DiagonalStateSpace, h_infinity_norm
+from compressm_core.reduction import reduction_report
 
 from ._systems import (
     LRU_NAMES,
@@ -234,17 +235,15 @@ def reduce_lru_params(
     if compute_error:
         after = _host_lru({**values, **new})
         hinf = float(h_infinity_norm(sys, host_system(after), real_output=True))
-    report = LayerReduction(
+    report = reduction_report(
         old_rank=int(sys.poles.shape[-1]),
         new_rank=int(new["nu_log"].shape[0]),
         hsv=plan.hsv,
-        error_bound=plan.bound,
+        bound=plan.bound,
         hinf_error=hinf,
         selection=selection,
         indices=plan.indices,
-        changed=tuple(plan.values),
-        slices={}
-        if plan.indices is None
-        else {name: (axis, plan.indices) for name, axis in LRU_STATE_AXES.items()},
+        changed=plan.values,
+        state_axes=LRU_STATE_AXES,
     )
     return _replace(params, new), report

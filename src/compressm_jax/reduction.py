@@ -1,9 +1,9 @@
-"""Reduce one NNX layer: balanced truncation + re-diagonalisation, or index selection."""
+"""Reduce one NNX layer: read its system, plan (:mod:`compressm_core.reduction`), write."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import jax
@@ -12,19 +12,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from compressm_core import (
-    DiagonalStateSpace,
-    StabilityError,
-    StateSpace,
-    balanced_realization,
-    balanced_truncation,
-    h_infinity_norm,
-    hankel_singular_values,
-    rediagonalize,
-    select_rank,
+from compressm_core import DiagonalStateSpace, StabilityError, h_infinity_norm
+from compressm_core.reduction import (
+    LayerReduction,
+    check_reduction,
+    layer_hsv,
+    plan_reduction,
+    reduction_report,
 )
-from compressm_core.rank import shared_rank_hsv
-from compressm_core.training import SELECTIONS, Selection
+from compressm_core.training import Selection
 
 from ._systems import host_system
 from .adapters import LayerAdapter, get_adapter
@@ -32,107 +28,14 @@ from .adapters import LayerAdapter, get_adapter
 __all__ = ["LayerReduction", "Selection", "reduce_layer"]
 
 
-@dataclass(frozen=True)
-class LayerReduction:
-    """Report of :func:`reduce_layer` and :func:`reduce_lru_params`.
-
-    Attributes
-    ----------
-    old_rank, new_rank : int
-        State sizes before and after.
-    hsv : (n,) ndarray
-        Hankel singular values before the reduction (float64, host), descending; for a layer
-        made of a batch of systems (:class:`S4D`) their per-index maximum
-        (:func:`compressm_core.rank.shared_rank_hsv`).
-    error_bound : float
-        Bound on the H-infinity norm of the change of the layer's transfer function:
-        :math:`2 \\sum_{\\text{discarded}} \\sigma_i` for balanced truncation, the modal bound
-        :math:`\\sum_{\\text{discarded}} \\|c_i\\| \\|b_i\\| / (1 - |\\lambda_i|)` for
-        ``selection="random"``; for a batch of systems (:class:`S4D`) the largest member's bound,
-        which bounds the layer's block-diagonal transfer function. Only an indicator with
-        ``horizon`` set.
-    hinf_error : float or None
-        Measured H-infinity norm of the change of the layer's (real) output map, if asked.
-    selection : str
-        ``"largest"``, ``"smallest"`` or ``"random"``.
-    indices : (new_rank,) ndarray or None
-        Kept state indices for ``selection="random"``: the parameters were sliced with them.
-        ``None`` after a change of basis.
-    changed : tuple of str
-        Names of the parameters whose values were replaced.
-    slices : mapping
-        After an index selection, ``{parameter name: (axis, kept positions)}`` for every sliced
-        parameter (what slicing optimizer moments needs); empty after a change of basis.
-    """
-
-    old_rank: int
-    new_rank: int
-    hsv: np.ndarray
-    error_bound: float
-    hinf_error: float | None
-    selection: str
-    indices: np.ndarray | None
-    changed: tuple[str, ...]
-    slices: Mapping[str, tuple[int, np.ndarray]] = field(default_factory=dict)
-
-
 def _check_arguments(
     rank: int | None, tau: float | None, selection: str, real_output: bool, key: object
 ) -> None:
     """Validate what does not depend on the layer (before anything is computed)."""
-    if (rank is None) == (tau is None):
-        msg = f"Give exactly one of `rank` and `tau`; received rank={rank!r}, tau={tau!r}."
-        raise TypeError(msg)
-    if selection not in SELECTIONS:
-        msg = f"`selection` must be one of {SELECTIONS}; received {selection!r}."
-        raise ValueError(msg)
-    if selection == "random" and real_output:
-        msg = "`selection='random'` keeps modal states; it cannot be combined with `real_output`."
-        raise ValueError(msg)
+    check_reduction(rank, tau, selection, real_output)
     if selection == "random" and key is None:
         msg = "`selection='random'` needs a `key` (a jax.random key) to draw the kept states."
         raise TypeError(msg)
-
-
-def _check_rank(rank: object, total: int) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= total:
-        msg = f"`rank` must be an int in [1, {total}]; received {rank!r}."
-        raise ValueError(msg)
-    return rank
-
-
-def _modal_bound(sys: DiagonalStateSpace, dropped: np.ndarray) -> float:
-    """The modal bound of the dropped states, the largest over a batch of systems."""
-    gain = np.linalg.norm(sys.b[..., dropped, :], axis=-1) * np.linalg.norm(
-        sys.c[..., :, dropped], axis=-2
-    )
-    return float(np.max(np.sum(gain / (1 - np.abs(sys.poles[..., dropped])), axis=-1)))
-
-
-def _balanced(
-    sys: DiagonalStateSpace,
-    rank: int,
-    hsv: np.ndarray,
-    *,
-    selection: str,
-    method: Literal["sqrt", "bfsr"],
-    horizon: int | None,
-    real_output: bool,
-    max_condition: float,
-) -> tuple[DiagonalStateSpace, float]:
-    if selection == "largest":
-        bt = balanced_truncation(
-            sys, rank, method=method, horizon=horizon, real_output=real_output
-        )
-        reduced, bound = bt.system, float(np.max(bt.error_bound))
-    else:
-        br = balanced_realization(sys, horizon=horizon, real_output=real_output)
-        a, b, c, d = br.system
-        keep = slice(a.shape[-1] - rank, None)
-        reduced = StateSpace(a[..., keep, keep], b[..., keep, :], c[..., :, keep], d)
-        bound = float(np.max(2 * np.sum(br.hsv[..., : a.shape[-1] - rank], axis=-1)))
-    diag = rediagonalize(reduced, real_output=real_output, max_condition=max_condition)
-    return diag, bound
 
 
 @dataclass(frozen=True)
@@ -160,29 +63,29 @@ def _plan_reduction(
     from_state_space: Callable[[DiagonalStateSpace], dict[str, np.ndarray]],
     sliced: Callable[[np.ndarray], dict[str, np.ndarray]],
 ) -> _Plan:
-    """The reduced values of a host system: HSVs, rank, then selection or balancing."""
-    hsv = np.asarray(
-        shared_rank_hsv(hankel_singular_values(sys, horizon=horizon, real_output=real_output))
+    """The reduced values of a host system: HSVs, rank, then
+    :func:`~compressm_core.reduction.plan_reduction`."""
+    hsv, rank = layer_hsv(
+        sys, rank, tau=tau, energy=energy, horizon=horizon, real_output=real_output
     )
-    if tau is not None:
-        rank = select_rank(hsv, tau=tau, energy=energy)
-    rank = _check_rank(rank, int(hsv.shape[-1]))
+    permutation = None
     if selection == "random":
         assert key is not None
-        perm = np.asarray(jax.random.permutation(key, int(sys.poles.shape[-1])))
-        indices, dropped = np.sort(perm[:rank]), np.sort(perm[rank:])
-        return _Plan(sliced(indices), hsv, _modal_bound(sys, dropped), indices)
-    reduced, bound = _balanced(
+        permutation = np.asarray(jax.random.permutation(key, int(sys.poles.shape[-1])))
+    plan = plan_reduction(
         sys,
         rank,
-        hsv,
         selection=selection,
         method=method,
         horizon=horizon,
         real_output=real_output,
         max_condition=max_condition,
+        permutation=permutation,
     )
-    return _Plan(from_state_space(reduced), hsv, bound, None)
+    if plan.indices is not None:
+        return _Plan(sliced(plan.indices), np.asarray(hsv), plan.bound, plan.indices)
+    assert plan.system is not None
+    return _Plan(from_state_space(plan.system), np.asarray(hsv), plan.bound, None)
 
 
 def _cast_like(name: str, value: Any, old: Any) -> jax.Array:
@@ -232,56 +135,22 @@ def reduce_layer(
 ) -> LayerReduction:
     """Reduce the state of an NNX ``layer`` in place to ``rank`` states.
 
-    ``selection="largest"`` (the method): balanced truncation to the ``rank`` states with the
-    largest Hankel singular values, then re-diagonalisation
-    :math:`A_r = V \\operatorname{diag}(\\mu) V^{-1}`, written back through the layer's
-    adapter; the change of the transfer function obeys
-
-    .. math::
-
-        \\|G - G_r\\|_{\\mathcal{H}_\\infty} \\le 2 \\sum_{i > r} \\sigma_i .
-
-    ``"smallest"`` keeps the ``rank`` weakest balanced states instead and ``"random"`` keeps
-    ``rank`` random modal states without balancing (the paper's ablations).
-
-    The computation runs on the host in float64 (NumPy, through :mod:`compressm_core`),
-    whatever ``jax_enable_x64`` says, and matches :func:`compressm_torch.reduce_layer` on the
-    same weights. The new values are computed, cast to the parameters' dtypes and checked
-    (finite, :math:`0 < |\\mu| < 1`) before anything is written: on failure the layer is left
-    as it was and the error says why; if the error check (``compute_error``) fails, the old
-    values are written back before the error propagates. Each :class:`flax.nnx.Param` keeps
-    its identity and gets a new array of the new shape; optimizer state built for the old shapes
-    must be rebuilt.
+    The same reduction, arguments and report as :func:`compressm_torch.reduce_layer` (the plan
+    is :func:`compressm_core.reduction.plan_reduction`), with a JAX random ``key`` in place of
+    the torch generator. The computation runs on the host in float64 (NumPy), whatever
+    ``jax_enable_x64`` says, and matches the torch function on the same weights. The new values
+    are cast to the parameters' dtypes and checked before anything is written; on failure the
+    layer is left as it was. Each :class:`flax.nnx.Param` keeps its identity and gets a new
+    array of the new shape; optimizer state built for the old shapes must be rebuilt
+    (:func:`resize_optimizer_state`).
 
     Parameters
     ----------
     layer : flax.nnx.Module
         A layer with a registered adapter (:class:`LRU`, :class:`S5`, :class:`S4D`, or your
-        own). A layer made of a batch of systems (:class:`S4D`: one per channel) is reduced
-        to one ``rank`` shared by all of them, chosen with ``tau`` from the per-index maximum
-        of their HSVs (:func:`compressm_core.rank.shared_rank_hsv`).
-    rank : int, optional
-        States to keep, in ``[1, n]`` (real states in ``[1, 2n]`` with ``real_output``). Give
-        either ``rank`` or ``tau``.
-    tau : float, optional
-        Choose the rank with :func:`compressm_core.select_rank` (fraction of the HSV energy
-        that may be discarded).
-    energy : {"sum", "squared"}, optional
-        Energy used with ``tau``.
-    method : {"sqrt", "bfsr"}, optional
-        Balanced-truncation method (see :func:`compressm_core.balanced_truncation`).
-    selection : {"largest", "smallest", "random"}, optional
-        Which states to keep.
-    real_output : bool, optional
-        ``False`` (default, the paper's reduction): balance the complex system; its bound is a
-        conservative bound for the layer's real output. ``True``: reduce the exact real
-        ``2n``-state realization of ``Re(C x)``; ``rank`` counts real states and each kept
-        conjugate pair takes one complex slot.
-    horizon : int, optional
-        Finite-horizon Gramians over ``horizon`` steps (the sequence length seen in training).
-    compute_error : bool, optional
-        Measure the H-infinity norm of the change of the layer's output map afterwards
-        (a posteriori check of ``error_bound``).
+        own).
+    rank, tau, energy, method, selection, real_output, horizon, compute_error : optional
+        As for :func:`compressm_torch.reduce_layer`.
     key : jax.Array, optional
         Random key for ``selection="random"`` (required there).
     max_condition : float, optional
@@ -297,11 +166,8 @@ def reduce_layer(
     TypeError
         No adapter for ``layer``; neither or both of ``rank`` and ``tau``; no ``key`` for
         ``selection="random"``.
-    ValueError
-        ``rank``, ``selection`` or ``tau`` out of range.
-    StabilityError, ConditioningError
-        The reduced system cannot be written back (unstable or non-finite parameters, an
-        ill-conditioned modal basis). The layer is unchanged.
+    ValueError, StabilityError, ConditioningError
+        As for :func:`compressm_torch.reduce_layer`; the layer is unchanged.
 
     Examples
     --------
@@ -358,18 +224,16 @@ def _apply(
         if adapter.on_resize is not None:
             adapter.on_resize(layer)
         raise
-    return LayerReduction(
+    return reduction_report(
         old_rank=int(sys.poles.shape[-1]),
         new_rank=adapter.state_size(layer),
         hsv=plan.hsv,
-        error_bound=plan.bound,
+        bound=plan.bound,
         hinf_error=hinf,
         selection=selection,
         indices=plan.indices,
-        changed=tuple(plan.values),
-        slices={}
-        if plan.indices is None
-        else {name: (axis, plan.indices) for name, axis in adapter.state_axes.items()},
+        changed=plan.values,
+        state_axes=adapter.state_axes,
     )
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from compressm_core._validation import check_int
+from compressm_core.checks import check_int
 
 __all__ = ["RewarmupState", "mark_cut", "scale_by_rewarmup"]
 

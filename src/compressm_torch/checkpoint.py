@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from compressm_core import CheckpointError
-from compressm_core._io import READ_ERRORS, atomic_write, unreadable
+from compressm_core.files import READ_ERRORS, atomic_write, unreadable
 
 from .adapters import (
     _COMPILED_PREFIX,

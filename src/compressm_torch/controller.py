@@ -6,7 +6,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -16,22 +16,26 @@ from compressm_core.rank import shared_rank_hsv
 from compressm_core.schedule import (
     ReductionEvent,
     ReductionWarning,
-    _check_int,
     reduction_schedule,
 )
-from compressm_core.training import ControllerBase, Mode, ReductionOptions, Schedule
+from compressm_core.training import (
+    ControllerBase,
+    ReductionKeywords,
+    ReductionOptions,
+    signature_with,
+)
 
 from ._distributed import all_reduce_numbers
+from ._options import check_torch_options
 from ._params import assign
 from .adapters import LayerAdapter, SelectiveAdapter, get_adapter, resize_layers, state_sizes
 from .adapters import find_layers as _find_layers
-from .optim import POLICIES, OptimizerStatePolicy, resize_optimizer_state
-from .reduction import LayerReduction, Selection
+from .optim import OptimizerStatePolicy, resize_optimizer_state
+from .reduction import LayerReduction
 from .reduction import _apply as _apply_lti
 from .reduction import _plan as _plan_lti
 from .selective import (
-    _AGGREGATES,
-    _IMPORTANCE,
+    Aggregate,
     Importance,
     SelectiveRecorder,
     _apply_selective,
@@ -41,32 +45,10 @@ from .selective import (
     selective_importance,
 )
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = ["CompreSSM", "ReductionEvent", "ReductionWarning", "reduction_schedule"]
-
-
-def _check_torch_options(
-    *,
-    optimizer_state: object,
-    horizon: object,
-    importance: object,
-    aggregate: object,
-    calibration_steps: object,
-    calibration_sequences: object,
-) -> None:
-    """Check the options of :class:`CompreSSM` that :class:`ReductionOptions` does not hold."""
-    for name, value, allowed in (
-        ("optimizer_state", optimizer_state, POLICIES),
-        ("importance", importance, _IMPORTANCE),
-        ("aggregate", aggregate, _AGGREGATES),
-    ):
-        if value not in allowed:
-            msg = f"`{name}` must be one of {allowed}; received {value!r}."
-            raise ValueError(msg)
-    if horizon is not None and horizon != "auto":
-        _check_int("horizon", horizon, 1)
-    _check_int("calibration_steps", calibration_steps, 1)
-    if calibration_sequences is not None:
-        _check_int("calibration_sequences", calibration_sequences, 1)
 
 
 class _LayerPlan(NamedTuple):
@@ -98,22 +80,9 @@ class CompreSSM(ControllerBase[nn.Module]):
         The optimizer training ``model``; ``None`` skips the optimizer surgery.
     total_steps : int
         Length of training in optimizer steps (sets the default schedule).
-    tau : float, optional
-        Fraction of the HSV energy that may be discarded at each event (``"tolerance"``).
-    mode : {"tolerance", "fixed", "pragmatic"}, optional
-        ``"pragmatic"``: reduce by ``fraction``, compare the next reported validation metric with
-        the one before the event, and if it fell by more than ``rollback_rtol`` (relative) or is
-        NaN, restore the model and the optimizer's per-parameter state from the snapshot taken
-        before the event and stop reducing (the learning-rate schedule is not rolled back).
-    warmup_fraction, num_reductions : optional
-        Default schedule: ``num_reductions`` events evenly spaced in the first
-        ``warmup_fraction`` of training (:func:`reduction_schedule`).
-    reduction_steps : sequence of int, optional
-        Explicit schedule (overrides the default).
-    fraction : float, optional
-        Fraction of states removed per event in ``"fixed"`` and ``"pragmatic"`` modes.
-    selection : {"largest", "smallest", "random"}, optional
-        Keep the strongest balanced states (the method), the weakest, or random modal states.
+    options : ReductionOptions, optional
+        The framework-free options (:class:`~compressm_core.training.ReductionOptions`: rank
+        rule, schedule, gate, pragmatic mode, certified schedule, re-warm-up) as one record.
     optimizer_state : {"reset", "zero"}, optional
         Policy for the moments of reduced tensors after a change of basis (see
         :func:`resize_optimizer_state`).
@@ -125,22 +94,8 @@ class CompreSSM(ControllerBase[nn.Module]):
         Gramians over an infinite horizon (``None``, the paper), over ``horizon`` steps, or over
         the longest sequence the layers have seen in forward passes (``"auto"``; under
         ``torch.distributed`` the longest of all ranks).
-    gate : float, optional
-        Reduce only if ``new_rank < gate * current_rank``.
-    min_rank : int, optional
-        Never go below this many states.
-    method, real_output, energy : optional
-        Passed to the balanced truncation (see :func:`reduce_layer`).
-    rollback_rtol : float, optional
-        Relative fall of the validation metric that triggers a rollback (pragmatic mode).
-    metric : {"max", "min"}, optional
-        Whether a larger (accuracy) or smaller (loss) validation metric is better.
-    compute_error : bool, optional
-        Measure the H-infinity change of every reduced layer (recorded in the history).
     layers : iterable of str, optional
         Names of the layers to manage (default: all supported layers).
-    seed : int, optional
-        Seed of the random selection.
     importance : {"gramian", "mean_lti", "random"}, optional
         Selective (Mamba) layers: the state-importance scores that choose the kept state
         indices (:func:`reduce_selective_layer`); ``tau``, ``fraction``, ``gate`` and
@@ -162,35 +117,21 @@ class CompreSSM(ControllerBase[nn.Module]):
         Selective layers: record at most this many sequences of each calibration batch
         (:class:`SelectiveRecorder`'s ``max_sequences``; default all). The recording cost is
         proportional to it; the scores are then estimated from fewer samples.
-    schedule : {"steps", "certified"}, optional
-        ``"steps"``: reduce at the fixed steps (``reduction_steps``, or ``num_reductions``
-        evenly spaced in the first ``warmup_fraction``; the paper). ``"certified"``: check the
-        layers every ``check_every`` steps before the deadline ``warmup_fraction *
-        total_steps``; cut a layer once learning has started (pass ``loss`` to :meth:`step`)
-        and the cut at the rank the rule asks for has been certified stable for
-        ``certify_window`` checks (Weyl bound of :class:`~compressm_core.RankTracker`; for
-        selective layers, an unchanged set of kept states) or the rule's rank has stayed within
-        ``rank_rtol`` over ``certify_window + 1`` checks, at most ``num_reductions`` times; the
-        deadline forces the remaining cuts. See :mod:`compressm_core.certified`.
-    check_every : int, optional
-        Steps between checks of the certified schedule and between readings of the training
-        loss (default 1 % of ``total_steps``).
-    certify_window : int, optional
-        Consecutive certified checks a cut needs (certified schedule).
-    learning_drop : float, optional
-        Relative fall of the mean training loss below its first ``check_every`` steps that
-        counts as "learning has started".
-    rank_rtol : float, optional
-        Relative spread of the rule's rank over the last checks that counts as stable
-        (certified schedule).
-    max_cut : float, optional
-        Largest fraction of a layer's current states one event may remove (a floor on the
-        rank: ``ceil((1 - max_cut) n)``); ``None`` (default, the paper) sets no floor.
-    rewarmup_steps : int, optional
-        After each event that reduced a layer, scale the learning rate of the next
-        ``rewarmup_steps`` optimizer updates by ``k / (rewarmup_steps + 1)``, ``k = 1, 2, ...``
-        (a brief re-warm-up). Applied around ``optimizer.step()`` by step hooks and undone
-        after it, so any LR scheduler (chainable ones included) sees its own values.
+    **keywords
+        The options of :class:`~compressm_core.training.ReductionOptions` by name (``tau``,
+        ``mode``, ``warmup_fraction``, ``num_reductions``, ``reduction_steps``, ``fraction``,
+        ``selection``, ``gate``, ``min_rank``, ``method``, ``real_output``, ``energy``,
+        ``rollback_rtol``, ``metric``, ``compute_error``, ``seed``, ``schedule``,
+        ``check_every``, ``certify_window``, ``learning_drop``, ``rank_rtol``,
+        ``rewarmup_steps``, ``max_cut``), with the defaults and meanings documented there; they
+        take precedence over ``options``. The re-warm-up (``rewarmup_steps``) is applied around
+        ``optimizer.step()`` by step hooks and undone after it, so any LR scheduler (chainable
+        ones included) sees its own values.
+
+    Attributes
+    ----------
+    options : ReductionOptions
+        The options in force.
 
     Examples
     --------
@@ -207,44 +148,24 @@ class CompreSSM(ControllerBase[nn.Module]):
     True
     """
 
+    @signature_with()
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
         *,
         total_steps: int,
-        tau: float = 0.1,
-        mode: Mode = "tolerance",
-        warmup_fraction: float = 0.1,
-        num_reductions: int = 4,
-        reduction_steps: Sequence[int] | None = None,
-        fraction: float = 0.1,
-        selection: Selection = "largest",
+        options: ReductionOptions | None = None,
         optimizer_state: OptimizerStatePolicy = "reset",
         lr_scheduler: Any = None,
         horizon: int | Literal["auto"] | None = None,
-        gate: float = 0.95,
-        min_rank: int = 1,
-        method: Literal["sqrt", "bfsr"] = "sqrt",
-        real_output: bool = False,
-        energy: Literal["sum", "squared"] = "sum",
-        rollback_rtol: float = 0.02,
-        metric: Literal["max", "min"] = "max",
-        compute_error: bool = False,
         layers: Iterable[str] | None = None,
-        seed: int = 0,
         importance: Importance = "gramian",
-        aggregate: Literal["sum", "energy", "normalized"] = "sum",
+        aggregate: Aggregate = "sum",
         calibration_steps: int = 8,
         calibration_batches: Iterable[Any] | None = None,
         calibration_sequences: int | None = None,
-        schedule: Schedule = "steps",
-        check_every: int | None = None,
-        certify_window: int = 3,
-        learning_drop: float = 0.2,
-        rank_rtol: float = 0.1,
-        rewarmup_steps: int = 0,
-        max_cut: float | None = None,
+        **keywords: Unpack[ReductionKeywords],
     ) -> None:
         if not isinstance(model, nn.Module):
             msg = f"`model` must be a torch.nn.Module; received {type(model).__name__}."
@@ -253,33 +174,8 @@ class CompreSSM(ControllerBase[nn.Module]):
             kind = type(optimizer).__name__
             msg = f"`optimizer` must be a torch.optim.Optimizer or None; received {kind}."
             raise TypeError(msg)
-        options = ReductionOptions(
-            tau=tau,
-            mode=mode,
-            warmup_fraction=warmup_fraction,
-            num_reductions=num_reductions,
-            reduction_steps=reduction_steps,
-            fraction=fraction,
-            selection=selection,
-            gate=gate,
-            min_rank=min_rank,
-            method=method,
-            real_output=real_output,
-            energy=energy,
-            rollback_rtol=rollback_rtol,
-            metric=metric,
-            compute_error=compute_error,
-            seed=seed,
-            schedule=schedule,
-            check_every=check_every,
-            certify_window=certify_window,
-            learning_drop=learning_drop,
-            rank_rtol=rank_rtol,
-            rewarmup_steps=rewarmup_steps,
-            max_cut=max_cut,
-        )
-        self._configure(options, total_steps=total_steps)
-        _check_torch_options(
+        self._configure(options, keywords, total_steps=total_steps)
+        check_torch_options(
             optimizer_state=optimizer_state,
             horizon=horizon,
             importance=importance,
@@ -302,7 +198,7 @@ class CompreSSM(ControllerBase[nn.Module]):
         found = self.layers
         self.seen_length: int | None = None
         self._horizon_step: int | None = None
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(self.options.seed)
         self._hooks = []
         if horizon == "auto":
             self._hooks = [
@@ -586,7 +482,6 @@ class CompreSSM(ControllerBase[nn.Module]):
             layer,
             adapter,
             sys,
-            hsv,
             rank,
             method=self.method,
             selection=self.selection,
@@ -644,21 +539,11 @@ class CompreSSM(ControllerBase[nn.Module]):
     ) -> None:
         if self.optimizer is None:
             return
-        if report.slices:
-            for pname, (axis, pos) in report.slices.items():
-                if pname not in shapes:  # a buffer (no optimizer state)
-                    continue
-                resize_optimizer_state(
-                    self.optimizer,
-                    layer.get_parameter(pname),
-                    shapes[pname],
-                    axis=axis,
-                    indices=pos,
-                    policy=self.optimizer_state,
-                )
-            return
-        assert isinstance(adapter, LayerAdapter)
-        for pname, axis in adapter.state_axes.items():
+        changes: Mapping[str, tuple[int, torch.Tensor | None]] = report.slices
+        if not changes:  # a change of basis: the moments of every state tensor are reset
+            assert isinstance(adapter, LayerAdapter)
+            changes = {pname: (axis, None) for pname, axis in adapter.state_axes.items()}
+        for pname, (axis, pos) in changes.items():
             if pname not in shapes:  # a buffer (no optimizer state)
                 continue
             resize_optimizer_state(
@@ -666,6 +551,6 @@ class CompreSSM(ControllerBase[nn.Module]):
                 layer.get_parameter(pname),
                 shapes[pname],
                 axis=axis,
-                indices=None,
+                indices=pos,
                 policy=self.optimizer_state,
             )

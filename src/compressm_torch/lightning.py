@@ -6,25 +6,25 @@ This module imports :mod:`lightning`; ``import compressm_torch`` does not.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from compressm_core.schedule import _check_int
-from compressm_core.training import Mode, ReductionOptions, Schedule
+from compressm_core.checks import check_int
+from compressm_core.training import ReductionOptions, signature_with
 
-from .adapters import find_layers, get_adapter, resize_layers, state_sizes
-from .controller import CompreSSM, ReductionEvent, _check_torch_options
-from .optim import OptimizerStatePolicy
-from .reduction import Selection
-from .selective import Importance
+from ._callbacks import ControllerHolder
+from ._options import CompreSSMKeywords, controller_parameters, split_options
+from .adapters import state_sizes
+from .controller import CompreSSM
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["CompreSSMCallback"]
 
@@ -34,7 +34,7 @@ logger = logging.getLogger("compressm")
 STATE_SIZES_KEY = "compressm_state_sizes"
 
 
-class CompreSSMCallback(Callback):
+class CompreSSMCallback(ControllerHolder, Callback):
     """Reduce the SSM layers of a LightningModule while ``Trainer.fit`` trains it.
 
     At ``on_fit_start`` the callback builds a :class:`~compressm_torch.CompreSSM` controller on
@@ -63,21 +63,15 @@ class CompreSSMCallback(Callback):
         must therefore run between scheduled reductions (``val_check_interval``). Under a
         distributed strategy the controller judges by the mean of the ranks' values (logged with
         or without ``sync_dist``), so every rank keeps or rolls back the same reduction.
-    tau, mode, warmup_fraction, num_reductions, reduction_steps, fraction : optional
-        As for :class:`~compressm_torch.CompreSSM`; the schedule counts optimizer steps.
-    selection, optimizer_state, horizon, gate, min_rank, method, real_output : optional
-        As for :class:`~compressm_torch.CompreSSM`.
-    energy, rollback_rtol, metric, compute_error, layers, seed : optional
-        As for :class:`~compressm_torch.CompreSSM`.
-    importance, aggregate, calibration_steps, calibration_batches, calibration_sequences : optional
-        Selective (Mamba) layers, as for :class:`~compressm_torch.CompreSSM`.
-    schedule, check_every, certify_window, learning_drop, rank_rtol, rewarmup_steps : optional
-        The certified schedule and the learning-rate re-warm-up, as for
-        :class:`~compressm_torch.CompreSSM`.
-    max_cut : optional
-        The certified schedule and the learning-rate re-warm-up, as for
-        :class:`~compressm_torch.CompreSSM`. The training loss is read from what
-        ``training_step`` returns (a tensor, or a mapping with ``"loss"``).
+    options : ReductionOptions, optional
+        The framework-free options as one record, as for :class:`~compressm_torch.CompreSSM`.
+    **keywords
+        The keyword options of :class:`~compressm_torch.CompreSSM`, checked here: those of
+        :class:`~compressm_core.training.ReductionOptions` (``tau``, ``mode``, ...; the schedule
+        counts optimizer steps) and ``optimizer_state``, ``horizon``, ``layers``,
+        ``importance``, ``aggregate``, ``calibration_steps``, ``calibration_batches``,
+        ``calibration_sequences``. The training loss is read from what ``training_step``
+        returns (a tensor, or a mapping with ``"loss"``).
 
     Attributes
     ----------
@@ -123,100 +117,34 @@ class CompreSSMCallback(Callback):
     {'net.blocks.0.ssm': 9}
     """
 
+    @signature_with(controller_parameters())
     def __init__(
         self,
         *,
         total_steps: int | None = None,
         monitor: str | None = None,
-        tau: float = 0.1,
-        mode: Mode = "tolerance",
-        warmup_fraction: float = 0.1,
-        num_reductions: int = 4,
-        reduction_steps: Sequence[int] | None = None,
-        fraction: float = 0.1,
-        selection: Selection = "largest",
-        optimizer_state: OptimizerStatePolicy = "reset",
-        horizon: int | Literal["auto"] | None = None,
-        gate: float = 0.95,
-        min_rank: int = 1,
-        method: Literal["sqrt", "bfsr"] = "sqrt",
-        real_output: bool = False,
-        energy: Literal["sum", "squared"] = "sum",
-        rollback_rtol: float = 0.02,
-        metric: Literal["max", "min"] = "max",
-        compute_error: bool = False,
-        layers: Iterable[str] | None = None,
-        seed: int = 0,
-        importance: Importance = "gramian",
-        aggregate: Literal["sum", "energy", "normalized"] = "sum",
-        calibration_steps: int = 8,
-        calibration_batches: Iterable[Any] | None = None,
-        calibration_sequences: int | None = None,
-        schedule: Schedule = "steps",
-        check_every: int | None = None,
-        certify_window: int = 3,
-        learning_drop: float = 0.2,
-        rank_rtol: float = 0.1,
-        rewarmup_steps: int = 0,
-        max_cut: float | None = None,
+        options: ReductionOptions | None = None,
+        **keywords: Unpack[CompreSSMKeywords],
     ) -> None:
         super().__init__()
         if monitor is not None and not isinstance(monitor, str):
             msg = f"`monitor` must be a str or None; received {type(monitor).__name__}."
             raise TypeError(msg)
-        if mode == "pragmatic" and monitor is None:
+        self.options, torch_options = split_options(options, keywords, owner="CompreSSMCallback")
+        if self.options.mode == "pragmatic" and monitor is None:
             msg = (
                 "`monitor` must name a logged validation metric when `mode='pragmatic'` "
                 "(the controller judges each reduction by it)."
             )
             raise ValueError(msg)
         if total_steps is not None:
-            _check_int("total_steps", total_steps, 1)
+            check_int(total_steps, "total_steps", low=1)
         self.total_steps = total_steps
         self.monitor = monitor
+        layers = torch_options.pop("layers")
         self.layers = None if layers is None else list(layers)
-        self.options = ReductionOptions(
-            tau=tau,
-            mode=mode,
-            warmup_fraction=warmup_fraction,
-            num_reductions=num_reductions,
-            reduction_steps=reduction_steps,
-            fraction=fraction,
-            selection=selection,
-            gate=gate,
-            min_rank=min_rank,
-            method=method,
-            real_output=real_output,
-            energy=energy,
-            rollback_rtol=rollback_rtol,
-            metric=metric,
-            compute_error=compute_error,
-            seed=seed,
-            schedule=schedule,
-            check_every=check_every,
-            certify_window=certify_window,
-            learning_drop=learning_drop,
-            rank_rtol=rank_rtol,
-            rewarmup_steps=rewarmup_steps,
-            max_cut=max_cut,
-        )
-        _check_torch_options(
-            optimizer_state=optimizer_state,
-            horizon=horizon,
-            importance=importance,
-            aggregate=aggregate,
-            calibration_steps=calibration_steps,
-            calibration_sequences=calibration_sequences,
-        )
-        self._torch_options: dict[str, Any] = {
-            "optimizer_state": optimizer_state,
-            "horizon": horizon,
-            "importance": importance,
-            "aggregate": aggregate,
-            "calibration_steps": calibration_steps,
-            "calibration_batches": calibration_batches,
-            "calibration_sequences": calibration_sequences,
-        }
+        self._torch_options = torch_options
+        self._built_at = ("on_fit_start", "Trainer.fit")
         self._controller: CompreSSM | None = None
         self._restored: dict[str, Any] | None = None
         self._metric: float | None = None
@@ -224,25 +152,6 @@ class CompreSSMCallback(Callback):
         self._load_hooks: list[RemovableHandle] = []
 
     # -- public ----------------------------------------------------------------------------
-
-    @property
-    def controller(self) -> CompreSSM:
-        """The controller of the current ``fit``.
-
-        Raises
-        ------
-        RuntimeError
-            Before ``on_fit_start``.
-        """
-        if self._controller is None:
-            msg = "The controller is built at `on_fit_start`; call `Trainer.fit` first."
-            raise RuntimeError(msg)
-        return self._controller
-
-    @property
-    def history(self) -> list[ReductionEvent]:
-        """Events of the controller (``[]`` before ``fit``)."""
-        return [] if self._controller is None else self._controller.history
 
     # -- Lightning hooks -------------------------------------------------------------------
 
@@ -259,9 +168,7 @@ class CompreSSMCallback(Callback):
             self._restored = None
             self._metric = None
         self._remove_load_hooks()
-        for layer in self._managed_layers(pl_module).values():
-            hook = layer.register_load_state_dict_pre_hook  # untyped in torch
-            self._load_hooks.append(hook(_resize_to_incoming_state))  # type: ignore[no-untyped-call]
+        self._install_load_hooks(pl_module, self.layers)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove the load hooks and the controller's forward hooks."""
@@ -289,8 +196,8 @@ class CompreSSMCallback(Callback):
             optimizers[0] if optimizers else None,
             total_steps=total,
             lr_scheduler=schedulers[0].scheduler if schedulers else None,
+            options=self.options,
             layers=self.layers,
-            **asdict(self.options),
             **self._torch_options,
         )
         if self._restored is not None:
@@ -365,25 +272,3 @@ class CompreSSMCallback(Callback):
         controller = self.controller
         controller.load_state_dict(state["controller"])
         self._metric = state.get("metric")
-
-    def _managed_layers(self, pl_module: nn.Module) -> dict[str, nn.Module]:
-        found = find_layers(pl_module)
-        if self.layers is None:
-            return found
-        return {name: layer for name, layer in found.items() if name in self.layers}
-
-    def _remove_load_hooks(self) -> None:
-        for handle in self._load_hooks:
-            handle.remove()
-        self._load_hooks = []
-
-
-def _resize_to_incoming_state(
-    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
-) -> None:
-    """``load_state_dict`` pre-hook: resize ``module`` to the state size in ``state_dict``."""
-    adapter = get_adapter(module)
-    size = adapter.incoming_size(module, state_dict, prefix)
-    if size is not None and size >= 1 and size != adapter.state_size(module):
-        logger.info("compressm: resizing %s to %d states to load a state dict", prefix, size)
-        resize_layers(module, {"": size})

@@ -1,120 +1,27 @@
-"""Reduce one layer in place: balanced truncation + re-diagonalisation, or index selection."""
+"""Reduce one layer in place: read its system, plan (:mod:`compressm_core.reduction`), write."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from compressm_core import (
-    DiagonalStateSpace,
-    StabilityError,
-    StateSpace,
-    balanced_realization,
-    balanced_truncation,
-    h_infinity_norm,
-    hankel_singular_values,
-    rediagonalize,
-    select_rank,
+from compressm_core import DiagonalStateSpace, StabilityError, h_infinity_norm
+from compressm_core.reduction import (
+    LayerReduction,
+    check_reduction,
+    layer_hsv,
+    plan_reduction,
+    reduction_report,
 )
-from compressm_core.rank import shared_rank_hsv
-from compressm_core.training import SELECTIONS, Selection
+from compressm_core.training import Selection
 
 from ._params import assign, resolve
 from .adapters import LayerAdapter, get_adapter
 
 __all__ = ["LayerReduction", "Selection", "reduce_layer"]
-
-
-@dataclass(frozen=True)
-class LayerReduction:
-    """Report of :func:`reduce_layer`.
-
-    Attributes
-    ----------
-    old_rank, new_rank : int
-        State sizes before and after.
-    hsv : (n,) tensor
-        Hankel singular values before the reduction (float64, CPU), descending; for a layer
-        made of a batch of systems (:class:`S4D`) their per-index maximum
-        (:func:`compressm_core.rank.shared_rank_hsv`); for a selective layer
-        (:func:`reduce_selective_layer`) its state-importance scores, descending.
-    error_bound : float or None
-        Bound on the H-infinity norm of the change of the layer's transfer function:
-        :math:`2 \\sum_{\\text{discarded}} \\sigma_i` for balanced truncation, the modal bound
-        :math:`\\sum_{\\text{discarded}} \\|c_i\\| \\|b_i\\| / (1 - |\\lambda_i|)` for
-        ``selection="random"``; for a batch of systems (:class:`S4D`) the largest member's bound,
-        which bounds the layer's block-diagonal transfer function. Only an indicator with
-        ``horizon`` set. ``None`` for selective layers (no bound exists).
-    hinf_error : float or None
-        Measured H-infinity norm of the change of the layer's (real) output map, if asked.
-    selection : str
-        ``"largest"``, ``"smallest"`` or ``"random"`` (for selective layers, the importance
-        method).
-    indices : (new_rank,) or (G, new_rank) tensor or None
-        Kept state indices for index selection (``"random"``, selective layers): the parameters,
-        and the optimizer moments, were sliced with them. ``None`` after a change of basis.
-    changed : tuple of str
-        Names of the parameters whose values were replaced (their objects are kept).
-    slices : mapping
-        After an index selection, ``{parameter name: (axis, kept positions)}`` for every sliced
-        parameter (what :func:`resize_optimizer_state` needs to slice its moments); empty after
-        a change of basis.
-    """
-
-    old_rank: int
-    new_rank: int
-    hsv: torch.Tensor
-    error_bound: float | None
-    hinf_error: float | None
-    selection: str
-    indices: torch.Tensor | None
-    changed: tuple[str, ...]
-    slices: Mapping[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
-
-
-def _check_rank(rank: object, total: int) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= total:
-        msg = f"`rank` must be an int in [1, {total}]; received {rank!r}."
-        raise ValueError(msg)
-    return rank
-
-
-def _modal_bound(sys: DiagonalStateSpace, dropped: torch.Tensor) -> float:
-    """The modal bound of the dropped states, the largest over a batch of systems."""
-    gain = torch.linalg.vector_norm(sys.b[..., dropped, :], dim=-1) * torch.linalg.vector_norm(
-        sys.c[..., :, dropped], dim=-2
-    )
-    return float(torch.max(torch.sum(gain / (1 - sys.poles[..., dropped].abs()), dim=-1)))
-
-
-def _balanced(
-    sys: DiagonalStateSpace,
-    rank: int,
-    hsv: torch.Tensor,
-    *,
-    selection: str,
-    method: Literal["sqrt", "bfsr"],
-    horizon: int | None,
-    real_output: bool,
-    max_condition: float,
-) -> tuple[DiagonalStateSpace, float]:
-    if selection == "largest":
-        bt = balanced_truncation(
-            sys, rank, method=method, horizon=horizon, real_output=real_output
-        )
-        reduced, bound = bt.system, float(torch.max(bt.error_bound))
-    else:
-        br = balanced_realization(sys, horizon=horizon, real_output=real_output)
-        a, b, c, d = br.system
-        keep = slice(a.shape[-1] - rank, None)
-        reduced = StateSpace(a[..., keep, keep], b[..., keep, :], c[..., :, keep], d)
-        bound = float(torch.max(2 * br.hsv[..., : a.shape[-1] - rank].sum(dim=-1)))
-    diag = rediagonalize(reduced, real_output=real_output, max_condition=max_condition)
-    return diag, bound
 
 
 def reduce_layer(
@@ -210,15 +117,7 @@ def reduce_layer(
     >>> layer.d_state, report.old_rank, report.error_bound > 0
     (8, 32, True)
     """
-    if (rank is None) == (tau is None):
-        msg = f"Give exactly one of `rank` and `tau`; received rank={rank!r}, tau={tau!r}."
-        raise TypeError(msg)
-    if selection not in SELECTIONS:
-        msg = f"`selection` must be one of {SELECTIONS}; received {selection!r}."
-        raise ValueError(msg)
-    if selection == "random" and real_output:
-        msg = "`selection='random'` keeps modal states; it cannot be combined with `real_output`."
-        raise ValueError(msg)
+    check_reduction(rank, tau, selection, real_output)
     adapter = get_adapter(layer)
     if not isinstance(adapter, LayerAdapter):
         msg = (
@@ -227,15 +126,14 @@ def reduce_layer(
         )
         raise TypeError(msg)
     sys = adapter.to_state_space(layer)
-    hsv = shared_rank_hsv(hankel_singular_values(sys, horizon=horizon, real_output=real_output))
-    if tau is not None:
-        rank = select_rank(hsv, tau=tau, energy=energy)
+    hsv, rank = layer_hsv(
+        sys, rank, tau=tau, energy=energy, horizon=horizon, real_output=real_output
+    )
     plan = _plan(
         layer,
         adapter,
         sys,
-        hsv,
-        _check_rank(rank, int(hsv.shape[-1])),
+        rank,
         method=method,
         selection=selection,
         real_output=real_output,
@@ -259,7 +157,6 @@ def _plan(
     layer: nn.Module,
     adapter: LayerAdapter,
     sys: DiagonalStateSpace,
-    hsv: torch.Tensor,
     rank: int,
     *,
     method: Literal["sqrt", "bfsr"],
@@ -269,24 +166,26 @@ def _plan(
     generator: torch.Generator | None,
     max_condition: float,
 ) -> _Plan:
-    """The reduced values of ``layer`` (selection or balancing); nothing is written."""
-    old = int(sys.poles.shape[-1])
+    """The reduced values of ``layer`` (:func:`~compressm_core.reduction.plan_reduction`);
+    nothing is written."""
+    permutation = None
     if selection == "random":
-        perm = torch.randperm(old, generator=generator)
-        indices = torch.sort(perm[:rank]).values.to(sys.poles.device)
-        dropped = torch.sort(perm[rank:]).values.to(sys.poles.device)
-        return _Plan(_sliced(layer, adapter, indices), _modal_bound(sys, dropped), indices)
-    reduced, bound = _balanced(
+        old = int(sys.poles.shape[-1])
+        permutation = torch.randperm(old, generator=generator).to(sys.poles.device)
+    plan = plan_reduction(
         sys,
         rank,
-        hsv,
         selection=selection,
         method=method,
         horizon=horizon,
         real_output=real_output,
         max_condition=max_condition,
+        permutation=permutation,
     )
-    return _Plan(adapter.from_state_space(layer, reduced), bound, None)
+    if plan.indices is not None:
+        return _Plan(_sliced(layer, adapter, plan.indices), plan.bound, plan.indices)
+    assert plan.system is not None
+    return _Plan(adapter.from_state_space(layer, plan.system), plan.bound, None)
 
 
 def _apply(
@@ -322,18 +221,16 @@ def _apply(
             adapter.on_resize(layer)
         raise
     indices = plan.indices
-    return LayerReduction(
+    return reduction_report(
         old_rank=int(sys.poles.shape[-1]),
         new_rank=adapter.state_size(layer),
         hsv=hsv.detach().cpu(),
-        error_bound=plan.bound,
+        bound=plan.bound,
         hinf_error=hinf,
         selection=selection,
         indices=None if indices is None else indices.cpu(),
-        changed=tuple(plan.values),
-        slices={}
-        if indices is None
-        else {name: (axis, indices.cpu()) for name, axis in adapter.state_axes.items()},
+        changed=plan.values,
+        state_axes=adapter.state_axes,
     )
 
 

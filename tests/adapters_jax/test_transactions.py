@@ -15,6 +15,7 @@ nnx = pytest.importorskip("flax.nnx")
 jax.config.update("jax_enable_x64", True)
 jnp = jax.numpy
 
+import compressm_core.reduction as core_reduction  # noqa: E402
 import compressm_jax.controller as controller_module  # noqa: E402
 import compressm_jax.reduction as reduction_module  # noqa: E402
 from compressm_jax import LRU, S5  # noqa: E402
@@ -128,8 +129,8 @@ def test_interrupted_event_restores_everything_and_is_retried(monkeypatch, layer
     ctl = CompreSSM(model, opt, total_steps=10, mode="fixed", fraction=0.5, reduction_steps=[2])
     assert ctl.step() == []
     before = state_of(model, opt, ctl)
-    fake = failing_on({2}, KeyboardInterrupt())(reduction_module.rediagonalize)
-    monkeypatch.setattr(reduction_module, "rediagonalize", fake)
+    fake = failing_on({2}, KeyboardInterrupt())(core_reduction.rediagonalize)
+    monkeypatch.setattr(core_reduction, "rediagonalize", fake)
     with pytest.raises(KeyboardInterrupt):
         ctl.step()
     assert_unchanged(model, opt, ctl, before)

@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import compressm_core.reduction as core_reduction  # noqa: E402
 import compressm_torch.controller as controller_module  # noqa: E402
 import compressm_torch.reduction as reduction_module  # noqa: E402
 import compressm_torch.selective as selective_module  # noqa: E402
@@ -143,8 +144,8 @@ def test_interrupted_event_restores_everything_and_is_retried(monkeypatch, layer
     ctl = CompreSSM(model, opt, total_steps=10, mode="fixed", fraction=0.5, reduction_steps=[2])
     assert ctl.step() == []
     before = state_of(model, opt, ctl)
-    fake = failing_on({2}, error)(reduction_module.rediagonalize)  # the second layer's
-    monkeypatch.setattr(reduction_module, "rediagonalize", fake)
+    fake = failing_on({2}, error)(core_reduction.rediagonalize)  # the second layer's
+    monkeypatch.setattr(core_reduction, "rediagonalize", fake)
     with pytest.raises(type(error)):
         ctl.step()
     assert_unchanged(model, opt, ctl, before)
@@ -208,8 +209,8 @@ def test_interrupted_pragmatic_event_leaves_nothing_pending(monkeypatch):
     )
     ctl.report_metric(0.8)
     before = state_of(model, opt, ctl)
-    fake = failing_on({1}, KeyboardInterrupt())(reduction_module.rediagonalize)
-    monkeypatch.setattr(reduction_module, "rediagonalize", fake)
+    fake = failing_on({1}, KeyboardInterrupt())(core_reduction.rediagonalize)
+    monkeypatch.setattr(core_reduction, "rediagonalize", fake)
     with pytest.raises(KeyboardInterrupt):
         ctl.step()
     assert_unchanged(model, opt, ctl, before)

@@ -253,3 +253,65 @@ def test_callback_stores_the_record() -> None:
 
     callback = CompreSSMCallback(tau=0.2, reduction_steps=[4, 8], horizon="auto")
     assert callback.options == ReductionOptions(tau=0.2, reduction_steps=(4, 8))
+
+
+# -- one record, given whole or by keyword -------------------------------------------------
+
+
+def test_resolve_options_merges_keywords_over_the_record() -> None:
+    from compressm_core.training import resolve_options
+
+    record = ReductionOptions(tau=0.2, mode="fixed")
+    assert resolve_options(record, {}, owner="C") is record
+    assert resolve_options(record, {"fraction": 0.5}, owner="C") == ReductionOptions(
+        tau=0.2, mode="fixed", fraction=0.5
+    )
+    assert resolve_options(None, {}, owner="C") == ReductionOptions()
+    with pytest.raises(TypeError, match=r"C\(\) got an unexpected keyword argument 'tua'"):
+        resolve_options(None, {"tua": 0.1}, owner="C")
+    with pytest.raises(TypeError, match="`options` must be a compressm_core.training"):
+        resolve_options({"tau": 0.1}, {}, owner="C")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`tau`"):
+        resolve_options(record, {"tau": 2.0}, owner="C")
+
+
+@pytest.mark.skipif(not _has("torch"), reason="torch is not installed")
+def test_torch_controller_takes_the_record() -> None:
+    import torch
+
+    from compressm_torch import LRU, CompreSSM
+
+    model = torch.nn.Sequential(LRU(2, 8))
+    record = ReductionOptions(mode="fixed", fraction=0.5, reduction_steps=(3,))
+    ctl = CompreSSM(model, None, total_steps=10, options=record, gate=0.9)
+    assert ctl.options == dataclasses.replace(record, gate=0.9)
+    assert (ctl.schedule, ctl.gate) == ([3], 0.9)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tua'"):
+        CompreSSM(model, None, total_steps=10, tua=0.1)  # type: ignore[call-arg]
+
+
+@pytest.mark.skipif(not _has("jax", "flax"), reason="jax/flax is not installed")
+def test_jax_controller_takes_the_record() -> None:
+    from flax import nnx
+
+    from compressm_jax import LRU, CompreSSM
+
+    record = ReductionOptions(mode="fixed", fraction=0.5, reduction_steps=(1,))
+    ctl = CompreSSM(LRU(2, 8, rngs=nnx.Rngs(0)), None, total_steps=10, options=record)
+    assert ctl.options is record
+    ctl.step()
+    assert ctl.state_sizes == {"": 4}
+
+
+@pytest.mark.skipif(not _has("torch", "lightning"), reason="lightning is not installed")
+def test_callback_takes_the_record_and_checks_pragmatic_mode_in_it() -> None:
+    from compressm_torch.lightning import CompreSSMCallback
+
+    record = ReductionOptions(tau=0.3)
+    assert CompreSSMCallback(options=record, rank_rtol=0.2).options == dataclasses.replace(
+        record, rank_rtol=0.2
+    )
+    with pytest.raises(ValueError, match="`monitor`"):
+        CompreSSMCallback(options=ReductionOptions(mode="pragmatic"))
+    with pytest.raises(TypeError, match=r"Unknown CompreSSM options \['tua'\]"):
+        CompreSSMCallback(tua=0.1)  # type: ignore[call-arg]
