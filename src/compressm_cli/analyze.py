@@ -91,7 +91,7 @@ def _torch_spectra(path: Path) -> tuple[dict[str, tuple[Any, bool]], Any]:
     import torch
 
     from compressm_core import CheckpointError, hankel_singular_values
-    from compressm_core._io import READ_ERRORS, unreadable
+    from compressm_core.files import READ_ERRORS, unreadable
     from compressm_torch import (
         SelectiveAdapter,
         SequenceModel,

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from compressm_core import CheckpointError
-from compressm_core._io import READ_ERRORS, atomic_write, unreadable
+from compressm_core.files import READ_ERRORS, atomic_write, unreadable
 from compressm_core.schedule import ReductionEvent
 from compressm_jax import (
     CompreSSM,
