@@ -1,10 +1,10 @@
-"""Reduce one layer in place: balanced truncation + re-diagonalisation, or index selection."""
+"""Reduce layers in place: balanced truncation + re-diagonalisation, or index selection."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -24,9 +24,9 @@ from compressm_core.rank import shared_rank_hsv
 from compressm_core.training import SELECTIONS, Selection
 
 from ._params import assign, resolve
-from .adapters import LayerAdapter, get_adapter
+from .adapters import LayerAdapter, find_layers, get_adapter
 
-__all__ = ["LayerReduction", "Selection", "reduce_layer"]
+__all__ = ["LayerReduction", "Selection", "reduce_layer", "reduce_model"]
 
 
 @dataclass(frozen=True)
@@ -219,15 +219,7 @@ def reduce_layer(
     if selection == "random" and real_output:
         msg = "`selection='random'` keeps modal states; it cannot be combined with `real_output`."
         raise ValueError(msg)
-    adapter = get_adapter(layer)
-    if not isinstance(adapter, LayerAdapter):
-        msg = (
-            f"`layer` of type {type(layer).__name__} is selective; reduce it with "
-            "compressm_torch.reduce_selective_layer."
-        )
-        raise TypeError(msg)
-    sys = adapter.to_state_space(layer)
-    hsv = shared_rank_hsv(hankel_singular_values(sys, horizon=horizon, real_output=real_output))
+    adapter, sys, hsv = _read(layer, "layer", horizon=horizon, real_output=real_output)
     if tau is not None:
         rank = select_rank(hsv, tau=tau, energy=energy)
     plan = _plan(
@@ -244,6 +236,123 @@ def reduce_layer(
         max_condition=max_condition,
     )
     return _apply(layer, adapter, sys, hsv, plan, selection=selection, compute_error=compute_error)
+
+
+def _read(
+    layer: nn.Module, what: str, *, horizon: int | None, real_output: bool
+) -> tuple[LayerAdapter, DiagonalStateSpace, torch.Tensor]:
+    """The adapter, system and (shared-rank) HSVs of an LTI layer; ``what`` names it in the
+    error raised for a selective layer."""
+    adapter = get_adapter(layer)
+    if not isinstance(adapter, LayerAdapter):
+        msg = (
+            f"`{what}` of type {type(layer).__name__} is selective; reduce it with "
+            "compressm_torch.reduce_selective_layer."
+        )
+        raise TypeError(msg)
+    sys = adapter.to_state_space(layer)
+    hsv = shared_rank_hsv(hankel_singular_values(sys, horizon=horizon, real_output=real_output))
+    return adapter, sys, hsv
+
+
+def reduce_model(
+    model: nn.Module,
+    ranks: Mapping[str, int],
+    *,
+    method: Literal["sqrt", "bfsr"] = "sqrt",
+    real_output: bool = False,
+    horizon: int | None = None,
+    compute_error: bool = False,
+    max_condition: float = 1e8,
+) -> dict[str, LayerReduction]:
+    """Balanced-truncate the named layers of ``model`` once, in place, to the given ranks.
+
+    Every layer ``name`` is reduced as :func:`reduce_layer` with ``rank=ranks[name]`` and
+    ``selection="largest"`` does (balanced truncation, re-diagonalisation, the bound
+    :math:`\\|G - G_r\\|_{\\mathcal{H}_\\infty} \\le 2 \\sum_{i > r} \\sigma_i`). A layer whose
+    rank equals its state size is left as it is. All reductions are planned before any is
+    written; if writing one fails, the layers already written are restored, so the model is
+    reduced entirely or not at all.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; names are those of :func:`find_layers` (and :func:`state_sizes`).
+    ranks : mapping
+        ``{layer name: states to keep}``.
+    method, real_output, horizon, compute_error, max_condition : optional
+        As for :func:`reduce_layer`.
+
+    Returns
+    -------
+    dict
+        ``{layer name: LayerReduction}`` for every layer that was reduced.
+
+    Raises
+    ------
+    KeyError
+        ``ranks`` names a layer that ``model`` does not have.
+    TypeError
+        A named layer is selective (no balanced truncation exists for it).
+    ValueError, StabilityError, ConditioningError
+        As for :func:`reduce_layer`; the model is unchanged.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from compressm_torch import SequenceModel, reduce_model, state_sizes
+    >>> _ = torch.manual_seed(0)
+    >>> model = SequenceModel(2, 3, d_model=4, d_state=16, n_layers=2)
+    >>> reports = reduce_model(model, {"blocks.0.ssm": 6, "blocks.1.ssm": 16})
+    >>> state_sizes(model), list(reports)
+    ({'blocks.0.ssm': 6, 'blocks.1.ssm': 16}, ['blocks.0.ssm'])
+    """
+    layers = find_layers(model)
+    unknown = sorted(set(ranks) - set(layers))
+    if unknown:
+        msg = f"`ranks` names layers that `model` does not have: {unknown}."
+        raise KeyError(msg)
+    planned = []
+    for name, rank in ranks.items():
+        layer = layers[name]
+        adapter, sys, hsv = _read(
+            layer, f"ranks[{name!r}]", horizon=horizon, real_output=real_output
+        )
+        if _check_rank(rank, int(hsv.shape[-1])) == int(hsv.shape[-1]):
+            continue
+        plan = _plan(
+            layer,
+            adapter,
+            sys,
+            hsv,
+            rank,
+            method=method,
+            selection="largest",
+            real_output=real_output,
+            horizon=horizon,
+            generator=None,
+            max_condition=max_condition,
+        )
+        planned.append((name, layer, adapter, sys, hsv, plan))
+    reports: dict[str, LayerReduction] = {}
+    undo: list[tuple[nn.Module, LayerAdapter, dict[str, tuple[torch.Tensor, Any]]]] = []
+    try:
+        for name, layer, adapter, sys, hsv, plan in planned:
+            saved = {p: (resolve(layer, p).detach(), resolve(layer, p).grad) for p in plan.values}
+            reports[name] = _apply(
+                layer, adapter, sys, hsv, plan, selection="largest", compute_error=compute_error
+            )
+            undo.append((layer, adapter, saved))
+    except BaseException:
+        for layer, adapter, saved in reversed(undo):
+            with torch.no_grad():
+                for p, (value, grad) in saved.items():
+                    assign(resolve(layer, p), value)
+                    resolve(layer, p).grad = grad
+            if adapter.on_resize is not None:
+                adapter.on_resize(layer)
+        raise
+    return reports
 
 
 @dataclass(frozen=True)
