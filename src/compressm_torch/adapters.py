@@ -306,12 +306,14 @@ def resize_layers(model: nn.Module, sizes: Mapping[str, int]) -> None:
 def _detached(
     read: Callable[[nn.Module], DiagonalStateSpace],
 ) -> Callable[[nn.Module], DiagonalStateSpace]:
-    """``read`` evaluated under ``torch.no_grad`` (the ``to_state_space`` of an adapter whose
-    differentiable reader is ``read``)."""
+    """``read`` evaluated under ``torch.no_grad``, every field detached (the
+    ``to_state_space`` of an adapter whose differentiable reader is ``read``; a field can be a
+    view of a parameter, which keeps ``requires_grad`` even under ``no_grad``)."""
 
     def detached(layer: nn.Module) -> DiagonalStateSpace:
         with torch.no_grad():
-            return read(layer)
+            sys = read(layer)
+        return DiagonalStateSpace(*(None if f is None else f.detach() for f in sys))
 
     return detached
 

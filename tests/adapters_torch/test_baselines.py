@@ -182,3 +182,18 @@ def test_reduce_model_agrees_with_reduce_layer():
     reduce_layer(two, 4)
     for key, value in one.state_dict().items():
         torch.testing.assert_close(value, two.state_dict()[key])
+
+
+@pytest.mark.parametrize("cls", [LRU, S5, S4D])
+def test_readers_differentiable_and_detached(cls):
+    """``to_state_space`` stays detached (the feedthrough too, a view of a parameter); the
+    adapter's differentiable reader gives the same values with a graph."""
+    from compressm_torch import get_adapter
+
+    layer = cls(2, 4, dtype=torch.float64)
+    detached = to_state_space(layer)
+    assert not any(f.requires_grad for f in detached)
+    live = get_adapter(layer).differentiable_state_space(layer)
+    assert live.poles.requires_grad
+    for a, b in zip(detached, live, strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
