@@ -15,6 +15,14 @@ For every task and seed, with the same steps and the same seeds (paired), it tra
   ``compressm`` run of the same seed chose at that step, so the three selections are compared
   at equal sizes (the rank rule reads the HSVs of the model in hand, so without this a worse
   selection ends at another size and the comparison mixes selection with size).
+- the baselines of ``compressm compare --baselines`` (``compressm_cli.baselines``), at the
+  per-layer sizes the ``compressm`` run of the same seed reached: ``kd`` (a student distilled
+  from the ``full`` model of the same seed), ``hnn`` (the full-size model trained with the Hankel
+  nuclear-norm penalty, cut once after training) and ``post`` (the ``full`` model of the same
+  seed cut once after training, then fine-tuned for 10 % of the steps). Their ``seconds`` count
+  every stage (the teacher's or the full model's training included) and their ``stages`` hold
+  the metrics at each stage. With ``--model mamba`` there is no ``hnn`` (no Hankel singular
+  values to penalise).
 
 Every run is ``compressm_cli.training.train`` with a ``RunConfig`` (AdamW, warm-up + cosine,
 batch 64, 3000 steps, ``d_model`` 16, ``N0`` 128 unless changed). Runs go to a pool of
@@ -22,7 +30,8 @@ batch 64, 3000 steps, ``d_model`` 16, ``N0`` 128 unless changed). Runs go to a p
 compare with each other (not with runs on an idle machine).
 
 Writes ``results/fidelity.json`` (per task: ``metric``, ``higher_is_better``, ``arms: {name:
-{"test": [...], "sizes": [...], "seconds": [...]}}`` with one entry per seed) and
+{"test": [...], "sizes": [...], "seconds": [...]}}`` with one entry per seed, and for the
+baselines ``"stages": [{stage: {"val", "test", "seconds"}}, ...]``) and
 ``results/fidelity.md`` (mean ± std, paired differences ``compressm - small`` per seed, their
 mean and a sign count).
 
@@ -40,6 +49,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -55,7 +65,12 @@ ARMS = (
     "small",
     "random",
     "smallest",
+    "kd",
+    "hnn",
+    "post",
 )
+BASELINES = ("kd", "hnn", "post")
+NEEDS_FULL = ("kd", "post")  # the trained full model of the same seed
 OVERRIDES: dict[str, dict[str, Any]] = {
     "full": {"reduce": False},
     "compressm": {},
@@ -63,6 +78,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "compressm_rewarmup": {"rewarmup": 0.01},
     "random": {"selection": "random"},
     "smallest": {"selection": "smallest"},
+    "kd": {"reduce": False},
+    "hnn": {"reduce": False},
+    "post": {"reduce": False},
 }
 # Selective (Mamba) layers keep states by an importance score, not by a balanced selection:
 # their random ablation is ``importance="random"``; they have no ``smallest``.
@@ -98,7 +116,26 @@ def _ranks_of(plan: dict[str, list[int]] | None) -> Iterator[None]:
         ControllerBase._floor = original  # type: ignore[method-assign]
 
 
+def _baseline(job: dict[str, Any], task: Any, config: Any) -> Any:
+    """The result of the baseline ``job["arm"]``, with the full model saved by the ``full`` job
+    of the same task and seed (``kd``, ``post``)."""
+    import torch
+
+    from compressm_cli.baselines import run_baseline
+    from compressm_cli.training import RunResult, build_model
+
+    full = None
+    if job["arm"] in NEEDS_FULL:
+        saved = torch.load(job["full"], weights_only=False)
+        model = build_model(task, config)
+        model.load_state_dict(saved["model"])
+        full = (RunResult(**saved["result"]), model)
+    return run_baseline(job["arm"], task, config, full=full, sizes=job["sizes"], progress=False)
+
+
 def _run(job: dict[str, Any]) -> dict[str, Any]:
+    import dataclasses
+
     import torch
 
     torch.set_num_threads(1)
@@ -110,8 +147,15 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     if "rewarmup" in options:  # a fraction of the run
         options["rewarmup_steps"] = max(1, round(options.pop("rewarmup") * options["steps"]))
     config = RunConfig(label=job["arm"], seed=job["seed"], **options)
-    with _ranks_of(job.get("ranks")):
-        result = train(task, config, progress=False)[0]
+    if job["arm"] in BASELINES:
+        result = _baseline(job, task, config)
+    else:
+        with _ranks_of(job.get("ranks")):
+            result, model, _ = train(task, config, progress=False)
+        if job.get("save"):  # the teacher of kd, the model post cuts
+            torch.save(
+                {"model": model.state_dict(), "result": dataclasses.asdict(result)}, job["save"]
+            )
     plan: dict[str, list[int]] = {}
     for event in result.events:
         plan.setdefault(str(event["step"]), []).append(int(event["new_rank"]))
@@ -121,12 +165,14 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
         "seed": job["seed"],
         "test": result.test_metric,
         "sizes": list(result.final_sizes.values()),
+        "sizes_by_layer": dict(result.final_sizes),
         "seconds": result.train_seconds,
         "metric": result.metric_name,
         "triggers": sorted(
             {e.get("trigger", "") for e in result.events if e["status"] == "reduced"}
         ),
         "ranks": plan,
+        "stages": result.stages,
     }
 
 
@@ -150,15 +196,39 @@ def _base(args: argparse.Namespace) -> dict[str, Any]:
     return {"steps": args.steps, "d_state": args.d_state, "layer": args.model, **dict(args.set)}
 
 
+def _saved(args: argparse.Namespace, task: str, seed: int) -> str:
+    """Where the ``full`` job of ``task`` and ``seed`` saves its model for the baselines."""
+    return str(Path(args.scratch) / f"full-{task}-{seed}.pt")
+
+
+def _needed(arms: list[str]) -> list[str]:
+    """``arms`` and the arms they depend on: ``full`` for ``kd`` and ``post``, ``compressm``
+    for ``small`` and the baselines (at its sizes). A dependency not asked for is run, not
+    reported."""
+    needed = list(arms)
+    if "full" not in needed and any(a in NEEDS_FULL for a in arms):
+        needed.append("full")
+    if "compressm" not in needed and any(a in (*BASELINES, "small") for a in arms):
+        needed.append("compressm")
+    return needed
+
+
 def _jobs(args: argparse.Namespace, arms: list[str]) -> list[dict[str, Any]]:
+    """The jobs that depend on no other run (``full`` also when only a baseline needs it,
+    and ``compressm`` when a follower needs its sizes)."""
     base = _base(args)
-    return [
-        {"task": t, "arm": a, "seed": s, "config": {**base, **_overrides(args, a)}}
-        for t in args.tasks
-        for s in args.seeds
-        for a in arms
-        if a != "small" and not (a in ABLATIONS and "compressm" in arms)
-    ]
+    needed = _needed(arms)
+    jobs = []
+    for t in args.tasks:
+        for s in args.seeds:
+            for a in needed:
+                if a == "small" or a in BASELINES or (a in ABLATIONS and "compressm" in needed):
+                    continue
+                job = {"task": t, "arm": a, "seed": s, "config": {**base, **_overrides(args, a)}}
+                if a == "full" and any(b in NEEDS_FULL for b in arms):
+                    job["save"] = _saved(args, t, s)
+                jobs.append(job)
+    return jobs
 
 
 def _followers(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -177,6 +247,11 @@ def _followers(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[dic
             if arm in args.arms:
                 config = {**base, **_overrides(args, arm)}
                 jobs.append({**key, "arm": arm, "config": config, "ranks": row["ranks"]})
+        for arm in BASELINES:
+            if arm in args.arms:
+                config = {**base, **_overrides(args, arm)}
+                job = {**key, "arm": arm, "config": config, "sizes": row["sizes_by_layer"]}
+                jobs.append({**job, "full": _saved(args, row["task"], row["seed"])})
     return jobs
 
 
@@ -228,7 +303,7 @@ def _markdown(report: dict[str, Any]) -> str:
                 f"{_mean_std(arm['seconds'])} |"
             )
         lines.append("")
-        for other in ("small", "full"):
+        for other in ("small", "full", *BASELINES):
             if "compressm" in arms and other in arms:
                 diffs = [
                     scale * (a - b)
@@ -244,6 +319,15 @@ def _markdown(report: dict[str, Any]) -> str:
                     f"{statistics.fmean(diffs):+.2f}; compressm better on {better} of "
                     f"{len(diffs)} seeds."
                 )
+        for name in BASELINES:
+            if name in arms and arms[name].get("stages"):
+                stages = arms[name]["stages"]
+                means = {
+                    stage: scale * statistics.fmean(s[stage]["test"] for s in stages)
+                    for stage in stages[0]
+                }
+                parts = ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in means.items())
+                lines.append(f"- {name}, mean test by stage: {parts}.")
         order = [a for a in ("compressm", *ABLATIONS) if a in arms]
         if len(order) > 1 and order[0] == "compressm":
             means = [sign * scale * statistics.fmean(arms[a]["test"]) for a in order]
@@ -308,7 +392,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["mnist1d", "digits", "sysid"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=None, choices=ARMS)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--d-state", type=int, default=128)
     parser.add_argument("--model", default="lru", choices=("lru", "s5", "mamba"))
@@ -326,9 +410,14 @@ def main() -> None:
     if args.merge:
         _merge(args.merge, args.out)
         return
+    if args.arms is None:  # every arm that applies to the model
+        args.arms = [a for a in ARMS if not (args.model == "mamba" and a == "hnn")]
+    elif args.model == "mamba" and "hnn" in args.arms:
+        parser.error("argument --arms: hnn needs Hankel singular values; Mamba has none")
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(args.workers) as pool:
+    with tempfile.TemporaryDirectory() as scratch, ProcessPoolExecutor(args.workers) as pool:
+        args.scratch = scratch
         rows += _collect(pool.map(_run, _jobs(args, args.arms)))
         rows += _collect(pool.map(_run, _followers(args, rows)))
     import torch
@@ -346,12 +435,14 @@ def main() -> None:
                 "seconds": [r["seconds"] for r in runs],
                 "triggers": [r["triggers"] for r in runs],
             }
+            if arm in BASELINES:
+                arms[arm]["stages"] = [r["stages"] for r in runs]
         tasks[task] = {
             "metric": metric,
             "higher_is_better": metric == "accuracy",
             "steps": args.steps,
             "seeds": args.seeds,
-            "ablations_matched": "compressm" in args.arms,
+            "ablations_matched": "compressm" in _needed(args.arms),
             "settings": dict(args.set),
             "elapsed_s": time.perf_counter() - start,
             "arms": arms,

@@ -10,9 +10,11 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
+
+from .baselines import BASELINES, HNN_WEIGHT
 
 __all__ = ["UsageError", "main", "parser", "version"]
 
@@ -85,6 +87,40 @@ _cut_fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 _fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 _warmup_fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 _seed = _number(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
+
+
+def _baselines(text: str) -> tuple[str, ...]:
+    """``kd,hnn,post`` (any subset, in any order) as a tuple without repeats."""
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",")))
+    if not names or any(name not in BASELINES for name in names):
+        msg = f"expected a comma-separated subset of {', '.join(BASELINES)}; received {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return names
+
+
+def _add_baseline_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("baselines")
+    g.add_argument(
+        "--baselines",
+        type=_baselines,
+        default=(),
+        metavar="NAMES",
+        help="also train, comma-separated: kd (knowledge distillation from the full model), "
+        "hnn (Hankel nuclear-norm regularisation, cut after training), post (cut after "
+        "training, then fine-tuned); none by default. torch backend only",
+    )
+    g.add_argument(
+        "--hnn-weight",
+        type=_positive(float),
+        default=HNN_WEIGHT,
+        help=f"weight of the Hankel nuclear-norm penalty of hnn ({HNN_WEIGHT:g})",
+    )
+    g.add_argument(
+        "--finetune-fraction",
+        type=_cut_fraction,
+        default=0.1,
+        help="fine-tuning steps of post after its cut, as a fraction of --steps (0.1)",
+    )
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
@@ -173,7 +209,8 @@ def parser() -> argparse.ArgumentParser:
         "compare",
         help="full size vs CompreSSM vs small from scratch, with a report",
         description="Train the full-size model, the same model with CompreSSM, and a model "
-        "trained from scratch at the sizes CompreSSM reached; print a table and write a report.",
+        "trained from scratch at the sizes CompreSSM reached (and, with --baselines, the "
+        "baselines at those sizes); print a table and write a report.",
     )
     _add_training_options(p)
     p.add_argument("--seeds", type=_seed, nargs="+", default=[0, 1, 2], help="seeds (0 1 2)")
@@ -183,6 +220,7 @@ def parser() -> argparse.ArgumentParser:
         help="also train small models at 2, 4, 8, ... states (first seed): the cost of "
         "finding the size by a sweep",
     )
+    _add_baseline_options(p)
     p = sub.add_parser(
         "train", help="one run with CompreSSM (or --no-reduce), saving a checkpoint"
     )
@@ -314,8 +352,26 @@ def _sweep(
     return [*runs, full]
 
 
+def _baseline_runs(
+    args: argparse.Namespace,
+    task: Any,
+    seed: int,
+    full: tuple[Any, Any],
+    sizes: dict[str, int],
+    progress: bool,
+) -> Iterator[tuple[str, Any]]:
+    """``(name, result)`` of each baseline of ``args.baselines`` for ``seed``, as it ends."""
+    from .baselines import BaselineOptions, run_baseline
+
+    options = BaselineOptions(hnn_weight=args.hnn_weight, finetune_fraction=args.finetune_fraction)
+    for name in args.baselines:
+        cfg = _config(args, label=f"{name} (seed {seed})", seed=seed, reduce=False)
+        common: dict[str, Any] = {"options": options, "progress": progress, "on_event": _log}
+        yield name, run_baseline(name, task, cfg, full=full, sizes=sizes, **common)
+
+
 def _compare(args: argparse.Namespace, task: Any, folder: Path) -> int:
-    from .report import format_paired, format_sweep, format_table, write_report
+    from .report import format_paired, format_stages, format_sweep, format_table, write_report
     from .training import RunResult
 
     train = _trainer(args)
@@ -328,6 +384,8 @@ def _compare(args: argparse.Namespace, task: Any, folder: Path) -> int:
     below = _below_true_order(task.info.get("true_order"), args.model)
     if below is not None:
         results["below"] = []
+    for name in args.baselines:
+        results[name] = []
     progress = not args.no_progress
     sweep: list[RunResult] = []
     current = "full"  # the run type in progress, for a partial result on Ctrl-C
@@ -335,7 +393,8 @@ def _compare(args: argparse.Namespace, task: Any, folder: Path) -> int:
         for seed in seeds:
             current = "full"
             full = _config(args, label=f"full (seed {seed})", seed=seed, reduce=False)
-            results["full"].append(train(task, full, progress=progress, on_event=_log)[0])
+            full_run = train(task, full, progress=progress, on_event=_log)
+            results["full"].append(full_run[0])
             current = "compressm"
             cfg = _config(args, label=f"CompreSSM (seed {seed})", seed=seed, reduce=True)
             reduced = train(task, cfg, progress=progress, on_event=_log)[0]
@@ -355,12 +414,16 @@ def _compare(args: argparse.Namespace, task: Any, folder: Path) -> int:
                     d_state=tuple(below for _ in reduced.final_sizes),
                 )
                 results["below"].append(train(task, under, progress=progress, on_event=_log)[0])
+            current = "baselines"
+            sizes = dict(reduced.final_sizes)
+            for name, run in _baseline_runs(args, task, seed, full_run[:2], sizes, progress):
+                results[name].append(run)
         if args.sweep:
             current = "sweep"
             sweep = _sweep(args, task, train, results, progress)
     except KeyboardInterrupt as err:
         partial = getattr(err, "partial_result", None)
-        if partial is not None and current != "sweep":
+        if partial is not None and current in results:  # not a sweep's or a baseline's
             results[current].append(partial)
         header["status"] = "interrupted"
         report = write_report(folder, header=header, results=results, truth=truth)
@@ -372,6 +435,9 @@ def _compare(args: argparse.Namespace, task: Any, folder: Path) -> int:
     report = write_report(folder, header=header, results=results, truth=truth, sweep=sweep)
     _finish_json(args, report)
     print(format_table(report["summary"]))
+    stages = format_stages(report["summary"])
+    if stages:
+        print(stages)
     if report.get("sweep"):
         print(format_sweep(report["sweep"]))
     for paired in report["paired"]:
@@ -505,6 +571,13 @@ def _train(args: argparse.Namespace, task: Any, folder: Path) -> int:
 
 def _check_jax(args: argparse.Namespace) -> None:
     """Options the JAX backend does not support."""
+    baselines = getattr(args, "baselines", ())
+    if baselines:
+        msg = (
+            f"argument --baselines: the JAX backend has no baselines ({', '.join(baselines)}); "
+            "use --backend torch"
+        )
+        raise UsageError(msg)
     if args.model == "mamba":
         msg = "argument --model: the JAX backend has no Mamba layer; use --backend torch"
         raise UsageError(msg)
@@ -569,6 +642,17 @@ def _check_reduction_options(args: argparse.Namespace) -> None:
         raise UsageError(msg) from None
 
 
+def _check_baselines(args: argparse.Namespace, task: Any) -> None:
+    """The baselines can run on this model and task."""
+    from .baselines import check_baselines
+
+    try:
+        check_baselines(args.baselines, layer=args.model, task=task)
+    except ValueError as err:
+        msg = f"argument --baselines: {_one_line(err)}"
+        raise UsageError(msg) from None
+
+
 def _run(args: argparse.Namespace) -> int:
     """Run the parsed command; bad input raises :class:`UsageError`."""
     if args.command == "analyze":
@@ -587,6 +671,8 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, OSError, ImportError) as err:
         msg = f"argument --task: {_one_line(err)}"
         raise UsageError(msg) from None
+    if getattr(args, "baselines", ()):
+        _check_baselines(args, task)
     folder = _out(args, args.command, args.task)
     writable_folder(folder, "--out")
     if args.json is not None:

@@ -17,6 +17,7 @@ from .training import RunResult
 
 __all__ = [
     "comparison_rows",
+    "format_stages",
     "format_sweep",
     "format_table",
     "paired_differences",
@@ -35,6 +36,18 @@ LABELS = {
     "compressm": "CompreSSM",
     "small": "small from scratch",
     "below": "small below the true order",
+    "kd": "knowledge distillation",
+    "hnn": "Hankel-norm penalty + cut",
+    "post": "cut after training + fine-tune",
+}
+BASELINE_ARMS = ("kd", "hnn", "post")
+STAGE_LABELS = {
+    "teacher": "teacher (full size)",
+    "student": "student",
+    "before_cut": "before the cut",
+    "after_cut": "after the cut",
+    "trained": "trained at full size",
+    "fine_tuned": "fine-tuned",
 }
 
 
@@ -79,7 +92,8 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def comparison_rows(results: dict[str, list[RunResult]]) -> list[dict[str, Any]]:
-    """One row per run type: metric, final state sizes, wall time, speed-up, events."""
+    """One row per run type: metric, final state sizes, wall time, speed-up, events; for a
+    baseline, ``stages``: the mean test metric at each of its stages."""
     full_time = _mean_std([r.train_seconds for r in results.get("full", [])])[0]
     rows = []
     for label, runs in results.items():
@@ -91,6 +105,12 @@ def comparison_rows(results: dict[str, list[RunResult]]) -> list[dict[str, Any]]
         sizes = {n: statistics.mean(r.final_sizes[n] for r in runs) for n in names}
         reductions = [sum(e["status"] == "reduced" for e in r.events) for r in runs]
         share = [r.reduction_seconds / r.train_seconds for r in runs if r.train_seconds > 0]
+        extra = {}
+        if runs[0].stages:
+            extra["stages"] = {
+                stage: _mean_std([r.stages[stage]["test"] for r in runs if stage in r.stages])[0]
+                for stage in runs[0].stages
+            }
         rows.append(
             {
                 "run": label,
@@ -104,9 +124,25 @@ def comparison_rows(results: dict[str, list[RunResult]]) -> list[dict[str, Any]]
                 "reduction_time_share": statistics.mean(share) if share else 0.0,
                 "seeds": [r.config["seed"] for r in runs],
                 "status": sorted({r.status for r in runs}),
+                **extra,
             }
         )
     return rows
+
+
+def format_stages(rows: list[dict[str, Any]]) -> str:
+    """One line per baseline row: its test metric at each stage (empty without baselines)."""
+    lines = []
+    for row in rows:
+        if "stages" not in row:
+            continue
+        percent = row["metric_name"] == "accuracy"
+        values = {
+            k: f"{100 * v:.2f} %" if percent else f"{v:.3g}" for k, v in row["stages"].items()
+        }
+        parts = ", ".join(f"{STAGE_LABELS.get(k, k)} {v}" for k, v in values.items())
+        lines.append(f"{LABELS.get(row['run'], row['run'])}, test {row['metric_name']}: {parts}.")
+    return "\n".join(lines)
 
 
 def paired_differences(
@@ -279,7 +315,15 @@ def plot_accuracy_vs_time(results: dict[str, list[RunResult]], path: Path) -> No
     """Validation metric against training wall time (every seed)."""
     fig = Figure(figsize=(6.4, 3.6))
     ax = fig.subplots()
-    colors = {"full": "C0", "compressm": "C1", "small": "C2", "below": "C3"}
+    colors = {
+        "full": "C0",
+        "compressm": "C1",
+        "small": "C2",
+        "below": "C3",
+        "kd": "C4",
+        "hnn": "C5",
+        "post": "C6",
+    }
     name = "metric"
     for label, runs in results.items():
         for i, run in enumerate(runs):
@@ -337,11 +381,8 @@ def write_report(
     """
     folder.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(results)
-    paired = [
-        p
-        for p in (paired_differences(results), paired_differences(results, other="full"))
-        if p is not None
-    ]
+    others = ["small", "full", *(b for b in BASELINE_ARMS if results.get(b))]
+    paired = [p for p in (paired_differences(results, other=o) for o in others) if p is not None]
     first = next(iter(results.get("compressm", [])), None)
     report = {
         **header,
@@ -366,6 +407,8 @@ def write_report(
     md = [f"# compressm {header.get('command', '')}: {header.get('task', '')}", ""]
     md += [f"- {k}: {v}" for k, v in header.items() if k not in ("command", "config")]
     md += ["", format_table(rows), ""]
+    stages = format_stages(rows)
+    md += [f"- {line}" for line in stages.splitlines()] + [""] if stages else []
     md += [f"- {format_paired(p)}" for p in paired]
     if report["sweep"]:
         md += [f"- {format_sweep(report['sweep'])}"]

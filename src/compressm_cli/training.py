@@ -28,6 +28,7 @@ __all__ = [
     "build_model",
     "evaluate",
     "lr_factors",
+    "task_loss",
     "train",
     "training_loop",
 ]
@@ -89,7 +90,9 @@ class RunResult:
     """What a run measured.
 
     ``curve`` holds ``(step, training seconds, validation metric, total state size)`` at every
-    evaluation; ``training seconds`` excludes evaluation time.
+    evaluation; ``training seconds`` excludes evaluation time. ``stages``: for the baselines
+    (:mod:`compressm_cli.baselines`), the metrics at their stages, ``{stage: {"val": ...,
+    "test": ..., "seconds": ...}}`` (``seconds``: the stage's own wall time).
     """
 
     config: dict[str, Any]
@@ -104,6 +107,7 @@ class RunResult:
     events: list[dict[str, Any]] = field(default_factory=list)
     final_loss: float = math.nan
     status: str = "complete"
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def build_model(task: Task, config: RunConfig) -> SequenceModel:
@@ -120,7 +124,8 @@ def build_model(task: Task, config: RunConfig) -> SequenceModel:
     ).to(config.device)
 
 
-def _loss(task: Task, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def task_loss(task: Task, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (classification) or mean squared error (regression)."""
     if task.kind == "classification":
         return F.cross_entropy(out, target)
     return F.mse_loss(out, target)
@@ -160,18 +165,26 @@ def lr_factors(steps: int, warmup: float) -> Callable[[int], float]:
     return factor
 
 
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def train(
     task: Task,
     config: RunConfig,
     *,
     progress: bool = True,
     on_event: Callable[[str], None] | None = None,
+    model: SequenceModel | None = None,
+    objective: Objective | None = None,
 ) -> tuple[RunResult, SequenceModel, CompreSSM | None]:
     """Train one model on ``task``; reduce it during training if ``config.reduce``.
 
     AdamW with linear warm-up and cosine decay, mini-batches drawn with replacement from the
     training split (seeded), validation every ``eval_every`` steps. Wall time counts the training
     steps and reduction events, not evaluation.
+
+    ``model`` trains a given model (of the sizes it has) instead of a new one of ``config``;
+    ``objective(inputs, outputs, targets)`` replaces the task's loss (:func:`task_loss`).
 
     Returns
     -------
@@ -184,7 +197,9 @@ def train(
         Re-raised after the partial result, the model and the controller are stored on the
         exception as ``partial_result``, ``partial_model`` and ``partial_controller``.
     """
-    model = build_model(task, config)
+    if model is None:
+        model = build_model(task, config)
+    loss_of = objective or (lambda _, out, target: task_loss(task, out, target))
     # Parameters flagged `_no_weight_decay` (Mamba's A_log and D) are not decayed.
     flagged = [p for p in model.parameters() if getattr(p, "_no_weight_decay", False)]
     ids = {id(p) for p in flagged}
@@ -220,7 +235,8 @@ def train(
 
     def step() -> torch.Tensor:
         idx = torch.randint(len(x), (config.batch_size,), generator=gen).to(config.device)
-        loss = _loss(task, model(x[idx]), y[idx])
+        xb, yb = x[idx], y[idx]
+        loss = loss_of(xb, model(xb), yb)
         opt.zero_grad()
         torch.autograd.backward(loss)
         opt.step()

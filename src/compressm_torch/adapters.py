@@ -62,6 +62,10 @@ class LayerAdapter:
         Whether the layer's output is the real part of the system's output.
     on_resize : callable, optional
         Called with the layer after its state size changed (update cached attributes).
+    differentiable_state_space : callable, optional
+        The realization of ``to_state_space`` with autograd through the layer's parameters
+        (``to_state_space`` returns detached tensors): what
+        :func:`hankel_nuclear_norm` differentiates. ``None`` if the family offers none.
     """
 
     to_state_space: Callable[[nn.Module], DiagonalStateSpace]
@@ -69,6 +73,9 @@ class LayerAdapter:
     state_axes: Mapping[str, int]
     real_output: bool = True
     on_resize: Callable[[nn.Module], None] | None = field(default=None)
+    differentiable_state_space: Callable[[nn.Module], DiagonalStateSpace] | None = field(
+        default=None
+    )
 
     def state_size(self, layer: nn.Module) -> int:
         """Number of states of ``layer``."""
@@ -296,13 +303,30 @@ def resize_layers(model: nn.Module, sizes: Mapping[str, int]) -> None:
 # --- LRU -------------------------------------------------------------------------------------
 
 
-def _discrete_to_state_space(layer: nn.Module) -> DiagonalStateSpace:
+def _detached(
+    read: Callable[[nn.Module], DiagonalStateSpace],
+) -> Callable[[nn.Module], DiagonalStateSpace]:
+    """``read`` evaluated under ``torch.no_grad``, every field detached (the
+    ``to_state_space`` of an adapter whose differentiable reader is ``read``; a field can be a
+    view of a parameter, which keeps ``requires_grad`` even under ``no_grad``)."""
+
+    def detached(layer: nn.Module) -> DiagonalStateSpace:
+        with torch.no_grad():
+            sys = read(layer)
+        return DiagonalStateSpace(*(None if f is None else f.detach() for f in sys))
+
+    return detached
+
+
+def _discrete_state_space(layer: nn.Module) -> DiagonalStateSpace:
     """``(lambda, B, C, diag(D))`` of a layer with ``discrete_system(dtype)`` and ``D`` (H,)."""
     assert isinstance(layer, (LRU, S5))
-    with torch.no_grad():
-        poles, b, c = layer.discrete_system(torch.float64)
-        d = torch.diag(layer.D.detach().to(torch.float64))
+    poles, b, c = layer.discrete_system(torch.float64)
+    d = torch.diag(layer.D.to(torch.float64))
     return DiagonalStateSpace(poles, b, c, d)
+
+
+_discrete_to_state_space = _detached(_discrete_state_space)
 
 
 def _lru_from_state_space(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str, torch.Tensor]:
@@ -335,6 +359,7 @@ register_adapter(
             "C_re": 1,
             "C_im": 1,
         },
+        differentiable_state_space=_discrete_state_space,
     ),
 )
 
@@ -366,6 +391,7 @@ register_adapter(
         to_state_space=_discrete_to_state_space,
         from_state_space=_s5_from_state_space,
         state_axes={"Lambda_re": 0, "Lambda_im": 0, "B": 0, "C": 1, "log_step": 0},
+        differentiable_state_space=_discrete_state_space,
     ),
 )
 
@@ -379,15 +405,14 @@ _S4D_STATE_SPACES = "models.s4.s4d.S4D"
 
 def _s4d_to_state_space(prefix: str) -> Callable[[nn.Module], DiagonalStateSpace]:
     def read(layer: nn.Module) -> DiagonalStateSpace:
-        with torch.no_grad():
-            log_dt, log_a_real, a_imag, c = (
-                resolve(layer, prefix + name).detach().to(torch.float64)
-                for name in ("log_dt", "log_A_real", "A_imag", "C")
-            )
-            poles, b_bar, c_out = s4d_discrete(
-                log_dt, log_a_real, a_imag, torch.complex(c[..., 0], c[..., 1])
-            )
-            d = resolve(layer, "D").detach().to(torch.float64)
+        log_dt, log_a_real, a_imag, c = (
+            resolve(layer, prefix + name).to(torch.float64)
+            for name in ("log_dt", "log_A_real", "A_imag", "C")
+        )
+        poles, b_bar, c_out = s4d_discrete(
+            log_dt, log_a_real, a_imag, torch.complex(c[..., 0], c[..., 1])
+        )
+        d = resolve(layer, "D").to(torch.float64)
         return DiagonalStateSpace(poles, b_bar[..., None], c_out[..., None, :], d[:, None, None])
 
     return read
@@ -422,11 +447,13 @@ def _s4d_adapter(prefix: str, on_resize: Callable[[nn.Module], None] | None) -> 
     :func:`compressm_core.parameterizations.s4d_from_discrete` (the fixed ``B = 1`` is absorbed
     into ``C``).
     """
+    read = _s4d_to_state_space(prefix)
     return LayerAdapter(
-        to_state_space=_s4d_to_state_space(prefix),
+        to_state_space=_detached(read),
         from_state_space=_s4d_from_state_space(prefix),
         state_axes={prefix + "log_A_real": 1, prefix + "A_imag": 1, prefix + "C": 1},
         on_resize=on_resize,
+        differentiable_state_space=read,
     )
 
 

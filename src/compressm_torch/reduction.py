@@ -1,9 +1,10 @@
-"""Reduce one layer in place: read its system, plan (:mod:`compressm_core.reduction`), write."""
+"""Reduce layers in place: read each system, plan (:mod:`compressm_core.reduction`), write."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -19,9 +20,9 @@ from compressm_core.reduction import (
 from compressm_core.training import Selection
 
 from ._params import assign, resolve
-from .adapters import LayerAdapter, get_adapter
+from .adapters import LayerAdapter, find_layers, get_adapter
 
-__all__ = ["LayerReduction", "Selection", "reduce_layer"]
+__all__ = ["LayerReduction", "Selection", "reduce_layer", "reduce_model"]
 
 
 def reduce_layer(
@@ -118,14 +119,7 @@ def reduce_layer(
     (8, 32, True)
     """
     check_reduction(rank, tau, selection, real_output)
-    adapter = get_adapter(layer)
-    if not isinstance(adapter, LayerAdapter):
-        msg = (
-            f"`layer` of type {type(layer).__name__} is selective; reduce it with "
-            "compressm_torch.reduce_selective_layer."
-        )
-        raise TypeError(msg)
-    sys = adapter.to_state_space(layer)
+    adapter, sys = _read(layer, "layer")
     hsv, rank = layer_hsv(
         sys, rank, tau=tau, energy=energy, horizon=horizon, real_output=real_output
     )
@@ -142,6 +136,117 @@ def reduce_layer(
         max_condition=max_condition,
     )
     return _apply(layer, adapter, sys, hsv, plan, selection=selection, compute_error=compute_error)
+
+
+def _read(layer: nn.Module, what: str) -> tuple[LayerAdapter, DiagonalStateSpace]:
+    """The adapter and system of an LTI layer; ``what`` names it in the error raised for a
+    selective layer."""
+    adapter = get_adapter(layer)
+    if not isinstance(adapter, LayerAdapter):
+        msg = (
+            f"`{what}` of type {type(layer).__name__} is selective; reduce it with "
+            "compressm_torch.reduce_selective_layer."
+        )
+        raise TypeError(msg)
+    return adapter, adapter.to_state_space(layer)
+
+
+def reduce_model(
+    model: nn.Module,
+    ranks: Mapping[str, int],
+    *,
+    method: Literal["sqrt", "bfsr"] = "sqrt",
+    real_output: bool = False,
+    horizon: int | None = None,
+    compute_error: bool = False,
+    max_condition: float = 1e8,
+) -> dict[str, LayerReduction]:
+    """Balanced-truncate the named layers of ``model`` once, in place, to the given ranks.
+
+    Every layer ``name`` is reduced as :func:`reduce_layer` with ``rank=ranks[name]`` and
+    ``selection="largest"`` does (balanced truncation, re-diagonalisation, the bound
+    :math:`\\|G - G_r\\|_{\\mathcal{H}_\\infty} \\le 2 \\sum_{i > r} \\sigma_i`). A layer whose
+    rank equals its state size is left as it is. All reductions are planned before any is
+    written; if writing one fails, the layers already written are restored, so the model is
+    reduced entirely or not at all.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; names are those of :func:`find_layers` (and :func:`state_sizes`).
+    ranks : mapping
+        ``{layer name: states to keep}``.
+    method, real_output, horizon, compute_error, max_condition : optional
+        As for :func:`reduce_layer`.
+
+    Returns
+    -------
+    dict
+        ``{layer name: LayerReduction}`` for every layer that was reduced.
+
+    Raises
+    ------
+    KeyError
+        ``ranks`` names a layer that ``model`` does not have.
+    TypeError
+        A named layer is selective (no balanced truncation exists for it).
+    ValueError, StabilityError, ConditioningError
+        As for :func:`reduce_layer`; the model is unchanged.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from compressm_torch import SequenceModel, reduce_model, state_sizes
+    >>> _ = torch.manual_seed(0)
+    >>> model = SequenceModel(2, 3, d_model=4, d_state=16, n_layers=2)
+    >>> reports = reduce_model(model, {"blocks.0.ssm": 6, "blocks.1.ssm": 16})
+    >>> state_sizes(model), list(reports)
+    ({'blocks.0.ssm': 6, 'blocks.1.ssm': 16}, ['blocks.0.ssm'])
+    """
+    layers = find_layers(model)
+    unknown = sorted(set(ranks) - set(layers))
+    if unknown:
+        msg = f"`ranks` names layers that `model` does not have: {unknown}."
+        raise KeyError(msg)
+    planned = []
+    for name, rank in ranks.items():
+        layer = layers[name]
+        adapter, sys = _read(layer, f"ranks[{name!r}]")
+        hsv, rank = layer_hsv(sys, rank, horizon=horizon, real_output=real_output)
+        if rank == int(hsv.shape[-1]):
+            continue
+        plan = _plan(
+            layer,
+            adapter,
+            sys,
+            rank,
+            method=method,
+            selection="largest",
+            real_output=real_output,
+            horizon=horizon,
+            generator=None,
+            max_condition=max_condition,
+        )
+        planned.append((name, layer, adapter, sys, hsv, plan))
+    reports: dict[str, LayerReduction] = {}
+    undo: list[tuple[nn.Module, LayerAdapter, dict[str, tuple[torch.Tensor, Any]]]] = []
+    try:
+        for name, layer, adapter, sys, hsv, plan in planned:
+            saved = {p: (resolve(layer, p).detach(), resolve(layer, p).grad) for p in plan.values}
+            reports[name] = _apply(
+                layer, adapter, sys, hsv, plan, selection="largest", compute_error=compute_error
+            )
+            undo.append((layer, adapter, saved))
+    except BaseException:
+        for layer, adapter, saved in reversed(undo):
+            with torch.no_grad():
+                for p, (value, grad) in saved.items():
+                    assign(resolve(layer, p), value)
+                    resolve(layer, p).grad = grad
+            if adapter.on_resize is not None:
+                adapter.on_resize(layer)
+        raise
+    return reports
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,7 @@ def test_interrupted_compare_leaves_a_partial_report(tmp_path, monkeypatch):
     import compressm_cli.training as training
 
     calls = {"n": 0}
-    original = training._loss
+    original = training.task_loss
 
     def interrupting(task, out, target):
         calls["n"] += 1
@@ -136,7 +136,7 @@ def test_interrupted_compare_leaves_a_partial_report(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(task, out, target)
 
-    monkeypatch.setattr(training, "_loss", interrupting)
+    monkeypatch.setattr(training, "task_loss", interrupting)
     out = tmp_path / "run"
     assert main(["compare", *FAST, "--out", str(out)]) == 130
     report = json.loads((out / "report.json").read_text())
