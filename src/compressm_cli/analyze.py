@@ -184,6 +184,8 @@ def _table(result: dict[str, Any]) -> str:
 def _plot(result: dict[str, Any], path: Path) -> None:
     from matplotlib.figure import Figure
 
+    from .report import save_figure
+
     fig = Figure(figsize=(6.4, 3.8))
     ax = fig.subplots()
     for name, layer in result["layers"].items():
@@ -194,7 +196,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title("HSV spectrum per layer")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def _first_sentence(err: BaseException) -> str:
@@ -215,7 +217,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         Naming the checkpoint, ``--out`` or ``--json``, if the checkpoint cannot be read as one
         written by ``compressm train`` or the outputs cannot be written.
     """
-    from .report import to_json
+    from .report import to_json, write_text
 
     checkpoint: Path = args.checkpoint
     if checkpoint.is_dir():
@@ -237,13 +239,14 @@ def run_analyze(args: argparse.Namespace) -> int:
         )
         raise UsageError(msg) from None
     table = _table(result)
-    (folder / "analysis.json").write_text(to_json(result))
-    (folder / "analysis.md").write_text(
-        f"# compressm analyze: {checkpoint}\n\n{table}\n\n![HSV spectrum](hsv.png)\n"
+    write_text(folder / "analysis.json", to_json(result))
+    write_text(
+        folder / "analysis.md",
+        f"# compressm analyze: {checkpoint}\n\n{table}\n\n![HSV spectrum](hsv.png)\n",
     )
     _plot(result, folder / "hsv.png")
     if args.json is not None:
-        args.json.write_text(to_json(result))
+        write_text(args.json, to_json(result))
     print(table)
     print(f"\nanalysis: {folder / 'analysis.md'}")
     return 0

@@ -450,9 +450,9 @@ def _compare(args: argparse.Namespace, task: Any, folder: Path) -> int:
 
 def _finish_json(args: argparse.Namespace, report: dict[str, Any]) -> None:
     if args.json is not None:
-        from .report import to_json
+        from .report import to_json, write_text
 
-        Path(args.json).write_text(to_json(report))
+        write_text(Path(args.json), to_json(report))
 
 
 def _one_line(err: BaseException) -> str:

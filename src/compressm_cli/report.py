@@ -13,6 +13,8 @@ from typing import Any
 import matplotlib
 from matplotlib.figure import Figure
 
+from compressm_core.files import atomic_write
+
 from .training import RunResult
 
 __all__ = [
@@ -24,9 +26,11 @@ __all__ = [
     "plot_accuracy_vs_time",
     "plot_hsv_spectra",
     "plot_state_sizes",
+    "save_figure",
     "sweep_summary",
     "to_json",
     "write_report",
+    "write_text",
 ]
 
 NON_FINITE_NOTE = "NaN or infinite values, written as null (strict JSON has neither)."
@@ -290,7 +294,7 @@ def plot_hsv_spectra(result: RunResult, path: Path, truth: Sequence[float] | Non
     if events or truth:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def plot_state_sizes(results: dict[str, list[RunResult]], path: Path) -> None:
@@ -308,7 +312,7 @@ def plot_state_sizes(results: dict[str, list[RunResult]], path: Path) -> None:
     if ax.get_legend_handles_labels()[0]:  # none for a run interrupted before evaluating
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def plot_accuracy_vs_time(results: dict[str, list[RunResult]], path: Path) -> None:
@@ -340,7 +344,7 @@ def plot_accuracy_vs_time(results: dict[str, list[RunResult]], path: Path) -> No
     if ax.get_legend_handles_labels()[0]:  # none for a run interrupted before evaluating
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def _order_note(order: int, rows: list[dict[str, Any]]) -> str:
@@ -364,6 +368,19 @@ def _order_note(order: int, rows: list[dict[str, Any]]) -> str:
             f"CompreSSM reached ({small['test_metric']:.3g})."
         )
     return note
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a reader, or a run interrupted at any
+    point, sees the old file or the new one, never a fragment."""
+    with atomic_write(path) as f:
+        f.write(text.encode())
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, written atomically."""
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=120)
 
 
 def write_report(
@@ -403,7 +420,7 @@ def write_report(
         plot_accuracy_vs_time(results, folder / plots["metric_vs_time"])
     report["plots"] = plots
     text, non_finite = _strict(report)
-    (folder / "report.json").write_text(text)
+    write_text(folder / "report.json", text)
     md = [f"# compressm {header.get('command', '')}: {header.get('task', '')}", ""]
     md += [f"- {k}: {v}" for k, v in header.items() if k not in ("command", "config")]
     md += ["", format_table(rows), ""]
@@ -419,5 +436,5 @@ def write_report(
     if non_finite:
         md += [f"Non-finite values (null in report.json): {', '.join(non_finite)}.", ""]
     md += [f"![{name}]({file})" for name, file in plots.items()]
-    (folder / "report.md").write_text("\n".join(md) + "\n")
+    write_text(folder / "report.md", "\n".join(md) + "\n")
     return report
