@@ -36,7 +36,7 @@ def test_compare_writes_a_report(tmp_path, capsys):
         assert 0 <= row["test_metric"] <= 1
         assert row["train_seconds"] > 0
     events = report["runs"]["compressm"][0]["events"]
-    assert next(e["step"] for e in events if e["status"] == "reduced") == 3
+    assert next(e["step"] for e in events if e["status"] == "reduced") == 2
     for name in ("report.md", "hsv_spectra.png", "state_size.png", "metric_vs_time.png"):
         assert (out / name).stat().st_size > 0
     assert "| CompreSSM |" in (out / "report.md").read_text()

@@ -15,7 +15,7 @@ pytest.importorskip("optax")
 
 from compressm_cli.app import main
 
-# One reduction (at step 12): every reduction recompiles the training step.
+# One reduction (at step 6): every reduction recompiles the training step.
 FAST = [
     *("--backend", "jax", "--task", "digits", "--steps", "60", "--eval-every", "20"),
     *("--d-state", "16", "--num-reductions", "1", "--no-progress"),
@@ -46,7 +46,7 @@ def test_compare_writes_a_report(tmp_path, capsys):
         assert row["train_seconds"] > 0
     run = report["runs"]["compressm"][0]
     assert run["config"]["backend"] == "jax"
-    assert [e["step"] for e in run["events"] if e["status"] == "reduced"] == [12]
+    assert [e["step"] for e in run["events"] if e["status"] == "reduced"] == [6]
     assert [c[0] for c in run["curve"]] == [20, 40, 60]
     assert [c[3] for c in run["curve"]] == [reduced] * 3
     assert run["val_metric"] == run["curve"][-1][2]
