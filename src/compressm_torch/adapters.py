@@ -9,12 +9,14 @@ import torch
 from torch import nn
 
 from compressm_core import DiagonalStateSpace
+from compressm_core.layers import check_layer_sizes
 from compressm_core.parameterizations import (
     inverse_zoh,
     lru_from_poles,
     s4d_discrete,
     s4d_from_discrete,
 )
+from compressm_core.registry import AdapterRegistry
 
 from ._params import assign, resolve
 from .lru import LRU
@@ -158,16 +160,30 @@ class SelectiveAdapter:
 
 Adapter = LayerAdapter | SelectiveAdapter
 
-_REGISTRY: dict[type[nn.Module], Adapter] = {}
-# Third-party layers, found by qualified type name so their packages are never imported here.
-_NAMED: dict[str, Adapter] = {}
+
+def _check_state_axes(adapter: Adapter) -> None:
+    if isinstance(adapter, LayerAdapter) and not adapter.state_axes:
+        msg = "`adapter.state_axes` must name at least one parameter."
+        raise ValueError(msg)
+
+
+# Third-party layers may be registered by qualified type name, so their packages are never
+# imported here.
+_ADAPTERS: AdapterRegistry[Adapter] = AdapterRegistry(
+    nn.Module,
+    "torch.nn.Module",
+    "compressm_torch",
+    (LayerAdapter, SelectiveAdapter),
+    _check_state_axes,
+)
 
 
 def register_adapter(layer_type: type[nn.Module] | str, adapter: Adapter) -> None:
     """Register ``adapter`` for ``layer_type`` and its subclasses (replacing an earlier one).
 
     ``layer_type`` may be a qualified class name (``"package.module.Class"``): the class is then
-    matched by name, without importing its package.
+    matched by name, without importing its package
+    (:class:`compressm_core.registry.AdapterRegistry`).
 
     Examples
     --------
@@ -175,34 +191,7 @@ def register_adapter(layer_type: type[nn.Module] | str, adapter: Adapter) -> Non
     >>> class MyLRU(LRU): ...
     >>> register_adapter(MyLRU, get_adapter(LRU(2, 2)))
     """
-    named = isinstance(layer_type, str)
-    if not named and not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
-        msg = (
-            "`layer_type` must be a torch.nn.Module subclass or a qualified class name; "
-            f"received {layer_type!r}."
-        )
-        raise TypeError(msg)
-    if not isinstance(adapter, (LayerAdapter, SelectiveAdapter)):
-        kind = type(adapter).__name__
-        msg = f"`adapter` must be a LayerAdapter or a SelectiveAdapter; received {kind}."
-        raise TypeError(msg)
-    if isinstance(adapter, LayerAdapter) and not adapter.state_axes:
-        msg = "`adapter.state_axes` must name at least one parameter."
-        raise ValueError(msg)
-    if isinstance(layer_type, str):
-        _NAMED[layer_type] = adapter
-    else:
-        _REGISTRY[layer_type] = adapter
-
-
-def _lookup(layer: nn.Module) -> Adapter | None:
-    for klass in type(layer).__mro__:
-        if klass in _REGISTRY:
-            return _REGISTRY[klass]
-        named = _NAMED.get(f"{klass.__module__}.{klass.__qualname__}")
-        if named is not None:
-            return named
-    return None
+    _ADAPTERS.register(layer_type, adapter)
 
 
 def get_adapter(layer: nn.Module) -> Adapter:
@@ -213,15 +202,7 @@ def get_adapter(layer: nn.Module) -> Adapter:
     TypeError
         If no adapter is registered for the layer's type.
     """
-    adapter = _lookup(layer)
-    if adapter is not None:
-        return adapter
-    known = ", ".join(sorted([k.__name__ for k in _REGISTRY] + list(_NAMED)))
-    msg = (
-        f"No adapter registered for `layer` of type {type(layer).__name__}; registered: "
-        f"{known}. Use compressm_torch.register_adapter to add one."
-    )
-    raise TypeError(msg)
+    return _ADAPTERS.get(layer)
 
 
 def to_state_space(layer: nn.Module) -> DiagonalStateSpace:
@@ -246,7 +227,7 @@ def to_state_space(layer: nn.Module) -> DiagonalStateSpace:
 
 def _iter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Adapter]]:
     for name, module in model.named_modules():
-        adapter = _lookup(module)
+        adapter = _ADAPTERS.lookup(module)
         if adapter is not None:
             yield name.replace(_COMPILED_PREFIX, ""), module, adapter
 
@@ -274,20 +255,11 @@ def resize_layers(model: nn.Module, sizes: Mapping[str, int]) -> None:
 
     Raises
     ------
-    KeyError
-        If ``sizes`` names a layer that ``model`` does not have.
-    ValueError
-        If a size is not a positive int.
+    KeyError, ValueError
+        As :func:`compressm_core.layers.check_layer_sizes`: an unknown layer, a bad size.
     """
     layers = {name: (layer, adapter) for name, layer, adapter in _iter_layers(model)}
-    unknown = sorted(set(sizes) - set(layers))
-    if unknown:
-        msg = f"`sizes` names layers that `model` does not have: {unknown}."
-        raise KeyError(msg)
-    for name, size in sizes.items():
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            msg = f"`sizes[{name!r}]` must be a positive int; received {size!r}."
-            raise ValueError(msg)
+    for name, size in check_layer_sizes(sizes, layers).items():
         layer, adapter = layers[name]
         if adapter.state_size(layer) != size:
             adapter.resize(layer, size)

@@ -8,17 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from compressm_core.layers import check_lru_args
+
 from ._precision import working_dtype
 from ._scan import real_output_layer
 
 __all__ = ["LRU"]
-
-
-def _check_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        msg = f"`{name}` must be a positive int; received {value!r}."
-        raise ValueError(msg)
-    return value
 
 
 class LRU(nn.Module):
@@ -78,14 +73,7 @@ class LRU(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_size("d_model", d_model)
-        _check_size("d_state", d_state)
-        if not 0 <= r_min < r_max < 1:
-            msg = f"Need 0 <= `r_min` < `r_max` < 1; received r_min={r_min!r}, r_max={r_max!r}."
-            raise ValueError(msg)
-        if not max_phase > 0:
-            msg = f"`max_phase` must be positive; received {max_phase!r}."
-            raise ValueError(msg)
+        check_lru_args(d_model, d_state, r_min, r_max, max_phase)
         self.d_model = d_model
         self.r_min, self.r_max, self.max_phase = r_min, r_max, max_phase
         kw: dict[str, Any] = {"device": device, "dtype": dtype}

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressm_core.layers import check_s5_args
 from compressm_core.parameterizations import hippo_n_eigenpairs
 
 from ._precision import working_dtype
 from ._scan import real_output_layer
-from .lru import _check_size
 
 __all__ = ["S5", "hippo_n_eigenpairs"]
 
@@ -73,15 +73,7 @@ class S5(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_size("d_model", d_model)
-        _check_size("d_state", d_state)
-        _check_size("blocks", blocks)
-        if d_state % blocks:
-            msg = f"`d_state` ({d_state}) must be a multiple of `blocks` ({blocks})."
-            raise ValueError(msg)
-        if not 0 < dt_min <= dt_max:
-            msg = f"Need 0 < `dt_min` <= `dt_max`; received {dt_min!r}, {dt_max!r}."
-            raise ValueError(msg)
+        check_s5_args(d_model, d_state, blocks, dt_min, dt_max)
         self.d_model, self.blocks, self.conj_sym = d_model, blocks, conj_sym
         self.dt_min, self.dt_max, self.clip_eigs = dt_min, dt_max, clip_eigs
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
