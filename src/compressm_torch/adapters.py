@@ -9,12 +9,17 @@ import torch
 from torch import nn
 
 from compressm_core import DiagonalStateSpace
+from compressm_core.layer_parameters import (
+    LRU_STATE_AXES,
+    S4D_STATE_AXES,
+    S5_STATE_AXES,
+    lru_parameters,
+    s4d_parameters,
+    s5_parameters,
+)
 from compressm_core.layers import check_layer_sizes
 from compressm_core.parameterizations import (
-    inverse_zoh,
-    lru_from_poles,
     s4d_discrete,
-    s4d_from_discrete,
 )
 from compressm_core.registry import AdapterRegistry
 
@@ -277,20 +282,14 @@ def _discrete_to_state_space(layer: nn.Module) -> DiagonalStateSpace:
     return DiagonalStateSpace(poles, b, c, d)
 
 
+def _complex128(sys: DiagonalStateSpace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    poles, b, c = (torch.as_tensor(x).to(torch.complex128) for x in sys[:3])
+    return poles, b, c
+
+
 def _lru_from_state_space(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str, torch.Tensor]:
     assert isinstance(layer, LRU)
-    poles, b, c = (torch.as_tensor(x).to(torch.complex128) for x in sys[:3])
-    nu_log, theta_log, gamma_log = lru_from_poles(poles, what="LRU")
-    b = b / torch.exp(gamma_log)[:, None]
-    return {
-        "nu_log": nu_log,
-        "theta_log": theta_log,
-        "gamma_log": gamma_log,
-        "B_re": b.real,
-        "B_im": b.imag,
-        "C_re": c.real,
-        "C_im": c.imag,
-    }
+    return lru_parameters(*_complex128(sys))
 
 
 register_adapter(
@@ -298,15 +297,7 @@ register_adapter(
     LayerAdapter(
         to_state_space=_discrete_to_state_space,
         from_state_space=_lru_from_state_space,
-        state_axes={
-            "nu_log": 0,
-            "theta_log": 0,
-            "gamma_log": 0,
-            "B_re": 0,
-            "B_im": 0,
-            "C_re": 1,
-            "C_im": 1,
-        },
+        state_axes=LRU_STATE_AXES,
     ),
 )
 
@@ -315,21 +306,13 @@ register_adapter(
 
 def _s5_from_state_space(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str, torch.Tensor]:
     assert isinstance(layer, S5)
-    poles, b_bar, c = (torch.as_tensor(x).to(torch.complex128) for x in sys[:3])
-    # Any step reproduces the same discrete system; all new modes share the geometric mean of
-    # the old steps, so the learning dynamics of log_step keep their scale.
-    log_step = layer.log_step.detach().to(torch.float64).mean()
-    lam, b = inverse_zoh(
-        poles, b_bar, torch.exp(log_step), clip_eigs=layer.clip_eigs, what="S5 layer"
+    log_step = layer.log_step.detach().to(torch.float64)
+    return s5_parameters(
+        *_complex128(sys),
+        log_step,
+        clip_eigs=layer.clip_eigs,
+        output_scale=layer.output_scale,
     )
-    c = c / layer.output_scale
-    return {
-        "Lambda_re": lam.real,
-        "Lambda_im": lam.imag,
-        "B": torch.stack([b.real, b.imag], dim=-1),
-        "C": torch.stack([c.real, c.imag], dim=-1),
-        "log_step": log_step.expand(poles.shape[0]).clone(),
-    }
 
 
 register_adapter(
@@ -337,7 +320,7 @@ register_adapter(
     LayerAdapter(
         to_state_space=_discrete_to_state_space,
         from_state_space=_s5_from_state_space,
-        state_axes={"Lambda_re": 0, "Lambda_im": 0, "B": 0, "C": 1, "log_step": 0},
+        state_axes=S5_STATE_AXES,
     ),
 )
 
@@ -369,17 +352,10 @@ def _s4d_from_state_space(
     prefix: str,
 ) -> Callable[[nn.Module, DiagonalStateSpace], dict[str, torch.Tensor]]:
     def write(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str, torch.Tensor]:
-        poles, b_bar, c_out = (torch.as_tensor(x).to(torch.complex128) for x in sys[:3])
         log_dt = resolve(layer, prefix + "log_dt").detach().to(torch.float64)
         # Each channel keeps its step; the reduced poles fix A = log(mu) / dt.
-        log_a_real, a_imag, c = s4d_from_discrete(
-            poles, b_bar[..., 0], c_out[..., 0, :], log_dt, what="S4D layer"
-        )
-        return {
-            prefix + "log_A_real": log_a_real,
-            prefix + "A_imag": a_imag,
-            prefix + "C": torch.stack([c.real, c.imag], dim=-1),
-        }
+        params = s4d_parameters(*_complex128(sys), log_dt)
+        return {prefix + name: value for name, value in params.items()}
 
     return write
 
@@ -397,7 +373,7 @@ def _s4d_adapter(prefix: str, on_resize: Callable[[nn.Module], None] | None) -> 
     return LayerAdapter(
         to_state_space=_s4d_to_state_space(prefix),
         from_state_space=_s4d_from_state_space(prefix),
-        state_axes={prefix + "log_A_real": 1, prefix + "A_imag": 1, prefix + "C": 1},
+        state_axes={prefix + name: axis for name, axis in S4D_STATE_AXES.items()},
         on_resize=on_resize,
     )
 
