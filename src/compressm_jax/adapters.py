@@ -112,13 +112,7 @@ def register_adapter(layer_type: type[nnx.Module] | str, adapter: LayerAdapter) 
 
 
 def get_adapter(layer: nnx.Module) -> LayerAdapter:
-    """The adapter registered for ``type(layer)`` or its nearest registered base class.
-
-    Raises
-    ------
-    TypeError
-        If no adapter is registered for the layer's type.
-    """
+    """The adapter of ``layer``'s nearest registered class; a ``TypeError`` if none is."""
     return _ADAPTERS.get(layer)
 
 

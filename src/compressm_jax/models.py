@@ -176,7 +176,7 @@ class SequenceModel(nnx.Module):
         self.decoder = _linear(d_model, d_output, param_dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """(batch, length, d_input) -> (batch, d_output), or (batch, length, d_output)."""
+        """The model's output, as :meth:`compressm_torch.SequenceModel.forward`."""
         z = self.encoder(x)
         for block in self.blocks:
             z = block(z)

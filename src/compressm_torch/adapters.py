@@ -9,14 +9,7 @@ import torch
 from torch import nn
 
 from compressm_core import DiagonalStateSpace
-from compressm_core.layer_parameters import (
-    LRU_STATE_AXES,
-    S4D_STATE_AXES,
-    S5_STATE_AXES,
-    lru_parameters,
-    s4d_parameters,
-    s5_parameters,
-)
+from compressm_core import layer_parameters as layout
 from compressm_core.layers import check_layer_sizes
 from compressm_core.parameterizations import (
     s4d_discrete,
@@ -289,7 +282,7 @@ def _complex128(sys: DiagonalStateSpace) -> tuple[torch.Tensor, torch.Tensor, to
 
 def _lru_from_state_space(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str, torch.Tensor]:
     assert isinstance(layer, LRU)
-    return lru_parameters(*_complex128(sys))
+    return layout.lru_parameters(*_complex128(sys))
 
 
 register_adapter(
@@ -297,7 +290,7 @@ register_adapter(
     LayerAdapter(
         to_state_space=_discrete_to_state_space,
         from_state_space=_lru_from_state_space,
-        state_axes=LRU_STATE_AXES,
+        state_axes=layout.LRU_STATE_AXES,
     ),
 )
 
@@ -307,7 +300,7 @@ register_adapter(
 def _s5_from_state_space(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str, torch.Tensor]:
     assert isinstance(layer, S5)
     log_step = layer.log_step.detach().to(torch.float64)
-    return s5_parameters(
+    return layout.s5_parameters(
         *_complex128(sys),
         log_step,
         clip_eigs=layer.clip_eigs,
@@ -320,7 +313,7 @@ register_adapter(
     LayerAdapter(
         to_state_space=_discrete_to_state_space,
         from_state_space=_s5_from_state_space,
-        state_axes=S5_STATE_AXES,
+        state_axes=layout.S5_STATE_AXES,
     ),
 )
 
@@ -354,7 +347,7 @@ def _s4d_from_state_space(
     def write(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str, torch.Tensor]:
         log_dt = resolve(layer, prefix + "log_dt").detach().to(torch.float64)
         # Each channel keeps its step; the reduced poles fix A = log(mu) / dt.
-        params = s4d_parameters(*_complex128(sys), log_dt)
+        params = layout.s4d_parameters(*_complex128(sys), log_dt)
         return {prefix + name: value for name, value in params.items()}
 
     return write
@@ -373,7 +366,7 @@ def _s4d_adapter(prefix: str, on_resize: Callable[[nn.Module], None] | None) -> 
     return LayerAdapter(
         to_state_space=_s4d_to_state_space(prefix),
         from_state_space=_s4d_from_state_space(prefix),
-        state_axes={prefix + name: axis for name, axis in S4D_STATE_AXES.items()},
+        state_axes={prefix + name: axis for name, axis in layout.S4D_STATE_AXES.items()},
         on_resize=on_resize,
     )
 
