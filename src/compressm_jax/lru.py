@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from compressm_core.layer_init import lru_ring_init
 from compressm_core.layers import check_lru_args
 
 from ._precision import working_dtype
@@ -33,14 +34,14 @@ def _init_values(
     real = working_dtype(jnp.zeros((), param_dtype))
     uniform_key, normal_key = jax.random.split(key)
     u1, u2 = jax.random.uniform(uniform_key, (2, n), real)
-    radius_sq = u1 * (r_max**2 - r_min**2) + r_min**2
     # One draw for B_re, B_im (N, H), C_re, C_im (H, N) and D (H,), split afterwards.
     z = jax.random.normal(normal_key, (4 * n * h + h,), real)
     b_re, b_im, c_re, c_im = jnp.split(z[: 4 * n * h], 4)
+    nu_log, theta_log, gamma_log = lru_ring_init(u1, u2, r_min, r_max, max_phase, xp=jnp)
     values = {
-        "nu_log": jnp.log(-0.5 * jnp.log(radius_sq)),
-        "theta_log": jnp.log(max_phase * u2),
-        "gamma_log": 0.5 * jnp.log1p(-radius_sq),
+        "nu_log": nu_log,
+        "theta_log": theta_log,
+        "gamma_log": gamma_log,
         "B_re": b_re.reshape(n, h) / math.sqrt(2 * h),
         "B_im": b_im.reshape(n, h) / math.sqrt(2 * h),
         "C_re": c_re.reshape(h, n) / math.sqrt(n),

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from compressm_core.layer_init import log_uniform_steps
 from compressm_core.layers import check_s4d_args
 
 from ._precision import complex_of, working_dtype
@@ -35,7 +36,7 @@ def _init_values(
     # One draw for C (H, M, 2) and D (H,), split afterwards.
     z = jax.random.normal(normal_key, (2 * h * m + h,), real)
     values = {
-        "log_dt": math.log(dt_min) + u * math.log(dt_max / dt_min),
+        "log_dt": log_uniform_steps(u, dt_min, dt_max),
         "log_A_real": jnp.full((h, m), math.log(0.5), real),
         "A_imag": jnp.broadcast_to(math.pi * jnp.arange(m, dtype=real), (h, m)),
         "C": z[: 2 * h * m].reshape(h, m, 2) * math.sqrt(0.5),

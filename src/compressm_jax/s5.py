@@ -8,9 +8,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from compressm_core.layer_init import log_uniform_steps, s5_hippo_basis
 from compressm_core.layers import check_s5_args
 from compressm_core.parameterizations import hippo_n_eigenpairs
 
@@ -33,10 +33,8 @@ def _init_values(
     param_dtype: Any,
 ) -> dict[str, jax.Array]:
     """The S5 initialisation, one compiled function (eager construction compiles once)."""
-    block = p // blocks
-    full = 2 * block if conj_sym else block
-    lam, v = hippo_n_eigenpairs(full)
-    lam, v = np.tile(lam[:block], blocks), v[:, :block]
+    lam, v = s5_hippo_basis(p, blocks, conj_sym)
+    full = v.shape[0]
     real = working_dtype(jnp.zeros((), param_dtype))
     cplx = complex_of(real)
     normal_key, uniform_key = jax.random.split(key)
@@ -57,7 +55,7 @@ def _init_values(
         "B": jnp.stack([b_tilde.real, b_tilde.imag], axis=-1),
         "C": jnp.stack([c_tilde.real, c_tilde.imag], axis=-1),
         "D": z[blocks * 3 * full * h :],
-        "log_step": math.log(dt_min) + u * math.log(dt_max / dt_min),
+        "log_step": log_uniform_steps(u, dt_min, dt_max),
     }
     return {name: value.astype(param_dtype) for name, value in values.items()}
 

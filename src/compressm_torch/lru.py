@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compressm_core.layer_init import lru_ring_init
 from compressm_core.layers import check_lru_args
 
 from ._precision import working_dtype
@@ -99,10 +100,9 @@ class LRU(nn.Module):
         n, h = self.d_state, self.d_model
         u1 = torch.rand_like(self.nu_log)
         u2 = torch.rand_like(self.theta_log)
-        radius_sq = u1 * (self.r_max**2 - self.r_min**2) + self.r_min**2
-        self.nu_log.copy_(torch.log(-0.5 * torch.log(radius_sq)))
-        self.theta_log.copy_(torch.log(self.max_phase * u2))
-        self.gamma_log.copy_(0.5 * torch.log1p(-radius_sq))
+        init = lru_ring_init(u1, u2, self.r_min, self.r_max, self.max_phase)
+        for param, value in zip((self.nu_log, self.theta_log, self.gamma_log), init, strict=True):
+            param.copy_(value)
         for p, scale in ((self.B_re, 2 * h), (self.B_im, 2 * h), (self.C_re, n), (self.C_im, n)):
             nn.init.normal_(p, std=1 / math.sqrt(scale))
         nn.init.normal_(self.D)

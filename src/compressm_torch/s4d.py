@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compressm_core.layer_init import log_uniform_steps
 from compressm_core.layers import check_s4d_args
 from compressm_core.parameterizations import s4d_discrete
 
@@ -113,7 +114,7 @@ class S4D(nn.Module):
     def reset_parameters(self) -> None:
         """Draw the S4D-Lin initialisation of the minimal ``s4d.py``."""
         u = torch.rand_like(self.log_dt)
-        self.log_dt.copy_(math.log(self.dt_min) + u * math.log(self.dt_max / self.dt_min))
+        self.log_dt.copy_(log_uniform_steps(u, self.dt_min, self.dt_max))
         self.log_A_real.fill_(math.log(0.5))
         modes = torch.arange(self.n_modes, dtype=self.A_imag.dtype, device=self.A_imag.device)
         self.A_imag.copy_(math.pi * modes.expand_as(self.A_imag))
