@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import operator
 
-__all__ = ["check_fraction", "check_int", "check_rank"]
+__all__ = ["check_fraction", "check_int", "check_rank", "check_size"]
 
 
 def _index(value: object) -> int | None:
@@ -144,3 +144,39 @@ def check_rank(rank: object, total: int) -> int:
         msg = f"`rank` must be an int in [1, {total}]; received {rank!r}."
         raise ValueError(msg)
     return rank
+
+
+def check_size(value: object, name: str) -> int:
+    """Check that ``value`` is a positive ``int`` (a layer's width, state size or block count).
+
+    Parameters
+    ----------
+    value : object
+        The argument (bools and NumPy integers are refused).
+    name : str
+        Its name, for the message.
+
+    Returns
+    -------
+    int
+        ``value``.
+
+    Raises
+    ------
+    ValueError
+        If ``value`` is not a positive int.
+
+    Examples
+    --------
+    >>> from compressm_core.checks import check_size
+    >>> check_size(16, "d_state")
+    16
+    >>> check_size(0, "d_state")
+    Traceback (most recent call last):
+    ...
+    ValueError: `d_state` must be a positive int; received 0.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        msg = f"`{name}` must be a positive int; received {value!r}."
+        raise ValueError(msg)
+    return value

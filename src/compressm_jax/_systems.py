@@ -9,7 +9,6 @@ says). The inverse maps run on the host only.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -19,12 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressm_core import DiagonalStateSpace
+from compressm_core.layer_parameters import (
+    LRU_STATE_AXES,
+    S4D_STATE_AXES,
+    S5_STATE_AXES,
+    lru_parameters,
+    s4d_parameters,
+    s5_parameters,
+)
 from compressm_core.parameterizations import (
-    inverse_zoh,
-    lru_from_poles,
     lru_to_poles,
     s4d_discrete,
-    s4d_from_discrete,
     zoh,
 )
 
@@ -49,21 +53,11 @@ __all__ = [
     "s5_zoh",
 ]
 
+# LRU_STATE_AXES and S5_STATE_AXES list their parameters in the argument order of lru_discrete
+# and s5_zoh.
 LRU_NAMES = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re", "C_im", "D")
-# Parameters with a state axis, in the argument order of lru_discrete and s5_zoh.
-LRU_STATE_AXES = {
-    "nu_log": 0,
-    "theta_log": 0,
-    "gamma_log": 0,
-    "B_re": 0,
-    "B_im": 0,
-    "C_re": 1,
-    "C_im": 1,
-}
-S5_STATE_AXES = {"Lambda_re": 0, "Lambda_im": 0, "B": 0, "C": 1, "log_step": 0}
-# The S4D parameters in the argument order of s4d_zoh; those with a state (mode) axis.
+# The S4D parameters in the argument order of s4d_zoh.
 S4D_NAMES = ("log_dt", "log_A_real", "A_imag", "C")
-S4D_STATE_AXES = {"log_A_real": 1, "A_imag": 1, "C": 1}
 
 
 def _complex(re: Any, im: Any, xp: ModuleType) -> Any:
@@ -181,78 +175,26 @@ def _host(sys: DiagonalStateSpace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def lru_from_state_space(sys: DiagonalStateSpace) -> dict[str, np.ndarray]:
-    """LRU parameters (float64, host) that realise ``sys``; ``D`` is not among them.
-
-    ``gamma = sqrt(1 - |mu|^2)`` is re-drawn from the new poles as at initialisation
-    (:func:`~compressm_core.parameterizations.lru_from_poles`), and ``B`` is divided by
-    ``e^gamma``, so ``diag(e^gamma) B`` is the system's input matrix.
-
-    Raises
-    ------
-    StabilityError
-        A pole outside ``0 < |mu| < 1`` (its ``nu_log`` would be non-finite).
-    """
-    poles, b, c = _host(sys)
-    nu_log, theta_log, gamma_log = lru_from_poles(poles, what="LRU")
-    b = b / np.exp(gamma_log)[:, None]
-    return {
-        "nu_log": nu_log,
-        "theta_log": theta_log,
-        "gamma_log": gamma_log,
-        "B_re": b.real,
-        "B_im": b.imag,
-        "C_re": c.real,
-        "C_im": c.imag,
-    }
+    """LRU parameters (float64, host) that realise ``sys``
+    (:func:`compressm_core.layer_parameters.lru_parameters`)."""
+    return lru_parameters(*_host(sys))
 
 
 def s5_from_state_space(
     sys: DiagonalStateSpace, *, log_step: np.ndarray, clip_eigs: bool, output_scale: float
 ) -> dict[str, np.ndarray]:
-    """S5 parameters (float64, host) that realise ``sys`` by inverting zero-order hold.
-
-    Every new mode gets the mean of the old ``log_step`` (any step reproduces the same discrete
-    system; the geometric mean keeps the scale of the step's learning dynamics), then
-    :math:`\\Lambda = \\log(\\mu) / \\Delta` and :math:`\\tilde B = \\Lambda / (\\mu - 1) \\bar B`
-    (:func:`~compressm_core.parameterizations.inverse_zoh`).
-
-    Raises
-    ------
-    StabilityError
-        A pole outside ``0 < |mu| < 1``, or ``Re(Lambda) > -1e-4`` with ``clip_eigs``.
-    """
-    poles, b_bar, c = _host(sys)
-    mean_log_step = float(np.mean(np.asarray(log_step, dtype=np.float64)))
-    lam, b = inverse_zoh(
-        poles, b_bar, math.exp(mean_log_step), clip_eigs=clip_eigs, what="S5 layer"
+    """S5 parameters (float64, host) that realise ``sys`` by inverting zero-order hold
+    (:func:`compressm_core.layer_parameters.s5_parameters`)."""
+    return s5_parameters(
+        *_host(sys),
+        np.asarray(log_step, dtype=np.float64),
+        clip_eigs=clip_eigs,
+        output_scale=output_scale,
     )
-    c = c / output_scale
-    return {
-        "Lambda_re": lam.real,
-        "Lambda_im": lam.imag,
-        "B": np.stack([b.real, b.imag], axis=-1),
-        "C": np.stack([c.real, c.imag], axis=-1),
-        "log_step": np.full(poles.shape[0], mean_log_step),
-    }
 
 
 def s4d_from_state_space(sys: DiagonalStateSpace, *, log_dt: np.ndarray) -> dict[str, np.ndarray]:
-    """S4D parameters (float64, host) that realise the batch of ``H`` SISO systems ``sys``
-    (poles (H, r), ``b`` (H, r, 1), ``c`` (H, 1, r) of the output ``Re(c x)``), keeping each
-    channel's ``log_dt`` (:func:`~compressm_core.parameterizations.s4d_from_discrete`: the
-    fixed ``B = 1`` is absorbed into ``C``).
-
-    Raises
-    ------
-    StabilityError
-        A pole outside ``0 < |mu| < 1``.
+    """S4D parameters (float64, host) that realise the batch of ``H`` SISO systems ``sys``,
+    keeping each channel's ``log_dt`` (:func:`compressm_core.layer_parameters.s4d_parameters`).
     """
-    poles, b_bar, c_out = _host(sys)
-    log_a_real, a_imag, c = s4d_from_discrete(
-        poles, b_bar[..., 0], c_out[..., 0, :], np.asarray(log_dt, dtype=np.float64)
-    )
-    return {
-        "log_A_real": log_a_real,
-        "A_imag": a_imag,
-        "C": np.stack([c.real, c.imag], axis=-1),
-    }
+    return s4d_parameters(*_host(sys), np.asarray(log_dt, dtype=np.float64))

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from compressm_core import DiagonalStateSpace
+from compressm_core.registry import AdapterRegistry
 
 from ._systems import (
     LRU_STATE_AXES,
@@ -80,16 +81,25 @@ class LayerAdapter:
         return int(getattr(layer, name).shape[axis])
 
 
-_REGISTRY: dict[type, LayerAdapter] = {}
-# Third-party layers, found by qualified type name so their packages are never imported here.
-_NAMED: dict[str, LayerAdapter] = {}
+def _check_state_axes(adapter: LayerAdapter) -> None:
+    if not adapter.state_axes:
+        msg = "`adapter.state_axes` must name at least one parameter."
+        raise ValueError(msg)
+
+
+# Third-party layers may be registered by qualified type name, so their packages are never
+# imported here.
+_ADAPTERS: AdapterRegistry[LayerAdapter] = AdapterRegistry(
+    nnx.Module, "flax.nnx.Module", "compressm_jax", (LayerAdapter,), _check_state_axes
+)
 
 
 def register_adapter(layer_type: type[nnx.Module] | str, adapter: LayerAdapter) -> None:
-    """Register ``adapter`` for ``layer_type`` and its subclasses (replacing an earlier one).
+    """Register ``adapter`` for ``layer_type``, an NNX layer class or a qualified class name.
 
-    ``layer_type`` may be a qualified class name (``"package.module.Class"``): the class is then
-    matched by name, without importing its package.
+    The adapter serves the class and its subclasses, replacing an earlier one; a class named by
+    a string is matched without importing its package
+    (:class:`compressm_core.registry.AdapterRegistry`).
 
     Examples
     --------
@@ -98,52 +108,12 @@ def register_adapter(layer_type: type[nnx.Module] | str, adapter: LayerAdapter) 
     >>> class MyLRU(LRU): ...
     >>> register_adapter(MyLRU, get_adapter(LRU(2, 2, rngs=nnx.Rngs(0))))
     """
-    named = isinstance(layer_type, str)
-    if not named and not (isinstance(layer_type, type) and issubclass(layer_type, nnx.Module)):
-        msg = (
-            "`layer_type` must be a flax.nnx.Module subclass or a qualified class name; "
-            f"received {layer_type!r}."
-        )
-        raise TypeError(msg)
-    if not isinstance(adapter, LayerAdapter):
-        msg = f"`adapter` must be a LayerAdapter; received {type(adapter).__name__}."
-        raise TypeError(msg)
-    if not adapter.state_axes:
-        msg = "`adapter.state_axes` must name at least one parameter."
-        raise ValueError(msg)
-    if isinstance(layer_type, str):
-        _NAMED[layer_type] = adapter
-    else:
-        _REGISTRY[layer_type] = adapter
-
-
-def _lookup(layer: object) -> LayerAdapter | None:
-    for klass in type(layer).__mro__:
-        if klass in _REGISTRY:
-            return _REGISTRY[klass]
-        named = _NAMED.get(f"{klass.__module__}.{klass.__qualname__}")
-        if named is not None:
-            return named
-    return None
+    _ADAPTERS.register(layer_type, adapter)
 
 
 def get_adapter(layer: nnx.Module) -> LayerAdapter:
-    """The adapter registered for ``type(layer)`` or its nearest registered base class.
-
-    Raises
-    ------
-    TypeError
-        If no adapter is registered for the layer's type.
-    """
-    adapter = _lookup(layer)
-    if adapter is not None:
-        return adapter
-    known = ", ".join(sorted([k.__name__ for k in _REGISTRY] + list(_NAMED)))
-    msg = (
-        f"No adapter registered for `layer` of type {type(layer).__name__}; registered: "
-        f"{known}. Use compressm_jax.register_adapter to add one."
-    )
-    raise TypeError(msg)
+    """The adapter of ``layer``'s nearest registered class; a ``TypeError`` if none is."""
+    return _ADAPTERS.get(layer)
 
 
 def to_state_space(layer: nnx.Module) -> DiagonalStateSpace:
@@ -173,7 +143,7 @@ def to_state_space(layer: nnx.Module) -> DiagonalStateSpace:
 
 def _iter_layers(model: nnx.Module) -> Iterator[tuple[str, nnx.Module, LayerAdapter]]:
     for path, module in nnx.iter_modules(model):
-        adapter = _lookup(module)
+        adapter = _ADAPTERS.lookup(module)
         if adapter is not None:
             yield ".".join(str(p) for p in path), module, adapter
 

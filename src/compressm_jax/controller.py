@@ -11,6 +11,7 @@ from flax import nnx
 
 from compressm_core import DiagonalStateSpace, hankel_singular_values
 from compressm_core.checks import check_int
+from compressm_core.layers import check_layer_sizes
 from compressm_core.rank import shared_rank_hsv
 from compressm_core.schedule import ReductionWarning
 from compressm_core.training import (
@@ -39,18 +40,11 @@ def resize_layers(model: nnx.Module, sizes: Mapping[str, int]) -> None:
 
     Raises
     ------
-    KeyError
-        If ``sizes`` names a layer that ``model`` does not have.
-    ValueError
-        If a size is not a positive int.
+    KeyError, ValueError
+        As :func:`compressm_core.layers.check_layer_sizes`: an unknown layer, a bad size.
     """
     layers = find_layers(model)
-    unknown = sorted(set(sizes) - set(layers))
-    if unknown:
-        msg = f"`sizes` names layers that `model` does not have: {unknown}."
-        raise KeyError(msg)
-    for name, size in sizes.items():
-        check_int(size, f"sizes[{name!r}]", low=1)
+    for name, size in check_layer_sizes(sizes, layers).items():
         layer = layers[name]
         adapter = get_adapter(layer)
         if adapter.state_size(layer) == size:

@@ -10,18 +10,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from compressm_core.layer_init import lru_ring_init
+from compressm_core.layers import check_lru_args
+
 from ._precision import working_dtype
 from ._scan import real_output_layer
 from ._systems import LRU_STATE_AXES, evaluate, lru_discrete
 
 __all__ = ["LRU"]
-
-
-def _check_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        msg = f"`{name}` must be a positive int; received {value!r}."
-        raise ValueError(msg)
-    return value
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
@@ -38,14 +34,14 @@ def _init_values(
     real = working_dtype(jnp.zeros((), param_dtype))
     uniform_key, normal_key = jax.random.split(key)
     u1, u2 = jax.random.uniform(uniform_key, (2, n), real)
-    radius_sq = u1 * (r_max**2 - r_min**2) + r_min**2
     # One draw for B_re, B_im (N, H), C_re, C_im (H, N) and D (H,), split afterwards.
     z = jax.random.normal(normal_key, (4 * n * h + h,), real)
     b_re, b_im, c_re, c_im = jnp.split(z[: 4 * n * h], 4)
+    nu_log, theta_log, gamma_log = lru_ring_init(u1, u2, r_min, r_max, max_phase, xp=jnp)
     values = {
-        "nu_log": jnp.log(-0.5 * jnp.log(radius_sq)),
-        "theta_log": jnp.log(max_phase * u2),
-        "gamma_log": 0.5 * jnp.log1p(-radius_sq),
+        "nu_log": nu_log,
+        "theta_log": theta_log,
+        "gamma_log": gamma_log,
         "B_re": b_re.reshape(n, h) / math.sqrt(2 * h),
         "B_im": b_im.reshape(n, h) / math.sqrt(2 * h),
         "C_re": c_re.reshape(h, n) / math.sqrt(n),
@@ -58,32 +54,18 @@ def _init_values(
 class LRU(nnx.Module):
     """Linear Recurrent Unit: a complex diagonal recurrence with a real output.
 
-    .. math::
-
-        \\lambda_j = \\exp(-e^{\\nu_j} + i e^{\\theta_j}), \\qquad
-        x_k = \\lambda \\odot x_{k-1} + \\operatorname{diag}(e^{\\gamma}) (B_{re} + i B_{im}) u_k,
-        \\qquad y_k = \\operatorname{Re}\\big((C_{re} + i C_{im}) x_k\\big) + D \\odot u_k,
-
-    with ``nu_log``, ``theta_log`` and ``gamma_log`` holding :math:`\\nu, \\theta, \\gamma`. The
-    state includes the current input, so the layer's transfer function is
-    :math:`z C (zI - \\Lambda)^{-1} B + D`, whose H-infinity norm equals that of the standard
-    system :math:`(\\Lambda, \\operatorname{diag}(e^\\gamma) B, C)` used for reduction.
-
-    Parameter names, shapes, initialisation and maths are those of
-    :class:`compressm_torch.LRU` (and of the official CompreSSM and minimal-LRU code): ``nu_log``,
-    ``theta_log``, ``gamma_log`` (N,), ``B_re``, ``B_im`` (N, H), ``C_re``, ``C_im`` (H, N),
-    ``D`` (H,), each an :class:`flax.nnx.Param`.
+    The Flax NNX twin of :class:`compressm_torch.LRU`, where the maths are written out: poles
+    :math:`\\lambda = \\exp(-e^{\\nu} + i e^{\\theta})`, input matrix
+    :math:`\\operatorname{diag}(e^\\gamma) B`, output ``Re(C x) + D u``. Parameter names, shapes
+    (``nu_log``, ``theta_log``, ``gamma_log`` (N,), ``B_re``, ``B_im`` (N, H), ``C_re``,
+    ``C_im`` (H, N), ``D`` (H,), each an :class:`flax.nnx.Param`) and the initialisation of the
+    LRU paper are the same (and those of the official CompreSSM and minimal-LRU code).
 
     Parameters
     ----------
-    d_model : int
-        Input and output width ``H``.
-    d_state : int
-        Number of complex states ``N``; a reduced layer is rebuilt with its reduced size.
-    r_min, r_max : float, optional
-        Pole moduli are initialised uniformly on the ring ``r_min <= |lambda| <= r_max``.
-    max_phase : float, optional
-        Pole phases are initialised uniformly in ``[0, max_phase)``.
+    d_model, d_state, r_min, r_max, max_phase
+        As for :class:`compressm_torch.LRU`
+        (checked by :func:`compressm_core.layers.check_lru_args`).
     param_dtype : dtype, optional
         Dtype of the parameters (real).
     rngs : flax.nnx.Rngs
@@ -91,12 +73,8 @@ class LRU(nnx.Module):
 
     Notes
     -----
-    Initialisation follows the LRU paper and its reference code: ``B`` entries
-    :math:`\\mathcal{N}(0, 1/(2H))` (real and imaginary parts), ``C`` entries
-    :math:`\\mathcal{N}(0, 1/N)`, ``D`` standard normal, and
-    :math:`\\gamma = \\log\\sqrt{1 - |\\lambda|^2}`. The recurrence is a parallel scan
-    (:func:`jax.lax.associative_scan`) in float32 (float64 for float64 parameters or inputs);
-    the output has the input's dtype.
+    The recurrence is a parallel scan (:func:`jax.lax.associative_scan`) in float32 (float64
+    for float64 parameters or inputs); the output has the input's dtype.
 
     Examples
     --------
@@ -119,14 +97,7 @@ class LRU(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
-        _check_size("d_model", d_model)
-        _check_size("d_state", d_state)
-        if not 0 <= r_min < r_max < 1:
-            msg = f"Need 0 <= `r_min` < `r_max` < 1; received r_min={r_min!r}, r_max={r_max!r}."
-            raise ValueError(msg)
-        if not max_phase > 0:
-            msg = f"`max_phase` must be positive; received {max_phase!r}."
-            raise ValueError(msg)
+        check_lru_args(d_model, d_state, r_min, r_max, max_phase)
         self.d_model = d_model
         self.r_min, self.r_max, self.max_phase = r_min, r_max, max_phase
         values = _init_values(
@@ -147,9 +118,7 @@ class LRU(nnx.Module):
         return int(self.nu_log.shape[0])
 
     def discrete_system(self, dtype: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Poles :math:`\\lambda` (N,), input matrix :math:`\\operatorname{diag}(e^\\gamma) B`
-        (N, H) and output matrix ``C`` (H, N), complex, in the real precision ``dtype``
-        (default: float32, or float64 for float64 parameters)."""
+        """The system, as :meth:`compressm_torch.LRU.discrete_system`."""
         real = working_dtype(self.nu_log) if dtype is None else dtype
         system: tuple[jax.Array, jax.Array, jax.Array] = evaluate(
             lru_discrete, (), real, self._values()

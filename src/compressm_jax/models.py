@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from compressm_core.layers import check_block_norm, sequence_layer_sizes
+
 from .lru import LRU
 from .s4d import S4D
 from .s5 import S5
@@ -72,9 +74,7 @@ class SSMBlock(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
-        if norm not in ("layer", "batch"):
-            msg = f"`norm` must be 'layer' or 'batch'; received {norm!r}."
-            raise ValueError(msg)
+        check_block_norm(norm)
         self.norm: nnx.LayerNorm | nnx.BatchNorm = (
             nnx.LayerNorm(d_model, epsilon=1e-5, param_dtype=param_dtype, rngs=rngs)
             if norm == "layer"
@@ -113,25 +113,11 @@ class SequenceModel(nnx.Module):
 
     Parameters
     ----------
-    d_input, d_output : int
-        Input features per step; outputs (classes, or regression targets per step).
-    d_model : int, optional
-        Width.
-    d_state : int or sequence of int, optional
-        State size of every SSM layer, or one per layer (e.g. the sizes a reduced model
-        reached, :func:`state_sizes`, to train a small model from scratch), counted as the
-        library counts it: complex states for the LRU and S5, stored complex modes per channel
-        for S4D (each layer is built as ``S4D(d_model, 2 * size)``).
-    n_layers : int, optional
-        Number of blocks.
+    d_input, d_output, d_model, d_state, n_layers, pool, dropout, norm
+        As for :class:`compressm_torch.SequenceModel` (checked by
+        :func:`compressm_core.layers.sequence_layer_sizes`).
     layer : {"lru", "s5", "s4d"}, optional
         SSM layer type (:class:`LRU`, :class:`S5` or :class:`S4D`).
-    pool : {"mean", None}, optional
-        ``"mean"``: one output per sequence (classification); ``None``: one per step.
-    dropout : float, optional
-        Dropout in the blocks.
-    norm : {"layer", "batch"}, optional
-        Pre-norm of the blocks.
     param_dtype : dtype, optional
         Dtype of every parameter.
     rngs : flax.nnx.Rngs
@@ -165,16 +151,7 @@ class SequenceModel(nnx.Module):
         rngs: nnx.Rngs,
         **layer_kwargs: Any,
     ) -> None:
-        if layer not in _LAYERS:
-            msg = f"`layer` must be one of {sorted(_LAYERS)}; received {layer!r}."
-            raise ValueError(msg)
-        if pool not in ("mean", None):
-            msg = f"`pool` must be 'mean' or None; received {pool!r}."
-            raise ValueError(msg)
-        sizes = [d_state] * n_layers if isinstance(d_state, int) else list(d_state)
-        if len(sizes) != n_layers:
-            msg = f"`d_state` must be an int or {n_layers} ints; received {d_state!r}."
-            raise ValueError(msg)
+        sizes = sequence_layer_sizes(layer, _LAYERS, pool, d_state, n_layers)
         self.pool = pool
         self.encoder = _linear(d_input, d_model, param_dtype, rngs)
         self.blocks = nnx.List(
@@ -182,7 +159,7 @@ class SequenceModel(nnx.Module):
                 SSMBlock(
                     _LAYERS[layer](
                         d_model,
-                        2 * size if layer == "s4d" else size,
+                        size,
                         param_dtype=param_dtype,
                         rngs=rngs,
                         **layer_kwargs,
@@ -199,7 +176,7 @@ class SequenceModel(nnx.Module):
         self.decoder = _linear(d_model, d_output, param_dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """(batch, length, d_input) -> (batch, d_output), or (batch, length, d_output)."""
+        """The model's output, as :meth:`compressm_torch.SequenceModel.forward`."""
         z = self.encoder(x)
         for block in self.blocks:
             z = block(z)

@@ -10,10 +10,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from compressm_core.layer_init import log_uniform_steps
+from compressm_core.layers import check_s4d_args
+
 from ._precision import complex_of, working_dtype
 from ._scan import diagonal_scan
 from ._systems import S4D_NAMES, evaluate, s4d_zoh
-from .lru import _check_size
 
 __all__ = ["S4D"]
 
@@ -34,7 +36,7 @@ def _init_values(
     # One draw for C (H, M, 2) and D (H,), split afterwards.
     z = jax.random.normal(normal_key, (2 * h * m + h,), real)
     values = {
-        "log_dt": math.log(dt_min) + u * math.log(dt_max / dt_min),
+        "log_dt": log_uniform_steps(u, dt_min, dt_max),
         "log_A_real": jnp.full((h, m), math.log(0.5), real),
         "A_imag": jnp.broadcast_to(math.pi * jnp.arange(m, dtype=real), (h, m)),
         "C": z[: 2 * h * m].reshape(h, m, 2) * math.sqrt(0.5),
@@ -60,38 +62,17 @@ def _forward(real: Any, u: jax.Array, values: tuple[jax.Array, ...], d: jax.Arra
 class S4D(nnx.Module):
     """S4D: ``H`` independent SISO state-space models, one per channel, with a real output.
 
-    The parameterisation of state-spaces' minimal ``models/s4/s4d.py``. Channel ``h`` has
-    ``M = N/2`` stored complex modes with
-
-    .. math::
-
-        a_{hn} = -e^{\\text{log\\_A\\_real}_{hn}} + i\\, \\text{A\\_imag}_{hn}, \\quad
-        \\Delta_h = e^{\\text{log\\_dt}_h}, \\quad
-        \\bar\\lambda_{hn} = e^{\\Delta_h a_{hn}}, \\quad
-        \\bar b_{hn} = \\frac{\\bar\\lambda_{hn} - 1}{a_{hn}} B_{hn},
-
-    .. math::
-
-        x_{k, h} = \\bar\\lambda_h \\odot x_{k-1, h} + \\bar b_h u_{k, h}, \\qquad
-        y_{k, h} = 2 \\operatorname{Re}\\Big(\\sum_n C_{hn} x_{k, hn}\\Big) + D_h u_{k, h},
-
-    zero-order hold with ``B = 1`` fixed (not a parameter, as in the minimal ``s4d.py``). The
-    output ``2 Re`` is the sum of each mode and its conjugate, so the ``N/2`` stored modes
-    realise ``N`` real states per channel.
-
-    Parameter names, shapes, initialisation and maths are those of :class:`compressm_torch.S4D`:
-    ``log_dt`` (H,), ``log_A_real`` and ``A_imag`` (H, N/2), ``C`` (H, N/2, 2) (real and
-    imaginary parts) and ``D`` (H,), each an :class:`flax.nnx.Param`.
+    The Flax NNX twin of :class:`compressm_torch.S4D`, where the maths of state-spaces' minimal
+    ``models/s4/s4d.py`` are written out: ``N/2`` stored complex modes per channel, zero-order
+    hold with ``B = 1`` fixed, output ``2 Re(sum_n C x) + D u``. Parameter names, shapes
+    (``log_dt`` (H,), ``log_A_real`` and ``A_imag`` (H, N/2), ``C`` (H, N/2, 2), ``D`` (H,),
+    each an :class:`flax.nnx.Param`) and the S4D-Lin initialisation are the same.
 
     Parameters
     ----------
-    d_model : int
-        Number of channels ``H`` (input and output width).
-    d_state : int
-        Real state size ``N`` per channel, even; ``N/2`` complex modes are stored. A reduced
-        layer has ``d_state = 2 * n_modes``.
-    dt_min, dt_max : float, optional
-        Range of the log-uniform initial steps.
+    d_model, d_state, dt_min, dt_max
+        As for :class:`compressm_torch.S4D`
+        (checked by :func:`compressm_core.layers.check_s4d_args`).
     param_dtype : dtype, optional
         Dtype of the parameters (real).
     rngs : flax.nnx.Rngs
@@ -99,9 +80,6 @@ class S4D(nnx.Module):
 
     Notes
     -----
-    Initialisation as in the minimal ``s4d.py`` (S4D-Lin): ``log_A_real = log 0.5``,
-    ``A_imag = pi n`` for mode ``n``, ``C`` complex standard normal (real and imaginary parts of
-    variance 1/2), ``D`` standard normal, ``log_dt`` uniform in ``[log dt_min, log dt_max]``.
     The recurrence is a parallel scan (:func:`jax.lax.associative_scan`) over the ``H * N/2``
     modes in float32 (float64 for float64 parameters or inputs); the output has the input's
     dtype. The library counts the state in stored modes (``n_modes = N/2``), as for :class:`S5`
@@ -127,14 +105,7 @@ class S4D(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
-        _check_size("d_model", d_model)
-        _check_size("d_state", d_state)
-        if d_state % 2:
-            msg = f"`d_state` must be even (N/2 conjugate-pair modes); received {d_state}."
-            raise ValueError(msg)
-        if not 0 < dt_min <= dt_max:
-            msg = f"Need 0 < `dt_min` <= `dt_max`; received {dt_min!r}, {dt_max!r}."
-            raise ValueError(msg)
+        check_s4d_args(d_model, d_state, dt_min, dt_max)
         self.d_model, self.dt_min, self.dt_max = d_model, dt_min, dt_max
         dtype = jnp.dtype(param_dtype)
         real = working_dtype(jnp.zeros((), dtype))
@@ -156,9 +127,7 @@ class S4D(nnx.Module):
         return 2 * self.n_modes
 
     def discrete_system(self, dtype: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Poles :math:`\\bar\\lambda`, inputs :math:`\\bar b` and outputs ``2 C`` of the ``H``
-        SISO systems, each (H, N/2) complex, in the real precision ``dtype`` (default: float32,
-        or float64 for float64 parameters)."""
+        """The ``H`` ZOH systems, as :meth:`compressm_torch.S4D.discrete_system`."""
         real = working_dtype(self.log_A_real) if dtype is None else dtype
         system: tuple[jax.Array, jax.Array, jax.Array] = evaluate(
             s4d_zoh, (), real, self._values()

@@ -8,15 +8,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from compressm_core.layer_init import log_uniform_steps, s5_hippo_basis
+from compressm_core.layers import check_s5_args
 from compressm_core.parameterizations import hippo_n_eigenpairs
 
 from ._precision import complex_of, working_dtype
 from ._scan import real_output_layer
 from ._systems import S5_STATE_AXES, evaluate, s5_continuous, s5_zoh
-from .lru import _check_size
 
 __all__ = ["S5", "hippo_n_eigenpairs"]
 
@@ -33,10 +33,8 @@ def _init_values(
     param_dtype: Any,
 ) -> dict[str, jax.Array]:
     """The S5 initialisation, one compiled function (eager construction compiles once)."""
-    block = p // blocks
-    full = 2 * block if conj_sym else block
-    lam, v = hippo_n_eigenpairs(full)
-    lam, v = np.tile(lam[:block], blocks), v[:, :block]
+    lam, v = s5_hippo_basis(p, blocks, conj_sym)
+    full = v.shape[0]
     real = working_dtype(jnp.zeros((), param_dtype))
     cplx = complex_of(real)
     normal_key, uniform_key = jax.random.split(key)
@@ -57,7 +55,7 @@ def _init_values(
         "B": jnp.stack([b_tilde.real, b_tilde.imag], axis=-1),
         "C": jnp.stack([c_tilde.real, c_tilde.imag], axis=-1),
         "D": z[blocks * 3 * full * h :],
-        "log_step": math.log(dt_min) + u * math.log(dt_max / dt_min),
+        "log_step": log_uniform_steps(u, dt_min, dt_max),
     }
     return {name: value.astype(param_dtype) for name, value in values.items()}
 
@@ -65,45 +63,22 @@ def _init_values(
 class S5(nnx.Module):
     """S5-style layer: one complex diagonal state shared by all channels (MIMO).
 
-    Continuous-time :math:`\\Lambda = \\Lambda_{re} + i \\Lambda_{im}` and a step
-    :math:`\\Delta_j = e^{\\text{log\\_step}_j}` per state, discretised by zero-order hold:
-
-    .. math::
-
-        \\bar\\lambda = e^{\\Lambda \\Delta}, \\quad
-        \\bar B = \\frac{\\bar\\lambda - 1}{\\Lambda} \\odot \\tilde B, \\quad
-        x_k = \\bar\\lambda \\odot x_{k-1} + \\bar B u_k, \\quad
-        y_k = s \\operatorname{Re}(\\tilde C x_k) + D \\odot u_k,
-
-    with :math:`s = 2` when ``conj_sym`` (the state stores one member of each conjugate pair,
-    as in lindermanlab/S5) and :math:`s = 1` otherwise. ``B`` (P, H, 2) and ``C`` (H, P, 2) hold
-    real and imaginary parts; ``Lambda_re``, ``Lambda_im`` and ``log_step`` are (P,) and ``D``
-    is (H,), as in :class:`compressm_torch.S5`.
+    The Flax NNX twin of :class:`compressm_torch.S5`, where the maths are written out:
+    continuous-time :math:`\\Lambda`, a step per state, zero-order hold and the output
+    :math:`s \\operatorname{Re}(\\tilde C x) + D u`. Parameter names, shapes (``B`` (P, H, 2),
+    ``C`` (H, P, 2), ``Lambda_re``, ``Lambda_im``, ``log_step`` (P,), ``D`` (H,), each an
+    :class:`flax.nnx.Param`) and the HiPPO-N initialisation (:func:`hippo_n_eigenpairs`) are
+    the same.
 
     Parameters
     ----------
-    d_model : int
-        Input and output width ``H``.
-    d_state : int
-        Number of stored complex states ``P`` (half the real order with ``conj_sym``).
-    blocks : int, optional
-        Number of HiPPO-N blocks on the diagonal of the initial :math:`\\Lambda`.
-    conj_sym : bool, optional
-        Output ``2 Re(C x)``: keep one state per conjugate pair.
-    dt_min, dt_max : float, optional
-        Range of the log-uniform initial steps.
-    clip_eigs : bool, optional
-        Clip :math:`\\operatorname{Re}\\Lambda` to at most ``-1e-4`` in the forward pass.
+    d_model, d_state, blocks, conj_sym, dt_min, dt_max, clip_eigs
+        As for :class:`compressm_torch.S5`
+        (checked by :func:`compressm_core.layers.check_s5_args`).
     param_dtype : dtype, optional
         Dtype of the parameters (real).
     rngs : flax.nnx.Rngs
         Random streams; the ``params`` stream (else ``default``) draws the initial values.
-
-    Notes
-    -----
-    Initialisation as in S5: :math:`\\Lambda` from the eigenvalues of HiPPO-N
-    (:func:`hippo_n_eigenpairs`), :math:`\\tilde B = V^{-1} B` and :math:`\\tilde C = C V` for
-    random ``B`` (variance ``1/P``) and ``C`` (variance ``1/P``), ``D`` standard normal.
 
     Examples
     --------
@@ -128,15 +103,7 @@ class S5(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
-        _check_size("d_model", d_model)
-        _check_size("d_state", d_state)
-        _check_size("blocks", blocks)
-        if d_state % blocks:
-            msg = f"`d_state` ({d_state}) must be a multiple of `blocks` ({blocks})."
-            raise ValueError(msg)
-        if not 0 < dt_min <= dt_max:
-            msg = f"Need 0 < `dt_min` <= `dt_max`; received {dt_min!r}, {dt_max!r}."
-            raise ValueError(msg)
+        check_s5_args(d_model, d_state, blocks, dt_min, dt_max)
         self.d_model, self.blocks, self.conj_sym = d_model, blocks, conj_sym
         self.dt_min, self.dt_max, self.clip_eigs = dt_min, dt_max, clip_eigs
         values = _init_values(
@@ -169,9 +136,7 @@ class S5(nnx.Module):
     def continuous_system(
         self, dtype: Any = None
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """:math:`\\Lambda` (P,), :math:`\\tilde B` (P, H), :math:`\\tilde C` (H, P), complex,
-        and the steps :math:`\\Delta` (P,), in the real precision ``dtype`` (default: float32,
-        or float64 for float64 parameters)."""
+        """The continuous system and steps, as :meth:`compressm_torch.S5.continuous_system`."""
         real = working_dtype(self.Lambda_re) if dtype is None else dtype
         options = (("clip_eigs", self.clip_eigs),)
         system: tuple[jax.Array, jax.Array, jax.Array, jax.Array] = evaluate(
@@ -180,8 +145,7 @@ class S5(nnx.Module):
         return system
 
     def discrete_system(self, dtype: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """ZOH poles :math:`\\bar\\lambda` (P,), :math:`\\bar B` (P, H) and the output matrix
-        :math:`s \\tilde C` (H, P) of the layer's output ``Re(C x)``."""
+        """The ZOH system, as :meth:`compressm_torch.S5.discrete_system`."""
         real = working_dtype(self.Lambda_re) if dtype is None else dtype
         options = (("clip_eigs", self.clip_eigs), ("output_scale", self.output_scale))
         system: tuple[jax.Array, jax.Array, jax.Array] = evaluate(

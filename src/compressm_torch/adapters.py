@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from compressm_core import DiagonalStateSpace
+from compressm_core import layer_parameters as layout
+from compressm_core.layers import check_layer_sizes
 from compressm_core.parameterizations import (
-    inverse_zoh,
-    lru_from_poles,
     s4d_discrete,
-    s4d_from_discrete,
 )
+from compressm_core.registry import AdapterRegistry
 
 from ._params import assign, resolve
 from .lru import LRU
@@ -165,16 +165,30 @@ class SelectiveAdapter:
 
 Adapter = LayerAdapter | SelectiveAdapter
 
-_REGISTRY: dict[type[nn.Module], Adapter] = {}
-# Third-party layers, found by qualified type name so their packages are never imported here.
-_NAMED: dict[str, Adapter] = {}
+
+def _check_state_axes(adapter: Adapter) -> None:
+    if isinstance(adapter, LayerAdapter) and not adapter.state_axes:
+        msg = "`adapter.state_axes` must name at least one parameter."
+        raise ValueError(msg)
+
+
+# Third-party layers may be registered by qualified type name, so their packages are never
+# imported here.
+_ADAPTERS: AdapterRegistry[Adapter] = AdapterRegistry(
+    nn.Module,
+    "torch.nn.Module",
+    "compressm_torch",
+    (LayerAdapter, SelectiveAdapter),
+    _check_state_axes,
+)
 
 
 def register_adapter(layer_type: type[nn.Module] | str, adapter: Adapter) -> None:
     """Register ``adapter`` for ``layer_type`` and its subclasses (replacing an earlier one).
 
     ``layer_type`` may be a qualified class name (``"package.module.Class"``): the class is then
-    matched by name, without importing its package.
+    matched by name, without importing its package
+    (:class:`compressm_core.registry.AdapterRegistry`).
 
     Examples
     --------
@@ -182,34 +196,7 @@ def register_adapter(layer_type: type[nn.Module] | str, adapter: Adapter) -> Non
     >>> class MyLRU(LRU): ...
     >>> register_adapter(MyLRU, get_adapter(LRU(2, 2)))
     """
-    named = isinstance(layer_type, str)
-    if not named and not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
-        msg = (
-            "`layer_type` must be a torch.nn.Module subclass or a qualified class name; "
-            f"received {layer_type!r}."
-        )
-        raise TypeError(msg)
-    if not isinstance(adapter, (LayerAdapter, SelectiveAdapter)):
-        kind = type(adapter).__name__
-        msg = f"`adapter` must be a LayerAdapter or a SelectiveAdapter; received {kind}."
-        raise TypeError(msg)
-    if isinstance(adapter, LayerAdapter) and not adapter.state_axes:
-        msg = "`adapter.state_axes` must name at least one parameter."
-        raise ValueError(msg)
-    if isinstance(layer_type, str):
-        _NAMED[layer_type] = adapter
-    else:
-        _REGISTRY[layer_type] = adapter
-
-
-def _lookup(layer: nn.Module) -> Adapter | None:
-    for klass in type(layer).__mro__:
-        if klass in _REGISTRY:
-            return _REGISTRY[klass]
-        named = _NAMED.get(f"{klass.__module__}.{klass.__qualname__}")
-        if named is not None:
-            return named
-    return None
+    _ADAPTERS.register(layer_type, adapter)
 
 
 def get_adapter(layer: nn.Module) -> Adapter:
@@ -220,15 +207,7 @@ def get_adapter(layer: nn.Module) -> Adapter:
     TypeError
         If no adapter is registered for the layer's type.
     """
-    adapter = _lookup(layer)
-    if adapter is not None:
-        return adapter
-    known = ", ".join(sorted([k.__name__ for k in _REGISTRY] + list(_NAMED)))
-    msg = (
-        f"No adapter registered for `layer` of type {type(layer).__name__}; registered: "
-        f"{known}. Use compressm_torch.register_adapter to add one."
-    )
-    raise TypeError(msg)
+    return _ADAPTERS.get(layer)
 
 
 def to_state_space(layer: nn.Module) -> DiagonalStateSpace:
@@ -253,7 +232,7 @@ def to_state_space(layer: nn.Module) -> DiagonalStateSpace:
 
 def _iter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Adapter]]:
     for name, module in model.named_modules():
-        adapter = _lookup(module)
+        adapter = _ADAPTERS.lookup(module)
         if adapter is not None:
             yield name.replace(_COMPILED_PREFIX, ""), module, adapter
 
@@ -281,20 +260,11 @@ def resize_layers(model: nn.Module, sizes: Mapping[str, int]) -> None:
 
     Raises
     ------
-    KeyError
-        If ``sizes`` names a layer that ``model`` does not have.
-    ValueError
-        If a size is not a positive int.
+    KeyError, ValueError
+        As :func:`compressm_core.layers.check_layer_sizes`: an unknown layer, a bad size.
     """
     layers = {name: (layer, adapter) for name, layer, adapter in _iter_layers(model)}
-    unknown = sorted(set(sizes) - set(layers))
-    if unknown:
-        msg = f"`sizes` names layers that `model` does not have: {unknown}."
-        raise KeyError(msg)
-    for name, size in sizes.items():
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            msg = f"`sizes[{name!r}]` must be a positive int; received {size!r}."
-            raise ValueError(msg)
+    for name, size in check_layer_sizes(sizes, layers).items():
         layer, adapter = layers[name]
         if adapter.state_size(layer) != size:
             adapter.resize(layer, size)
@@ -329,20 +299,14 @@ def _discrete_state_space(layer: nn.Module) -> DiagonalStateSpace:
 _discrete_to_state_space = _detached(_discrete_state_space)
 
 
+def _complex128(sys: DiagonalStateSpace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    poles, b, c = (torch.as_tensor(x).to(torch.complex128) for x in sys[:3])
+    return poles, b, c
+
+
 def _lru_from_state_space(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str, torch.Tensor]:
     assert isinstance(layer, LRU)
-    poles, b, c = (torch.as_tensor(x).to(torch.complex128) for x in sys[:3])
-    nu_log, theta_log, gamma_log = lru_from_poles(poles, what="LRU")
-    b = b / torch.exp(gamma_log)[:, None]
-    return {
-        "nu_log": nu_log,
-        "theta_log": theta_log,
-        "gamma_log": gamma_log,
-        "B_re": b.real,
-        "B_im": b.imag,
-        "C_re": c.real,
-        "C_im": c.imag,
-    }
+    return layout.lru_parameters(*_complex128(sys))
 
 
 register_adapter(
@@ -350,15 +314,7 @@ register_adapter(
     LayerAdapter(
         to_state_space=_discrete_to_state_space,
         from_state_space=_lru_from_state_space,
-        state_axes={
-            "nu_log": 0,
-            "theta_log": 0,
-            "gamma_log": 0,
-            "B_re": 0,
-            "B_im": 0,
-            "C_re": 1,
-            "C_im": 1,
-        },
+        state_axes=layout.LRU_STATE_AXES,
         differentiable_state_space=_discrete_state_space,
     ),
 )
@@ -368,21 +324,13 @@ register_adapter(
 
 def _s5_from_state_space(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str, torch.Tensor]:
     assert isinstance(layer, S5)
-    poles, b_bar, c = (torch.as_tensor(x).to(torch.complex128) for x in sys[:3])
-    # Any step reproduces the same discrete system; all new modes share the geometric mean of
-    # the old steps, so the learning dynamics of log_step keep their scale.
-    log_step = layer.log_step.detach().to(torch.float64).mean()
-    lam, b = inverse_zoh(
-        poles, b_bar, torch.exp(log_step), clip_eigs=layer.clip_eigs, what="S5 layer"
+    log_step = layer.log_step.detach().to(torch.float64)
+    return layout.s5_parameters(
+        *_complex128(sys),
+        log_step,
+        clip_eigs=layer.clip_eigs,
+        output_scale=layer.output_scale,
     )
-    c = c / layer.output_scale
-    return {
-        "Lambda_re": lam.real,
-        "Lambda_im": lam.imag,
-        "B": torch.stack([b.real, b.imag], dim=-1),
-        "C": torch.stack([c.real, c.imag], dim=-1),
-        "log_step": log_step.expand(poles.shape[0]).clone(),
-    }
 
 
 register_adapter(
@@ -390,7 +338,7 @@ register_adapter(
     LayerAdapter(
         to_state_space=_discrete_to_state_space,
         from_state_space=_s5_from_state_space,
-        state_axes={"Lambda_re": 0, "Lambda_im": 0, "B": 0, "C": 1, "log_step": 0},
+        state_axes=layout.S5_STATE_AXES,
         differentiable_state_space=_discrete_state_space,
     ),
 )
@@ -422,17 +370,10 @@ def _s4d_from_state_space(
     prefix: str,
 ) -> Callable[[nn.Module, DiagonalStateSpace], dict[str, torch.Tensor]]:
     def write(layer: nn.Module, sys: DiagonalStateSpace) -> dict[str, torch.Tensor]:
-        poles, b_bar, c_out = (torch.as_tensor(x).to(torch.complex128) for x in sys[:3])
         log_dt = resolve(layer, prefix + "log_dt").detach().to(torch.float64)
         # Each channel keeps its step; the reduced poles fix A = log(mu) / dt.
-        log_a_real, a_imag, c = s4d_from_discrete(
-            poles, b_bar[..., 0], c_out[..., 0, :], log_dt, what="S4D layer"
-        )
-        return {
-            prefix + "log_A_real": log_a_real,
-            prefix + "A_imag": a_imag,
-            prefix + "C": torch.stack([c.real, c.imag], dim=-1),
-        }
+        params = layout.s4d_parameters(*_complex128(sys), log_dt)
+        return {prefix + name: value for name, value in params.items()}
 
     return write
 
@@ -451,7 +392,7 @@ def _s4d_adapter(prefix: str, on_resize: Callable[[nn.Module], None] | None) -> 
     return LayerAdapter(
         to_state_space=_detached(read),
         from_state_space=_s4d_from_state_space(prefix),
-        state_axes={prefix + "log_A_real": 1, prefix + "A_imag": 1, prefix + "C": 1},
+        state_axes={prefix + name: axis for name, axis in layout.S4D_STATE_AXES.items()},
         on_resize=on_resize,
         differentiable_state_space=read,
     )

@@ -8,17 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from compressm_core.layer_init import lru_ring_init
+from compressm_core.layers import check_lru_args
+
 from ._precision import working_dtype
 from ._scan import real_output_layer
 
 __all__ = ["LRU"]
-
-
-def _check_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        msg = f"`{name}` must be a positive int; received {value!r}."
-        raise ValueError(msg)
-    return value
 
 
 class LRU(nn.Module):
@@ -78,14 +74,7 @@ class LRU(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_size("d_model", d_model)
-        _check_size("d_state", d_state)
-        if not 0 <= r_min < r_max < 1:
-            msg = f"Need 0 <= `r_min` < `r_max` < 1; received r_min={r_min!r}, r_max={r_max!r}."
-            raise ValueError(msg)
-        if not max_phase > 0:
-            msg = f"`max_phase` must be positive; received {max_phase!r}."
-            raise ValueError(msg)
+        check_lru_args(d_model, d_state, r_min, r_max, max_phase)
         self.d_model = d_model
         self.r_min, self.r_max, self.max_phase = r_min, r_max, max_phase
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -111,10 +100,9 @@ class LRU(nn.Module):
         n, h = self.d_state, self.d_model
         u1 = torch.rand_like(self.nu_log)
         u2 = torch.rand_like(self.theta_log)
-        radius_sq = u1 * (self.r_max**2 - self.r_min**2) + self.r_min**2
-        self.nu_log.copy_(torch.log(-0.5 * torch.log(radius_sq)))
-        self.theta_log.copy_(torch.log(self.max_phase * u2))
-        self.gamma_log.copy_(0.5 * torch.log1p(-radius_sq))
+        init = lru_ring_init(u1, u2, self.r_min, self.r_max, self.max_phase)
+        for param, value in zip((self.nu_log, self.theta_log, self.gamma_log), init, strict=True):
+            param.copy_(value)
         for p, scale in ((self.B_re, 2 * h), (self.B_im, 2 * h), (self.C_re, n), (self.C_im, n)):
             nn.init.normal_(p, std=1 / math.sqrt(scale))
         nn.init.normal_(self.D)

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from compressm_core.layers import check_block_norm, sequence_layer_sizes
+
 from .lru import LRU
 from .mamba import Mamba
 from .s4d import S4D
@@ -44,9 +46,7 @@ class SSMBlock(nn.Module):
         norm: Literal["layer", "batch"] = "layer",
     ) -> None:
         super().__init__()
-        if norm not in ("layer", "batch"):
-            msg = f"`norm` must be 'layer' or 'batch'; received {norm!r}."
-            raise ValueError(msg)
+        check_block_norm(norm)
         self.norm: nn.Module = (
             nn.LayerNorm(d_model) if norm == "layer" else nn.BatchNorm1d(d_model, affine=False)
         )
@@ -77,8 +77,7 @@ class SequenceModel(nn.Module):
     d_state : int or sequence of int, optional
         State size of every SSM layer, or one per layer (e.g. the sizes a reduced model
         reached, :func:`state_sizes`, to train a small model from scratch), counted as the
-        library counts it: complex states for the LRU and S5, stored complex modes per channel
-        for S4D (each layer is built as ``S4D(d_model, 2 * size)``).
+        library counts it (:func:`compressm_core.layers.sequence_layer_sizes`).
     n_layers : int, optional
         Number of blocks.
     layer : {"lru", "s5", "s4d", "mamba"}, optional
@@ -117,21 +116,12 @@ class SequenceModel(nn.Module):
         **layer_kwargs: Any,
     ) -> None:
         super().__init__()
-        if layer not in _LAYERS:
-            msg = f"`layer` must be one of {sorted(_LAYERS)}; received {layer!r}."
-            raise ValueError(msg)
-        if pool not in ("mean", None):
-            msg = f"`pool` must be 'mean' or None; received {pool!r}."
-            raise ValueError(msg)
-        sizes = [d_state] * n_layers if isinstance(d_state, int) else list(d_state)
-        if len(sizes) != n_layers:
-            msg = f"`d_state` must be an int or {n_layers} ints; received {d_state!r}."
-            raise ValueError(msg)
+        sizes = sequence_layer_sizes(layer, _LAYERS, pool, d_state, n_layers)
         self.pool = pool
         self.encoder = nn.Linear(d_input, d_model)
         self.blocks = nn.ModuleList(
             SSMBlock(
-                _LAYERS[layer](d_model, 2 * size if layer == "s4d" else size, **layer_kwargs),
+                _LAYERS[layer](d_model, size, **layer_kwargs),
                 d_model,
                 dropout=dropout,
                 norm=norm,

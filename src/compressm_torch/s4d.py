@@ -8,11 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from compressm_core.layer_init import log_uniform_steps
+from compressm_core.layers import check_s4d_args
 from compressm_core.parameterizations import s4d_discrete
 
 from ._precision import complex_of, full_precision, working_dtype
 from ._scan import diagonal_scan
-from .lru import _check_size
 
 __all__ = ["S4D"]
 
@@ -88,14 +89,7 @@ class S4D(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_size("d_model", d_model)
-        _check_size("d_state", d_state)
-        if d_state % 2:
-            msg = f"`d_state` must be even (N/2 conjugate-pair modes); received {d_state}."
-            raise ValueError(msg)
-        if not 0 < dt_min <= dt_max:
-            msg = f"Need 0 < `dt_min` <= `dt_max`; received {dt_min!r}, {dt_max!r}."
-            raise ValueError(msg)
+        check_s4d_args(d_model, d_state, dt_min, dt_max)
         self.d_model, self.dt_min, self.dt_max = d_model, dt_min, dt_max
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         h, m = d_model, d_state // 2
@@ -120,7 +114,7 @@ class S4D(nn.Module):
     def reset_parameters(self) -> None:
         """Draw the S4D-Lin initialisation of the minimal ``s4d.py``."""
         u = torch.rand_like(self.log_dt)
-        self.log_dt.copy_(math.log(self.dt_min) + u * math.log(self.dt_max / self.dt_min))
+        self.log_dt.copy_(log_uniform_steps(u, self.dt_min, self.dt_max))
         self.log_A_real.fill_(math.log(0.5))
         modes = torch.arange(self.n_modes, dtype=self.A_imag.dtype, device=self.A_imag.device)
         self.A_imag.copy_(math.pi * modes.expand_as(self.A_imag))

@@ -9,11 +9,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressm_core.layer_init import log_uniform_steps, s5_hippo_basis
+from compressm_core.layers import check_s5_args
 from compressm_core.parameterizations import hippo_n_eigenpairs
 
 from ._precision import working_dtype
 from ._scan import real_output_layer
-from .lru import _check_size
 
 __all__ = ["S5", "hippo_n_eigenpairs"]
 
@@ -73,15 +74,7 @@ class S5(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_size("d_model", d_model)
-        _check_size("d_state", d_state)
-        _check_size("blocks", blocks)
-        if d_state % blocks:
-            msg = f"`d_state` ({d_state}) must be a multiple of `blocks` ({blocks})."
-            raise ValueError(msg)
-        if not 0 < dt_min <= dt_max:
-            msg = f"Need 0 < `dt_min` <= `dt_max`; received {dt_min!r}, {dt_max!r}."
-            raise ValueError(msg)
+        check_s5_args(d_model, d_state, blocks, dt_min, dt_max)
         self.d_model, self.blocks, self.conj_sym = d_model, blocks, conj_sym
         self.dt_min, self.dt_max, self.clip_eigs = dt_min, dt_max, clip_eigs
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -108,12 +101,9 @@ class S5(nn.Module):
     def reset_parameters(self) -> None:
         """Draw the S5 initialisation (block-diagonal HiPPO-N eigenbasis)."""
         p, h = self.d_state, self.d_model
-        block = p // self.blocks
-        full = 2 * block if self.conj_sym else block
-        lam, v = hippo_n_eigenpairs(full)
-        lam, v = lam[:block], v[:, :block]
+        lam_all, v = s5_hippo_basis(p, self.blocks, self.conj_sym)
+        full, block = v.shape
         g = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, ()).item()))
-        lam_all = np.tile(lam, self.blocks)
         b_tilde = np.zeros((p, h), dtype=complex)
         c_tilde = np.zeros((h, p), dtype=complex)
         for k in range(self.blocks):
@@ -129,7 +119,7 @@ class S5(nn.Module):
         self.C.copy_(torch.from_numpy(np.stack([c_tilde.real, c_tilde.imag], axis=-1)))
         nn.init.normal_(self.D)
         u = torch.rand_like(self.log_step)
-        self.log_step.copy_(math.log(self.dt_min) + u * math.log(self.dt_max / self.dt_min))
+        self.log_step.copy_(log_uniform_steps(u, self.dt_min, self.dt_max))
 
     def continuous_system(
         self, dtype: torch.dtype | None = None
