@@ -71,15 +71,20 @@ def _is_jax_checkpoint(path: Path) -> bool:
 
 
 def _jax_spectra(path: Path) -> tuple[dict[str, tuple[Any, bool]], Any]:
-    """``{layer: (HSVs, False)}`` of a JAX checkpoint (float64, on the host), and its task."""
+    """``{layer: (HSVs, False)}`` of a JAX checkpoint (float64, on the host; for S4D the
+    per-index maxima over its channels, which share one rank), and its task."""
     from compressm_core import hankel_singular_values
+    from compressm_core.rank import shared_rank_hsv
     from compressm_jax import find_layers, get_adapter
 
     from .training_jax import load_checkpoint
 
     model, extra = load_checkpoint(path)
     spectra = {
-        name: (hankel_singular_values(get_adapter(layer).to_state_space(layer)), False)
+        name: (
+            shared_rank_hsv(hankel_singular_values(get_adapter(layer).to_state_space(layer))),
+            False,
+        )
         for name, layer in find_layers(model).items()
     }
     return spectra, extra.get("task")
@@ -92,6 +97,7 @@ def _torch_spectra(path: Path) -> tuple[dict[str, tuple[Any, bool]], Any]:
 
     from compressm_core import CheckpointError, hankel_singular_values
     from compressm_core.files import READ_ERRORS, unreadable
+    from compressm_core.rank import shared_rank_hsv
     from compressm_torch import (
         SelectiveAdapter,
         SequenceModel,
@@ -115,16 +121,22 @@ def _torch_spectra(path: Path) -> tuple[dict[str, tuple[Any, bool]], Any]:
     try:
         config = RunConfig.from_dict(extra["config"])
         dims = extra["model"]
+        _check_stored_shapes(path, ckpt.get("model"), dims, config)
+        # Built at the smallest state size: load_checkpoint resizes every layer to the recorded
+        # sizes once it has checked them against the stored tensors (a crafted N0 allocates
+        # nothing).
         model = SequenceModel(
             dims["d_input"],
             dims["d_output"],
             d_model=config.d_model,
-            d_state=config.d_state,
+            d_state=2,
             n_layers=config.n_layers,
             layer=config.layer,
             pool="mean" if dims["kind"] == "classification" else None,
         )
     except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
         msg = f"{path}: the stored config does not make a model ({type(err).__name__}: {err})."
         raise CheckpointError(msg) from err
     load_checkpoint(path, model)
@@ -142,8 +154,46 @@ def _torch_spectra(path: Path) -> tuple[dict[str, tuple[Any, bool]], Any]:
             total = scores.reshape(-1, scores.shape[-1]).sum(0)
             spectra[name] = (torch.sort(total, descending=True).values, True)
         else:
-            spectra[name] = (hankel_singular_values(to_state_space(layer)), False)
+            hsv = hankel_singular_values(to_state_space(layer))
+            spectra[name] = (shared_rank_hsv(hsv), False)  # S4D: one rank for its channels
     return spectra, extra.get("task")
+
+
+def _check_stored_shapes(path: Path, state: Any, dims: Any, config: Any) -> None:
+    """Refuse a stored config that does not fit the stored tensors before anything is built at
+    its sizes: the encoder's and decoder's weights give ``d_input``, ``d_model`` and
+    ``d_output``, the ``blocks.<i>.`` names the number of layers."""
+    from compressm_core import CheckpointError
+
+    weights = {}
+    if isinstance(state, dict):
+        for key, tensor in state.items():
+            for name in ("encoder.weight", "decoder.weight"):
+                if isinstance(key, str) and key.endswith(name):
+                    weights[name] = tuple(tensor.shape)
+    layers = {
+        key.split("blocks.", 1)[1].split(".", 1)[0]
+        for key in (state if isinstance(state, dict) else ())
+        if isinstance(key, str) and "blocks." in key
+    }
+    expected = {
+        "encoder.weight": (config.d_model, dims["d_input"]),
+        "decoder.weight": (dims["d_output"], config.d_model),
+    }
+    for name, shape in expected.items():
+        if weights.get(name) != shape:
+            msg = (
+                f"{path}: the stored config does not fit the stored tensors: `{name}` should "
+                f"have the shape {shape} of d_model, d_input and d_output; found "
+                f"{weights.get(name, 'no such tensor')}."
+            )
+            raise CheckpointError(msg)
+    if len(layers) != config.n_layers:
+        msg = (
+            f"{path}: the stored config does not fit the stored tensors: n_layers is "
+            f"{config.n_layers}, but the tensors hold {len(layers)} blocks."
+        )
+        raise CheckpointError(msg)
 
 
 def _selective_statistics(model: Any, task_name: Any, config: Any) -> dict[str, Any]:

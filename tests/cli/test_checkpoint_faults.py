@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import zipfile
 
@@ -163,6 +164,89 @@ def test_analyze_names_an_unreadable_checkpoint(tmp_path, capsys, content):
         main(["analyze", str(path)])
     assert exc.value.code == 2
     assert f"{path}: not a readable checkpoint" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def torch_checkpoints(tmp_path_factory):
+    """``{layer: path}``: `compressm train` checkpoints of two-block models of each torch layer
+    (a few steps, digits, N0 = 8: the reductions leave the blocks at different sizes)."""
+    pytest.importorskip("torch")
+    from compressm_cli.app import main
+
+    folder = tmp_path_factory.mktemp("torch_checkpoints")
+    paths = {}
+    for layer in ("lru", "s5", "s4d", "mamba"):
+        argv = ["train", "--task", "digits", "--model", layer, "--d-model", "4", "--d-state", "8"]
+        argv += ["--layers", "2", "--steps", "30", "--eval-every", "30", "--no-progress"]
+        assert main([*argv, "--out", str(folder / layer)]) == 0
+        paths[layer] = folder / layer / "checkpoint.pt"
+    return paths
+
+
+@pytest.mark.parametrize("layer", ["lru", "s5", "s4d", "mamba"])
+def test_analyze_reads_every_torch_layer_at_its_stored_sizes(tmp_path, torch_checkpoints, layer):
+    """The spectra have the recorded state sizes (for S4D one shared profile of its channels:
+    the per-index maximum of their HSVs)."""
+    import torch
+
+    from compressm_cli.analyze import analyze_checkpoint
+
+    path = torch_checkpoints[layer]
+    stored = torch.load(path, weights_only=True)["state_sizes"]
+    layers = analyze_checkpoint(path, [0.1])["layers"]
+    assert {name: entry["state_size"] for name, entry in layers.items()} == stored
+    for entry in layers.values():
+        hsv = np.asarray(entry["hsv"])
+        assert hsv.ndim == 1
+        assert np.all(np.diff(hsv) <= 1e-12 * hsv[0])
+        assert entry["kind"] == ("selective" if layer == "mamba" else "lti")
+
+
+def _rewrite_torch_config(path, out, change):
+    import torch
+
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["extra"]["config"].update(change)
+    torch.save(ckpt, out)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"d_model": 10**6}, r"`encoder.weight` should have the shape \(1000000, 1\)"),
+        ({"n_layers": 10**9}, "n_layers is 1000000000, but the tensors hold 2 blocks"),
+        ({"layer": "s5"}, "the `model` state does not load|does not fit"),
+    ],
+)
+def test_analyze_refuses_a_crafted_torch_config_quickly(
+    tmp_path, capsys, torch_checkpoints, change, message
+):
+    """A config that does not fit the stored tensors exits 2 naming the file, before a model is
+    built at its sizes (a crafted d_model or n_layers would allocate gigabytes)."""
+    from compressm_cli.app import main
+
+    path = tmp_path / "checkpoint.pt"
+    _rewrite_torch_config(torch_checkpoints["lru"], path, change)
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", str(path), "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert str(path) in err
+    assert re.search(message, err), err
+    assert time.perf_counter() - start < 2.0
+
+
+def test_analyze_ignores_a_crafted_initial_state_size(tmp_path, torch_checkpoints):
+    """The model is built at the recorded sizes, so a huge configured N0 allocates nothing."""
+    from compressm_cli.analyze import analyze_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    _rewrite_torch_config(torch_checkpoints["lru"], path, {"d_state": 10**9})
+    start = time.perf_counter()
+    expected = analyze_checkpoint(torch_checkpoints["lru"], [0.1])["layers"]
+    assert analyze_checkpoint(path, [0.1])["layers"] == expected
+    assert time.perf_counter() - start < 2.0
 
 
 # --- .npz data files ---------------------------------------------------------------------------

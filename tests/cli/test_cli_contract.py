@@ -222,19 +222,19 @@ def test_ctrl_c_during_train_saves_a_checkpoint(tmp_path, capsys):
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    try:
-        assert started.wait(120), b"".join(chunks).decode(errors="replace")
+    try:  # generous limits: a loaded machine can take long to import torch
+        assert started.wait(300), b"".join(chunks).decode(errors="replace")
         time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        proc.wait(120)
+        proc.wait(300)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    reader.join(10)
-    for pipe in (proc.stdout, proc.stderr):
-        assert pipe is not None
-        pipe.close()
+        reader.join(10)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
     err = b"".join(chunks).decode(errors="replace")
     assert proc.returncode == 130, err
     checkpoint = out / "checkpoint.pt"
