@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import operator
 import os
 import random
@@ -415,12 +416,41 @@ def _sysid(seed: int, fraction: float) -> Task:
 # --------------------------------------------------------------------------------- .npz
 
 
+def _check_npy_sizes(path: Path) -> None:
+    """Refuse an archive member whose ``.npy`` header declares more bytes than the member holds,
+    before NumPy allocates the array the header describes (a crafted shape would otherwise ask
+    for any amount of memory). Files that are not zip archives are left to :func:`numpy.load`.
+    """
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            if not member.filename.endswith(".npy"):
+                continue
+            with archive.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                header = f.tell()
+            declared = math.prod(shape) * dtype.itemsize
+            if declared > member.file_size - header:
+                key = member.filename.removesuffix(".npy")
+                msg = (
+                    f"`{key}` declares shape {shape} of {dtype} ({declared} bytes), but the "
+                    f"archive holds {member.file_size - header} bytes for it"
+                )
+                raise ValueError(msg)
+
+
 def _npz(name: str, seed: int, fraction: float) -> Task:
     path = Path(name)
     if not path.is_file():
         msg = f"{name}: no such .npz file."
         raise FileNotFoundError(msg)
     try:
+        _check_npy_sizes(path)
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         msg = f"{name}: not a readable .npz archive ({err})."

@@ -268,3 +268,32 @@ def test_an_npz_class_label_beyond_the_bound_is_refused(tmp_path, label):
     y[-1] = 2**16 - 1  # the largest allowed label
     np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y % 3)
     assert load_task(str(path)).d_output == 2**16
+
+
+@pytest.mark.parametrize("shape", [(10**12,), (10**6, 10**6, 1), (2**62, 2)])
+def test_an_npz_array_header_beyond_its_data_is_refused_before_allocating(tmp_path, shape):
+    """A member whose ``.npy`` header declares a shape larger than the bytes it holds: a clear
+    error naming the file and the array, quickly, with no attempt to allocate the shape."""
+    import io
+
+    from compressm_cli.data import load_task
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 5)).astype(np.float32)
+    y = np.array([0, 1, 2, 1, 0, 2])
+    path = tmp_path / "crafted.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
+    crafted = io.BytesIO()
+    header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(crafted, header)
+    crafted.write(x.tobytes())
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    members["x_train.npy"] = crafted.getvalue()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"{path}: .*`x_train` declares shape"):
+        load_task(str(path))
+    assert time.perf_counter() - start < 1.0
