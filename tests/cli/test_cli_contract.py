@@ -209,6 +209,9 @@ def test_ctrl_c_during_train_saves_a_checkpoint(tmp_path, capsys):
         [sys.executable, "-m", "compressm_cli", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # A shell starts background jobs with SIGINT ignored, and the child would inherit that
+        # (and Python then installs no KeyboardInterrupt handler): give it the default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     chunks: list[bytes] = []
     started = threading.Event()
