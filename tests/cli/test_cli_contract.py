@@ -198,6 +198,15 @@ def test_version(capsys):
     assert re.fullmatch(r"\d+\.\d+\.\d+\S*", version())
 
 
+# A shell starts background jobs with SIGINT ignored and a child inherits that (Python then
+# installs no KeyboardInterrupt handler). Restore Python's handler inside the child rather than
+# with ``preexec_fn``, which runs fork handlers in a threaded parent and is unsafe there.
+_DEFAULT_SIGINT_MAIN = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from compressm_cli.app import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
 def test_ctrl_c_during_train_saves_a_checkpoint(tmp_path, capsys):
     """SIGINT after the first training step: a checkpoint of the state reached, one line saying
@@ -206,12 +215,9 @@ def test_ctrl_c_during_train_saves_a_checkpoint(tmp_path, capsys):
     argv = ["train", "--task", "digits", "--d-state", "8", "--out", str(out)]
     argv += ["--steps", "1000000", "--eval-every", "1000000"]  # never done by itself
     proc = subprocess.Popen(
-        [sys.executable, "-m", "compressm_cli", *argv],
+        [sys.executable, "-c", _DEFAULT_SIGINT_MAIN, *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        # A shell starts background jobs with SIGINT ignored, and the child would inherit that
-        # (and Python then installs no KeyboardInterrupt handler): give it the default.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     chunks: list[bytes] = []
     started = threading.Event()
