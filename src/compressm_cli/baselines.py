@@ -177,6 +177,11 @@ def _cut(
     return events, seconds
 
 
+def _stage(result: RunResult) -> dict[str, Any]:
+    """The metrics and training time of ``result``: one entry of ``RunResult.stages``."""
+    return {"val": result.val_metric, "test": result.test_metric, "seconds": result.train_seconds}
+
+
 def _tagged(result: RunResult, name: str, **extra: Any) -> RunResult:
     result.config = {**result.config, "baseline": {"name": name, **extra}}
     return result
@@ -231,18 +236,10 @@ def distill(
         result = train(task, student, progress=progress, on_event=on_event, objective=objective)[0]
     finally:
         teacher.train(was_training)
-    own = result.train_seconds
     offset = teacher_result.train_seconds
-    result.train_seconds = offset + own
+    result.stages = {"teacher": _stage(teacher_result), "student": _stage(result)}
+    result.train_seconds += offset
     result.curve = [(s, t + offset, v, n) for s, t, v, n in result.curve]
-    result.stages = {
-        "teacher": {
-            "val": teacher_result.val_metric,
-            "test": teacher_result.test_metric,
-            "seconds": offset,
-        },
-        "student": {"val": result.val_metric, "test": result.test_metric, "seconds": own},
-    }
     return _tagged(result, "kd", alpha=options.alpha, temperature=options.temperature)
 
 
@@ -291,8 +288,7 @@ def regularise(
     )[0]
     with torch.no_grad():
         norm = float(hankel_nuclear_norm(model, horizon=horizon))
-    before = {"val": result.val_metric, "test": result.test_metric}
-    result.stages["before_cut"] = {**before, "seconds": result.train_seconds, "hsv_sum": norm}
+    result.stages["before_cut"] = {**_stage(result), "hsv_sum": norm}
     result.events, seconds = _cut(model, sizes, task, full, full.steps)
     after = _metrics(task, model, full)
     result.stages["after_cut"] = {**after, "seconds": seconds}
@@ -351,17 +347,9 @@ def reduce_after_training(
         final_loss=tuned.final_loss,
         status=tuned.status,
         stages={
-            "trained": {
-                "val": full_result.val_metric,
-                "test": full_result.test_metric,
-                "seconds": full_result.train_seconds,
-            },
+            "trained": _stage(full_result),
             "after_cut": {**cut, "seconds": seconds},
-            "fine_tuned": {
-                "val": tuned.val_metric,
-                "test": tuned.test_metric,
-                "seconds": tuned.train_seconds,
-            },
+            "fine_tuned": _stage(tuned),
         },
     )
     return _tagged(result, "post", finetune_steps=steps)

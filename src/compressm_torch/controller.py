@@ -28,6 +28,7 @@ from compressm_core.training import (
 from ._distributed import all_reduce_numbers
 from ._options import check_torch_options
 from ._params import assign
+from ._shadows import match_shadows, snapshot_shadows, sync_shadows
 from .adapters import LayerAdapter, SelectiveAdapter, get_adapter, resize_layers, state_sizes
 from .adapters import find_layers as _find_layers
 from .optim import OptimizerStatePolicy, resize_optimizer_state
@@ -117,6 +118,14 @@ class CompreSSM(ControllerBase[nn.Module]):
         Selective layers: record at most this many sequences of each calibration batch
         (:class:`SelectiveRecorder`'s ``max_sequences``; default all). The recording cost is
         proportional to it; the scores are then estimated from fewer samples.
+    extra_models : iterable of torch.nn.Module, optional
+        Shadow copies of ``model`` kept in step with every reduction, e.g. an EMA
+        (``torch.optim.swa_utils.AveragedModel``): each managed layer must have exactly one
+        counterpart of the same type and size, named alike (``"module."`` prefixes allowed).
+        After an index selection a shadow's own values are sliced at the kept positions; after
+        a change of basis its state tensors take the reduced layer's values (an average over two
+        bases would mean nothing, so it restarts there). Undone with the event if it fails,
+        and restored by a pragmatic rollback.
     **keywords
         The options of :class:`~compressm_core.training.ReductionOptions` by name (``tau``,
         ``mode``, ``warmup_fraction``, ``num_reductions``, ``reduction_steps``, ``fraction``,
@@ -165,6 +174,7 @@ class CompreSSM(ControllerBase[nn.Module]):
         calibration_steps: int = 8,
         calibration_batches: Iterable[Any] | None = None,
         calibration_sequences: int | None = None,
+        extra_models: Iterable[nn.Module] = (),
         **keywords: Unpack[ReductionKeywords],
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -196,6 +206,8 @@ class CompreSSM(ControllerBase[nn.Module]):
             "type); see compressm_torch.register_adapter.",
         )
         found = self.layers
+        self.extra_models = list(extra_models)
+        self._shadows = match_shadows(self.extra_models, found)
         self.seen_length: int | None = None
         self._horizon_step: int | None = None
         self._generator = torch.Generator().manual_seed(self.options.seed)
@@ -312,11 +324,18 @@ class CompreSSM(ControllerBase[nn.Module]):
             "lr_scheduler": None
             if self.lr_scheduler is None
             else copy.deepcopy(self.lr_scheduler.state_dict()),
+            "extra_models": [
+                (state_sizes(m), {k: v.detach().clone() for k, v in m.state_dict().items()})
+                for m in self.extra_models
+            ],
         }
 
     def _restore(self, snap: dict[str, Any], *, exact: bool = False) -> None:
         resize_layers(self.model, snap["sizes"])
         self.model.load_state_dict(snap["model"])
+        for shadow, (sizes, state) in zip(self.extra_models, snap["extra_models"], strict=True):
+            resize_layers(shadow, sizes)
+            shadow.load_state_dict(state)
         optimizer = self.optimizer
         if optimizer is not None:
             groups = [
@@ -340,9 +359,11 @@ class CompreSSM(ControllerBase[nn.Module]):
             states = {p: dict(optimizer.state[p]) for p in params if p in optimizer.state}
         sizes = [(layer, self._layer_state_size(layer)) for layer in layers]
         generator = self._generator.get_state()
+        undo_shadows = snapshot_shadows(self._shadows, names)
 
         @torch.no_grad()
         def undo() -> None:
+            undo_shadows()
             for param, value, grad in values:
                 assign(param, value)
                 param.grad = grad
@@ -511,6 +532,8 @@ class CompreSSM(ControllerBase[nn.Module]):
     def _resize_optimizer(self, applied: Mapping[str, tuple[Any, Any]]) -> None:
         for name, (plan, report) in applied.items():
             self._rebind(self.layers[name], plan.adapter, plan.shapes, report)
+        reports = {name: report for name, (_, report) in applied.items()}
+        sync_shadows(self._shadows, self.layers, reports)
 
     def _end_event(self, names: Sequence[str]) -> None:
         if self._recorder is not None:
