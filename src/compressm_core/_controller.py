@@ -22,6 +22,7 @@ import numpy as np
 
 from . import _xp
 from ._events import EventFlow
+from ._summary import summary_text
 from ._typing import Array
 from .certified import CertifiedSchedule
 from .checks import check_int
@@ -143,6 +144,7 @@ class ControllerBase(EventFlow[Layer]):
             rank_rtol=old.rank_rtol,
         )
         self._previous: dict[str, Any] = {}
+        self._initial_parameters = self._parameter_count()
         if self.schedule_kind == "certified":
             self.schedule = [old.deadline]
 
@@ -152,6 +154,32 @@ class ControllerBase(EventFlow[Layer]):
     def state_sizes(self) -> dict[str, int]:
         """Current state size of every managed layer."""
         return {name: self._layer_state_size(layer) for name, layer in self.layers.items()}
+
+    def summary(self) -> str:
+        """What the controller did, as text: the state sizes and the model's parameter count
+        before and now, and for each layer its cuts (step, old and new rank, and the error bound
+        :math:`2 \\sum_{i>r} \\sigma_i` relative to :math:`\\sigma_1`, a lower bound of the
+        layer's gain, so an over-estimate of the relative change of its output map)."""
+        parameters = None
+        if self._initial_parameters is not None:
+            now = self._parameter_count()
+            parameters = None if now is None else (self._initial_parameters, now)
+        return summary_text(
+            type(self).__name__,
+            self.state_sizes,
+            self.history,
+            step=self.num_steps,
+            total_steps=self.total_steps,
+            parameters=parameters,
+        )
+
+    def __repr__(self) -> str:
+        cuts = sum(e.status == "reduced" for e in self.history)
+        return (
+            f"{type(self).__name__}(layers={len(self.layers)}, state_sizes={self.state_sizes}, "
+            f"step={self.num_steps}/{self.total_steps}, cuts={cuts}, "
+            f"schedule={self.schedule_kind!r}, mode={self.mode!r}, tau={self.tau:g})"
+        )
 
     def step(
         self, val_metric: float | None = None, *, loss: float | Any | None = None
@@ -439,6 +467,10 @@ class ControllerBase(EventFlow[Layer]):
             rank = math.floor(total * (1 - self.fraction))
         return self._floor(rank, total)
 
+    def _parameter_count(self) -> int | None:
+        """Number of scalars in the model's trainable parameters (``None``: not known)."""
+        return None
+
     def _floor(self, rank: int, total: int) -> int:
         """``rank`` raised to ``min_rank`` and ``ceil((1 - max_cut) total)``, at most ``total``."""
         if self.max_cut is not None:
@@ -456,6 +488,7 @@ class ControllerBase(EventFlow[Layer]):
             "state_sizes": self.state_sizes,
             "certify": self.certify.state_dict(),
             "last_cut_step": self._last_cut_step,
+            "initial_parameters": self._initial_parameters,
         }
 
     def _load_base_state(self, state: Mapping[str, Any], how: str) -> None:
@@ -476,3 +509,4 @@ class ControllerBase(EventFlow[Layer]):
             self.certify.load_state_dict(state["certify"])
             self._last_cut_step = state["last_cut_step"]
         self._previous = {}
+        self._initial_parameters = state.get("initial_parameters", self._initial_parameters)

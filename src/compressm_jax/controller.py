@@ -167,6 +167,9 @@ class CompreSSM(ControllerBase[nnx.Module]):
 
     # -- internals -------------------------------------------------------------------------
 
+    def _parameter_count(self) -> int:
+        return sum(int(x.size) for x in jax.tree.leaves(nnx.state(self.model, nnx.Param)))
+
     def _layer_state_size(self, layer: nnx.Module) -> int:
         return get_adapter(layer).state_size(layer)
 

@@ -279,6 +279,9 @@ class CompreSSM(ControllerBase[nn.Module]):
             if self.seen_length is None or length > self.seen_length:
                 self.seen_length = length
 
+    def _parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
     def _layer_state_size(self, layer: nn.Module) -> int:
         return get_adapter(layer).state_size(layer)
 

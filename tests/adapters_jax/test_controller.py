@@ -258,3 +258,24 @@ def test_certified_schedule_matches_the_torch_flow():
         late.step(loss=2.3)  # the deadline
     assert [e.trigger for e in late.history if e.status == "reduced"] == ["deadline"] * 2
     assert late.lr_factor == 1.0  # no re-warm-up asked for
+
+
+def test_summary_and_repr_count_the_nnx_parameters():
+    model = Net(d_state=16)
+    opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+
+    def count():
+        return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+    start = count()
+    ctl = CompreSSM(model, opt, total_steps=10, mode="fixed", fraction=0.5, reduction_steps=[1])
+    ctl.step()
+    (event,) = ctl.history
+    head, _, _, _, row = ctl.summary().splitlines()
+    share = 100 * count() / start
+    assert head == (
+        f"CompreSSM at step 1 of 10: 1 cut(s); states 16 -> 8; parameters {start:,} -> "
+        f"{count():,} ({share:.1f} %)"
+    )
+    assert row == f"| ssm | 16 -> 8 | 1: 16 -> 8 ({event.error_bound / event.hsv[0]:.2g}) |"
+    assert repr(ctl).startswith("CompreSSM(layers=1, state_sizes={'ssm': 8}, step=1/10, cuts=1")
