@@ -15,13 +15,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.hooks import RemovableHandle
 
+from compressm_core._summary import relative_bound
 from compressm_core.checks import check_int
 from compressm_core.training import ReductionOptions, signature_with
 
 from ._callbacks import ControllerHolder
 from ._options import CompreSSMKeywords, controller_parameters, split_options
 from .adapters import state_sizes
-from .controller import CompreSSM
+from .controller import CompreSSM, ReductionEvent
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -65,6 +66,13 @@ class CompreSSMCallback(ControllerHolder, Callback):
         or without ``sync_dist``), so every rank keeps or rolls back the same reduction.
     options : ReductionOptions, optional
         The framework-free options as one record, as for :class:`~compressm_torch.CompreSSM`.
+    log_metrics : bool, optional
+        Log through ``pl_module.log`` (so CSV, TensorBoard or W&B loggers get them), at every
+        optimizer step (the trainer's ``log_every_n_steps`` applies): ``compressm/state_size``
+        (all managed layers), ``compressm/state_size/<layer>``, ``compressm/parameters`` (the
+        trainable scalars of the module) and, at each cut,
+        ``compressm/relative_bound/<layer>`` (the error bound over :math:`\\sigma_1`, see
+        :meth:`~compressm_torch.CompreSSM.summary`). Default ``True``.
     **keywords
         The keyword options of :class:`~compressm_torch.CompreSSM`, checked here: those of
         :class:`~compressm_core.training.ReductionOptions` (``tau``, ``mode``, ...; the schedule
@@ -124,9 +132,14 @@ class CompreSSMCallback(ControllerHolder, Callback):
         total_steps: int | None = None,
         monitor: str | None = None,
         options: ReductionOptions | None = None,
+        log_metrics: bool = True,
         **keywords: Unpack[CompreSSMKeywords],
     ) -> None:
         super().__init__()
+        if not isinstance(log_metrics, bool):
+            msg = f"`log_metrics` must be a bool; received {type(log_metrics).__name__}."
+            raise TypeError(msg)
+        self.log_metrics = log_metrics
         if monitor is not None and not isinstance(monitor, str):
             msg = f"`monitor` must be a str or None; received {type(monitor).__name__}."
             raise TypeError(msg)
@@ -221,10 +234,14 @@ class CompreSSMCallback(ControllerHolder, Callback):
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if not isinstance(loss, torch.Tensor):
             loss = None
+        events = []
         while self._last_step < trainer.global_step:
             self._last_step += 1
             metric, self._metric = self._metric, None
-            controller.step(val_metric=metric, loss=None if loss is None else loss.detach())
+            loss_value = None if loss is None else loss.detach()
+            events += controller.step(val_metric=metric, loss=loss_value)
+        if self.log_metrics:
+            _log_state(trainer, pl_module, controller, events)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the ``monitor`` metric for the controller's next step."""
@@ -272,3 +289,34 @@ class CompreSSMCallback(ControllerHolder, Callback):
         controller = self.controller
         controller.load_state_dict(state["controller"])
         self._metric = state.get("metric")
+
+
+def _log_state(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    controller: CompreSSM,
+    events: list[ReductionEvent],
+) -> None:
+    """What ``log_metrics`` logs (see :class:`CompreSSMCallback`). The bounds go to the
+    loggers directly: a value given to ``pl_module.log`` is logged again at every later step
+    of the epoch, and a bound belongs to the step of its cut only."""
+
+    def log(name: str, value: float) -> None:
+        pl_module.log(name, float(value), on_step=True, on_epoch=False, batch_size=1)
+
+    sizes = controller.state_sizes
+    log("compressm/state_size", sum(sizes.values()))
+    for name, size in sizes.items():
+        log(f"compressm/state_size/{name}", size)
+    log("compressm/parameters", sum(p.numel() for p in pl_module.parameters() if p.requires_grad))
+    bounds = {
+        f"compressm/relative_bound/{event.layer}": bound
+        for event in events
+        if event.status == "reduced" and (bound := relative_bound(event)) is not None
+    }
+    if bounds:
+        # the step Lightning gives this batch's ``pl_module.log`` values (the optimizer steps
+        # before this one)
+        step = max(trainer.global_step - 1, 0)
+        for logger in trainer.loggers:
+            logger.log_metrics(bounds, step=step)

@@ -143,6 +143,7 @@ def test_options_mirror_the_controller() -> None:
     del expected["lr_scheduler"]
     expected["total_steps"] = None
     expected["monitor"] = None
+    expected["log_metrics"] = True
     assert {n: p.default for n, p in ours.items()} == expected
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours.values())
 
@@ -370,3 +371,40 @@ def test_missing_monitor_key_names_the_argument(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, 6, [callback], val_check_interval=2, limit_val_batches=1)
     with pytest.raises(KeyError, match="monitor='val_loss'"):
         trainer.fit(model, _loader(), _loader(seed=2))
+
+
+def test_sizes_parameters_and_bounds_reach_the_logger(tmp_path: Path) -> None:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    callback = CompreSSMCallback(mode="fixed", fraction=0.5, reduction_steps=[5, 10])
+    model = Classifier()
+    start = sum(p.numel() for p in model.parameters())
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = _trainer(tmp_path, 12, [callback], logger=logger, log_every_n_steps=1)
+    trainer.fit(model, _loader())
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    by_step = {int(r["step"]): r for r in rows if r.get("compressm/state_size")}
+    # Lightning's step column is the global step minus one at on_train_batch_end
+    sizes = {s + 1: float(r[f"compressm/state_size/{LAYER}"]) for s, r in by_step.items()}
+    assert sizes[4] == 16.0
+    assert sizes[5] == 8.0
+    assert sizes[12] == 4.0
+    assert float(by_step[0]["compressm/parameters"]) == start
+    assert float(by_step[11]["compressm/parameters"]) == sum(p.numel() for p in model.parameters())
+    cuts = {e.step: e for e in callback.history if e.status == "reduced"}
+    assert sorted(cuts) == [5, 10]
+    column = f"compressm/relative_bound/{LAYER}"
+    logged = {int(r["step"]) + 1: float(r[column]) for r in rows if r.get(column)}
+    assert logged == pytest.approx({s: e.error_bound / e.hsv[0] for s, e in cuts.items()})
+
+
+def test_log_metrics_false_logs_nothing(tmp_path: Path) -> None:
+    callback = CompreSSMCallback(reduction_steps=[2], log_metrics=False)
+    trainer = _trainer(tmp_path, 3, [callback])
+    trainer.fit(Classifier(), _loader())
+    assert not [k for k in trainer.logged_metrics if k.startswith("compressm/")]
+    with pytest.raises(TypeError, match="`log_metrics` must be a bool"):
+        CompreSSMCallback(log_metrics="yes")  # type: ignore[arg-type]
