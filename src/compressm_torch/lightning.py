@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from compressm_core._summary import relative_bound
@@ -21,13 +22,13 @@ from compressm_core.training import ReductionOptions, signature_with
 
 from ._callbacks import ControllerHolder
 from ._options import CompreSSMKeywords, controller_parameters, split_options
-from .adapters import state_sizes
+from .adapters import _iter_layers, resize_layers, state_sizes
 from .controller import CompreSSM, ReductionEvent
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["CompreSSMCallback"]
+__all__ = ["CompreSSMCallback", "ResizeOnLoad", "resize_to_checkpoint"]
 
 logger = logging.getLogger("compressm")
 
@@ -320,3 +321,60 @@ def _log_state(
         step = max(trainer.global_step - 1, 0)
         for logger in trainer.loggers:
             logger.log_metrics(bounds, step=step)
+
+
+def resize_to_checkpoint(module: nn.Module, checkpoint: Mapping[str, Any]) -> dict[str, int]:
+    """Give every supported layer of ``module`` the state size of its tensors in the Lightning
+    ``checkpoint`` (``checkpoint["state_dict"]``), before ``load_state_dict``.
+
+    Layers without tensors in the checkpoint keep their size. Parameter objects are kept.
+
+    Returns
+    -------
+    dict
+        The sizes read, by layer name.
+
+    Raises
+    ------
+    ValueError
+        ``checkpoint`` has no ``"state_dict"`` mapping.
+    """
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping):
+        msg = (
+            "`checkpoint` must be a Lightning checkpoint (a dict with a 'state_dict' mapping); "
+            f"received {type(checkpoint).__name__} without one."
+        )
+        raise ValueError(msg)
+    sizes = {}
+    for name, layer, adapter in _iter_layers(module):
+        size = adapter.incoming_size(layer, state, f"{name}." if name else "")
+        if size is not None and size >= 1:
+            sizes[name] = size
+    resize_layers(module, sizes)
+    return sizes
+
+
+class ResizeOnLoad:
+    """Mixin for a LightningModule whose layers were reduced: ``load_from_checkpoint`` (which
+    builds the module at its full size from its hyperparameters) resizes the layers to the
+    checkpoint's tensors before loading them.
+
+    Put it before ``LightningModule`` in the bases; its ``on_load_checkpoint`` calls
+    :func:`resize_to_checkpoint`, then the next class's ``on_load_checkpoint``.
+
+    Examples
+    --------
+    >>> import lightning.pytorch as pl
+    >>> from compressm_torch.lightning import ResizeOnLoad
+    >>> class Module(ResizeOnLoad, pl.LightningModule):
+    ...     pass
+    """
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resize the layers to ``checkpoint`` (:func:`resize_to_checkpoint`)."""
+        assert isinstance(self, nn.Module)
+        resize_to_checkpoint(self, checkpoint)
+        parent = getattr(super(), "on_load_checkpoint", None)
+        if parent is not None:
+            parent(checkpoint)

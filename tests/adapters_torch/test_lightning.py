@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from compressm_torch import CompreSSM, SequenceModel, state_sizes
-from compressm_torch.lightning import CompreSSMCallback
+from compressm_torch.lightning import CompreSSMCallback, ResizeOnLoad, resize_to_checkpoint
 
 pytestmark = [
     # Lightning 2.6 calls a torch pytree API that torch deprecates.
@@ -408,3 +408,30 @@ def test_log_metrics_false_logs_nothing(tmp_path: Path) -> None:
     assert not [k for k in trainer.logged_metrics if k.startswith("compressm/")]
     with pytest.raises(TypeError, match="`log_metrics` must be a bool"):
         CompreSSMCallback(log_metrics="yes")  # type: ignore[arg-type]
+
+
+class Resizing(ResizeOnLoad, Classifier):
+    """``load_from_checkpoint`` resizes the reduced layers first."""
+
+
+def test_load_from_checkpoint_of_a_reduced_module(tmp_path: Path) -> None:
+    callback = CompreSSMCallback(mode="fixed", fraction=0.5, reduction_steps=[3, 6])
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    model = Resizing()
+    trainer = _trainer(tmp_path, 8, [callback, checkpoint], enable_checkpointing=True)
+    trainer.fit(model, _loader())
+    path = tmp_path / "ckpt" / "last.ckpt"
+    assert state_sizes(model)[LAYER] == 4
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        Classifier.load_from_checkpoint(path)  # built at 16 states: the plain module fails
+    loaded = Resizing.load_from_checkpoint(path)
+    assert state_sizes(loaded) == {LAYER: 4}
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    x = torch.randn(2, 20, 1)
+    torch.testing.assert_close(loaded.net(x), model.net(x))
+
+
+def test_resize_to_checkpoint_names_the_argument() -> None:
+    with pytest.raises(ValueError, match="`checkpoint` must be a Lightning checkpoint"):
+        resize_to_checkpoint(Classifier(), {"model": {}})
