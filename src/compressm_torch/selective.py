@@ -237,7 +237,9 @@ class SelectiveRecorder:
             if torch.is_tensor(hidden) and hidden.ndim == 3 and hidden.shape[1] > 1:
                 self.record(name, hidden.detach())
 
-        return hook
+        # Never traced by ``torch.compile``: Dynamo would guard on ``active`` and the recorded
+        # statistics and recompile every time they change (the compiled graph breaks here).
+        return torch.compiler.disable(hook)  # type: ignore[no-untyped-call]
 
 
 # --- reduction --------------------------------------------------------------------------------
