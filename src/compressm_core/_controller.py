@@ -145,6 +145,7 @@ class ControllerBase(EventFlow[Layer]):
         )
         self._previous: dict[str, Any] = {}
         self._initial_parameters = self._parameter_count()
+        self._sizes_seen: dict[str, int] | None = self.state_sizes
         if self.schedule_kind == "certified":
             self.schedule = [old.deadline]
 
@@ -510,3 +511,4 @@ class ControllerBase(EventFlow[Layer]):
             self._last_cut_step = state["last_cut_step"]
         self._previous = {}
         self._initial_parameters = state.get("initial_parameters", self._initial_parameters)
+        self._sizes_seen = self.state_sizes

@@ -51,6 +51,7 @@ class EventFlow(Generic[Layer]):
     _last_cut_step: int | None
     _previous: dict[str, Any]
     _journal: list[Callable[[], None]] | None
+    _sizes_seen: dict[str, int] | None
 
     # -- framework parts ---------------------------------------------------------------------
 
@@ -135,11 +136,14 @@ class EventFlow(Generic[Layer]):
         """
         if self._journal is not None:
             return body()
+        self._check_sizes()
         saved = self._save_counters(deep)
         journal: list[Callable[[], None]] = []
         self._journal = journal
         try:
-            return body()
+            result = body()
+            self._sizes_seen = self._current_sizes()
+            return result
         except BaseException:
             self._journal = None
             for undo in reversed(journal):
@@ -148,6 +152,29 @@ class EventFlow(Generic[Layer]):
             raise
         finally:
             self._journal = None
+
+    def _current_sizes(self) -> dict[str, int]:
+        return {name: self._layer_state_size(layer) for name, layer in self.layers.items()}
+
+    def _check_sizes(self) -> None:
+        """Refuse to go on if a layer's state size changed since the controller last acted
+        (a state from before a reduction pushed back into the model, say)."""
+        seen = self._sizes_seen
+        if seen is None:
+            return
+        now = self._current_sizes()
+        changed = {name: (seen[name], now[name]) for name in now if now[name] != seen.get(name)}
+        if changed:
+            detail = ", ".join(
+                f"{n!r} has {new} states (left at {old})" for n, (old, new) in changed.items()
+            )
+            msg = (
+                f"The model's layers changed size outside the controller: {detail}. A state "
+                "saved before a reduction was probably loaded back into the model (e.g. with "
+                "nnx.update or load_state_dict); restore the model, optimizer and controller "
+                "state together (load_state_dict of the controller), or build a new controller."
+            )
+            raise ValueError(msg)
 
     def _record_undo(self, undo: Callable[[], None]) -> None:
         """Register ``undo`` (before the change it undoes) with the open transaction."""

@@ -279,3 +279,20 @@ def test_summary_and_repr_count_the_nnx_parameters():
     )
     assert row == f"| ssm | 16 -> 8 | 1: 16 -> 8 ({event.error_bound / event.hsv[0]:.2g}) |"
     assert repr(ctl).startswith("CompreSSM(layers=1, state_sizes={'ssm': 8}, step=1/10, cuts=1")
+
+
+def test_a_pre_reduction_state_pushed_back_with_nnx_update_is_refused():
+    model = Net(d_state=16)
+    opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    old = jax.tree.map(lambda x: x, nnx.state(model))
+    ctl = CompreSSM(model, opt, total_steps=10, mode="fixed", fraction=0.5, reduction_steps=[1])
+    ctl.step()
+    assert ctl.state_sizes == {"ssm": 8}
+    nnx.update(model, old)  # the split/jit pattern writing back a state from before the cut
+    assert model.ssm.B_re.shape[0] == 16
+    with pytest.raises(ValueError, match=r"'ssm' has 16 states \(left at 8\)"):
+        ctl.step()
+    assert ctl.num_steps == 1
+    resize_layers(model, {"ssm": 8})  # back to the size the controller left: it goes on
+    ctl.step()
+    assert ctl.num_steps == 2

@@ -372,3 +372,24 @@ def test_report_metric_does_not_advance_and_rejects_inf():
     with pytest.raises(ValueError, match="`value` must be a finite number"):
         ctl.report_metric(float("inf"))
     assert ctl.report_metric(float("nan")) == []  # nothing pending: no baseline, no error
+
+
+def test_a_layer_resized_behind_the_controller_is_refused():
+    from compressm_torch import resize_layers
+
+    model, opt = make(d_state=16)
+    old = copy.deepcopy(model.state_dict())
+    ctl = CompreSSM(model, opt, total_steps=10, mode="fixed", fraction=0.5, reduction_steps=[1])
+    ctl.step()
+    resize_layers(model, dict.fromkeys(LAYERS, 16))
+    model.load_state_dict(old)  # a state from before the cut
+    with pytest.raises(ValueError, match=r"'blocks.0.ssm' has 16 states \(left at 8\)"):
+        ctl.step()
+    with pytest.raises(ValueError, match="changed size outside the controller"):
+        ctl.reduce()
+    assert ctl.num_steps == 1
+    state = ctl.state_dict()
+    state["state_sizes"] = dict.fromkeys(LAYERS, 16)
+    state["history"] = []
+    ctl.load_state_dict(state)  # model and controller restored together: accepted
+    assert ctl.step() == []
