@@ -33,7 +33,7 @@ from .lyapunov import solve_discrete_lyapunov
 from .norms import frequency_response, h2_norm, h_infinity_norm
 from .ordering import pole_order, tolerant_argsort
 from .perturbation import hankel_operator, hsv_a_priori_bound, hsv_perturbation_bound
-from .rank import hankel_error_bound, select_rank
+from .rank import hankel_error_bound, select_rank, select_ranks
 from .schedule import ReductionEvent, ReductionWarning, reduction_schedule
 from .selective import (
     SelectiveGramians,
@@ -95,6 +95,7 @@ __all__ = [
     "rediagonalize",
     "reduction_schedule",
     "select_rank",
+    "select_ranks",
     "select_state_indices",
     "selective_gramians",
     "solve_discrete_lyapunov",

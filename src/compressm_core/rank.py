@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -11,7 +11,7 @@ from ._typing import Array, Namespace
 from ._validation import check_int, check_tau
 from .errors import ShapeError
 
-__all__ = ["hankel_error_bound", "select_rank", "shared_rank_hsv"]
+__all__ = ["hankel_error_bound", "select_rank", "select_ranks", "shared_rank_hsv"]
 
 
 def select_rank(
@@ -69,6 +69,11 @@ def select_rank(
     values = np.asarray(_xp.to_host(hsv, allow_transfer=True), dtype=np.float64)
     if values.ndim != 1 or values.size == 0:
         msg = f"`hsv` must be a non-empty 1-D array; received shape {values.shape}."
+        if values.ndim > 1:
+            msg += (
+                " For a batch of systems use select_ranks (one rank each) or "
+                "shared_rank_hsv (one rank for all)."
+            )
         raise ShapeError(msg)
     if not np.all(np.isfinite(values)) or np.any(values < 0):
         msg = "`hsv` must be finite and non-negative; received negative or non-finite entries."
@@ -82,6 +87,50 @@ def select_rank(
         return 1
     k = int(np.searchsorted(cumulative, (1.0 - tau) * total, side="left"))
     return min(max(k + 1, 1), values.size)
+
+
+def select_ranks(
+    hsv: Array,
+    *,
+    tau: float,
+    energy: Literal["sum", "squared"] = "sum",
+) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """:func:`select_rank` of every system of a batch: one rank per row of ``hsv``.
+
+    Parameters
+    ----------
+    hsv : (..., n) array
+        Hankel singular values of a batch of systems, one system per row (any order).
+    tau, energy
+        As for :func:`select_rank`.
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (...)
+        ``select_rank(hsv[i], tau=tau, energy=energy)`` for every batch index ``i`` (host
+        memory).
+
+    Raises
+    ------
+    ShapeError
+        If ``hsv`` has no axis or its last axis is empty.
+    ValueError
+        As :func:`select_rank`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from compressm_core import select_ranks
+    >>> select_ranks(np.array([[4.0, 3.0, 2.0, 1.0], [9.0, 0.5, 0.3, 0.2]]), tau=0.3)
+    array([2, 1])
+    """
+    values = np.asarray(_xp.to_host(hsv, allow_transfer=True), dtype=np.float64)
+    if values.ndim == 0 or values.shape[-1] == 0:
+        msg = f"`hsv` must have a non-empty last axis (..., n); received shape {values.shape}."
+        raise ShapeError(msg)
+    rows = values.reshape(-1, values.shape[-1])
+    ranks = [select_rank(row, tau=tau, energy=energy) for row in rows]
+    return np.asarray(ranks, dtype=np.int64).reshape(values.shape[:-1])
 
 
 _ROUNDOFF = 10.0  # c of the round-off term c n eps sigma_1 of hankel_error_bound

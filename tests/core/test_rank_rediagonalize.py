@@ -18,6 +18,7 @@ from compressm_core import (
     hankel_singular_values,
     rediagonalize,
     select_rank,
+    select_ranks,
 )
 from compressm_core.errors import ShapeError
 from compressm_core.rank import shared_rank_hsv
@@ -93,6 +94,27 @@ def test_select_rank_rejects_bad_hsv() -> None:
         select_rank(np.ones((2, 2)), tau=0.1)
     with pytest.raises(ValueError, match="`energy` must be"):
         select_rank(np.ones(2), tau=0.1, energy="cubed")  # type: ignore[arg-type]
+
+
+@given(st.lists(hsv_lists, min_size=1, max_size=6), st.floats(0, 0.999))
+def test_select_ranks_is_select_rank_of_every_row(rows: list[np.ndarray], tau: float) -> None:
+    n = min(r.size for r in rows)
+    batch = np.stack([r[:n] for r in rows])
+    ranks = select_ranks(batch, tau=tau)
+    assert ranks.shape == (len(rows),)
+    assert ranks.tolist() == [select_rank(r, tau=tau) for r in batch]
+    cube = select_ranks(np.stack([batch, batch[::-1]]), tau=tau, energy="squared")
+    assert cube.shape == (2, len(rows))
+    assert cube[1].tolist() == [select_rank(r, tau=tau, energy="squared") for r in batch[::-1]]
+
+
+def test_select_ranks_on_any_backend_and_its_errors(xp) -> None:
+    hsv = xp.asarray([[4.0, 3.0, 2.0, 1.0], [9.0, 0.5, 0.3, 0.2]])
+    np.testing.assert_array_equal(select_ranks(hsv, tau=0.3), [2, 1])
+    with pytest.raises(ShapeError, match="non-empty last axis"):
+        select_ranks(xp.asarray(1.0), tau=0.1)
+    with pytest.raises(ShapeError, match="select_ranks"):
+        select_rank(hsv, tau=0.1)  # the 1-D function points to the batched one
 
 
 def test_hankel_error_bound(xp) -> None:
