@@ -233,6 +233,7 @@ def _table(result: dict[str, Any]) -> str:
 
 def _plot(result: dict[str, Any], path: Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from .report import save_figure
 
@@ -242,6 +243,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
         hsv = layer["hsv"]
         ax.semilogy(range(1, len(hsv) + 1), hsv, marker=".", label=name)
     ax.set_xlabel("index")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # states are counted
     ax.set_ylabel("Hankel singular value")
     ax.set_title("HSV spectrum per layer")
     ax.legend(fontsize=8)

@@ -12,6 +12,7 @@ from typing import Any
 
 import matplotlib
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from compressm_core.files import atomic_write
 
@@ -27,6 +28,7 @@ __all__ = [
     "plot_hsv_spectra",
     "plot_state_sizes",
     "save_figure",
+    "size_steps",
     "sweep_summary",
     "to_json",
     "write_report",
@@ -289,6 +291,7 @@ def plot_hsv_spectra(result: RunResult, path: Path, truth: Sequence[float] | Non
     if truth:
         ax.semilogy(range(1, len(truth) + 1), truth, "k--", marker="x", label="true system")
     ax.set_xlabel("index")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # states are counted
     ax.set_ylabel("Hankel singular value")
     ax.set_title("HSV spectra at the reduction events")
     if events or truth:
@@ -297,14 +300,35 @@ def plot_hsv_spectra(result: RunResult, path: Path, truth: Sequence[float] | Non
     save_figure(fig, path)
 
 
+def size_steps(run: RunResult) -> tuple[list[int], list[int]]:
+    """The total state size of ``run`` as a step function: the steps at which it changed (its
+    reduction and rollback events, at the step they happened) and the size from each on,
+    closed at the last step of training or evaluation."""
+    sizes = dict(run.initial_sizes)
+    steps, totals = [0], [sum(sizes.values())]
+    changes = [e for e in run.events if e.get("status") in ("reduced", "rolled_back")]
+    for event in sorted(changes, key=lambda e: int(e["step"])):
+        sizes[event["layer"]] = int(event["new_rank"])
+        if int(event["step"]) == steps[-1]:
+            totals[-1] = sum(sizes.values())
+        else:
+            steps.append(int(event["step"]))
+            totals.append(sum(sizes.values()))
+    last = max([int(run.config.get("steps", 0)), *(c[0] for c in run.curve)])
+    if last > steps[-1]:
+        steps.append(last)
+        totals.append(totals[-1])
+    return steps, totals
+
+
 def plot_state_sizes(results: dict[str, list[RunResult]], path: Path) -> None:
-    """Total state size over training steps (first seed of each run type)."""
+    """Total state size over training steps (first seed of each run type), changing at the
+    steps of the reduction events."""
     fig = Figure(figsize=(6.4, 3.6))
     ax = fig.subplots()
     for label, runs in results.items():
         if runs and runs[0].curve:
-            steps = [0] + [c[0] for c in runs[0].curve]
-            sizes = [sum(runs[0].initial_sizes.values())] + [c[3] for c in runs[0].curve]
+            steps, sizes = size_steps(runs[0])
             ax.step(steps, sizes, where="post", label=LABELS.get(label, label))
     ax.set_xlabel("training step")
     ax.set_ylabel("total state size")
