@@ -67,7 +67,7 @@ def test_controllers_share_the_event_record_and_the_warning() -> None:
 
 
 # Names one framework has and the other cannot: torch's selective (Mamba) layers and the
-# statistics they are reduced from, torch's checkpoints of reduced models, the deprecated name
+# statistics they are reduced from, the deprecated name
 # of `resize_optimizer_state`, the library parts of the baselines of `compressm compare` (torch
 # only); JAX's pure functions over parameter trees of other libraries and the optax form of the
 # re-warm-up (torch applies it through optimizer step hooks).
@@ -78,10 +78,8 @@ TORCH_ONLY = {
     "distillation_loss",
     "hankel_nuclear_norm",
     "hankel_nuclear_norms",
-    "load_checkpoint",
     "reduce_model",
     "reduce_selective_layer",
-    "save_checkpoint",
     "selective_importance",
     "update_optimizer_state",
 }

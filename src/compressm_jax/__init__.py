@@ -32,6 +32,7 @@ from .adapters import (
     state_sizes,
     to_state_space,
 )
+from .checkpoint import load_checkpoint, save_checkpoint
 from .controller import CompreSSM, ReductionWarning, resize_layers
 from .lru import LRU
 from .models import SequenceModel, SSMBlock
@@ -58,6 +59,7 @@ __all__ = [
     "find_layers",
     "get_adapter",
     "hippo_n_eigenpairs",
+    "load_checkpoint",
     "lru_to_state_space",
     "mark_cut",
     "reduce_layer",
@@ -66,6 +68,7 @@ __all__ = [
     "register_adapter",
     "resize_layers",
     "resize_optimizer_state",
+    "save_checkpoint",
     "scale_by_rewarmup",
     "state_sizes",
     "to_state_space",
