@@ -56,6 +56,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from _results import write_results
+
 RESULTS = Path(__file__).parent / "results"
 ARMS = (
     "full",
@@ -384,8 +386,7 @@ def _merge(paths: list[Path], out: Path) -> None:
     merged["workers"] = "-".join(sorted({str(r["workers"]) for r in reports}))
     merged["steps"] = sorted({e["steps"] for e in merged["tasks"].values()})
     merged["seeds"] = sorted({s for e in merged["tasks"].values() for s in e["seeds"]})
-    out.with_suffix(".json").write_text(json.dumps(merged, indent=1) + "\n")
-    out.with_suffix(".md").write_text(_markdown(merged) + "\n")
+    write_results(out, merged, _markdown(merged))
 
 
 def main() -> None:
@@ -459,9 +460,7 @@ def main() -> None:
         "elapsed_s": time.perf_counter() - start,
         "tasks": tasks,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(_markdown(report) + "\n")
+    write_results(args.out, report, _markdown(report))
     print(_markdown(report))
 
 

@@ -18,11 +18,12 @@ Run: ``python benchmarks/hnn_weight.py [--task mnist1d] [--seed 0] [--steps 3000
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 from typing import Any
+
+from _results import write_results
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -128,9 +129,7 @@ def main() -> None:
         "chosen": best["weight"],
         "elapsed_s": time.perf_counter() - start,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(_markdown(report) + "\n")
+    write_results(args.out, report, _markdown(report))
     print(_markdown(report))
 
 
