@@ -17,6 +17,7 @@ __all__ = [
     "check_lru_args",
     "check_s4d_args",
     "check_s5_args",
+    "counterpart_names",
     "sequence_layer_sizes",
 ]
 
@@ -236,3 +237,30 @@ def check_layer_sizes(sizes: Mapping[str, object], names: Collection[str]) -> di
         msg = f"`sizes` names layers that `model` does not have: {unknown}."
         raise KeyError(msg)
     return {name: check_int(size, f"sizes[{name!r}]", low=1) for name, size in sizes.items()}
+
+
+def counterpart_names(
+    names: Collection[str], found: Collection[str], argument: str
+) -> dict[str, str]:
+    """For each layer name of a model, the one layer of a copy (``found``) with the same name,
+    or the only one ending in ``"." + name`` (a wrapper's prefix, e.g. ``AveragedModel``'s
+    ``module.``).
+
+    Raises
+    ------
+    ValueError
+        A name with no counterpart or several; the message names ``argument``.
+    """
+    matched = {}
+    for name in names:
+        hits = [n for n in found if n == name]
+        if not hits:
+            hits = [n for n in found if n.endswith("." + name)]
+        if len(hits) != 1:
+            msg = (
+                f"`{argument}` must have one layer named {name!r} (or ending in '.{name}'); "
+                f"found {hits or 'none'}."
+            )
+            raise ValueError(msg)
+        matched[name] = hits[0]
+    return matched

@@ -21,6 +21,7 @@ from compressm_core.training import (
     signature_with,
 )
 
+from ._shadows import match_shadows, restore_shadows, shadow_states, sync_shadows
 from ._systems import host_system
 from .adapters import find_layers, get_adapter
 from .optim import ParamChange, _path_key, resize_optimizer_state
@@ -85,6 +86,12 @@ class CompreSSM(ControllerBase[nnx.Module]):
         Gramians over ``horizon`` steps (``None``: an infinite horizon, the paper).
     layers : iterable of str, optional
         Names of the layers to manage (default: all supported layers).
+    extra_models : iterable of flax.nnx.Module, optional
+        Shadow copies kept in step with every reduction (an EMA module, any module of the
+        same structure): after an index selection their own values are sliced at the kept
+        positions; after a change of basis their state parameters take the reduced layer's
+        values. Undone with a failed event, restored by a pragmatic rollback. As
+        :class:`compressm_torch.CompreSSM`'s ``extra_models``.
     **keywords
         The options of :class:`~compressm_core.training.ReductionOptions` by name (``tau``,
         ``mode``, ``reduction_steps``, ``schedule``, ...; pass ``loss`` to :meth:`step` for the
@@ -133,6 +140,7 @@ class CompreSSM(ControllerBase[nnx.Module]):
         options: ReductionOptions | None = None,
         horizon: int | None = None,
         layers: Iterable[str] | None = None,
+        extra_models: Iterable[nnx.Module] = (),
         **keywords: Unpack[ReductionKeywords],
     ) -> None:
         if not isinstance(model, nnx.Module):
@@ -153,6 +161,8 @@ class CompreSSM(ControllerBase[nnx.Module]):
             "`model` has no supported SSM layer (LRU, S5 or a registered type); "
             "see compressm_jax.register_adapter.",
         )
+        self.extra_models = list(extra_models)
+        self._shadows = match_shadows(self.extra_models, self.layers)
 
     # -- public ----------------------------------------------------------------------------
 
@@ -187,10 +197,12 @@ class CompreSSM(ControllerBase[nnx.Module]):
             "optimizer": None
             if self.optimizer is None
             else jax.tree.map(lambda x: x, nnx.state(self.optimizer)),
+            "extra_models": shadow_states(self.extra_models),
         }
 
     def _restore(self, snapshot: dict[str, Any], *, exact: bool = False) -> None:
         nnx.update(self.model, snapshot["model"])
+        restore_shadows(self.extra_models, snapshot["extra_models"])
         for layer in self.layers.values():
             adapter = get_adapter(layer)
             if adapter.on_resize is not None:
@@ -258,11 +270,12 @@ class CompreSSM(ControllerBase[nnx.Module]):
         )
 
     def _resize_optimizer(self, applied: Mapping[str, tuple[Any, Any]]) -> None:
-        if self.optimizer is None:
-            return
         reports: dict[str, LayerReduction] = {
             name: report for name, (_, report) in applied.items()
         }
+        sync_shadows(self._shadows, self.layers, reports)
+        if self.optimizer is None:
+            return
         wrt = self.optimizer.wrt
         after = dict(jax.tree_util.tree_leaves_with_path(nnx.state(self.model, wrt)))
         plan: dict[Any, ParamChange] = {}

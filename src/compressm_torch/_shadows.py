@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from compressm_core.layers import counterpart_names
+
 from ._params import assign, resolve
 from .adapters import LayerAdapter, SelectiveAdapter, get_adapter
 from .adapters import find_layers as _find_layers
@@ -45,23 +47,18 @@ def match_shadows(extra_models: Iterable[nn.Module], layers: Mapping[str, nn.Mod
             msg = f"`extra_models[{i}]` must be a torch.nn.Module; received {type(shadow)}."
             raise TypeError(msg)
         found = _find_layers(shadow)
+        names = counterpart_names(layers, found, f"extra_models[{i}]")
         pairs = {}
         for name, layer in layers.items():
-            hits = [n for n in found if n == name or n.endswith("." + name)]
-            if len(hits) != 1:
-                msg = (
-                    f"`extra_models[{i}]` must have one layer named {name!r} (or ending in "
-                    f"'.{name}'); found {hits or 'none'}."
-                )
-                raise ValueError(msg)
-            twin = found[hits[0]]
+            twin = found[names[name]]
             adapter = get_adapter(layer)
             if type(twin) is not type(layer) or (
                 adapter.state_size(twin) != adapter.state_size(layer)
             ):
                 msg = (
-                    f"`extra_models[{i}]`'s layer {hits[0]!r} must be a {type(layer).__name__} "
-                    f"with {adapter.state_size(layer)} states, like the model's; received a "
+                    f"`extra_models[{i}]`'s layer {names[name]!r} must be a "
+                    f"{type(layer).__name__} with {adapter.state_size(layer)} states, like the "
+                    "model's; received a "
                     f"{type(twin).__name__} with {get_adapter(twin).state_size(twin)}."
                 )
                 raise ValueError(msg)
