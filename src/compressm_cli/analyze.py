@@ -116,8 +116,7 @@ def _torch_spectra(path: Path) -> tuple[dict[str, tuple[Any, bool]], Any]:
         raise unreadable(str(path), err, "checkpoint of torch.save") from err
     extra = ckpt.get("extra", {}) if isinstance(ckpt, dict) else {}
     if not isinstance(extra, dict) or "config" not in extra or "model" not in extra:
-        msg = f"{path} is not a checkpoint written by `compressm train` (no model config)."
-        raise CheckpointError(msg)
+        return _stored_layer_spectra(path, ckpt), None
     try:
         config = RunConfig.from_dict(extra["config"])
         dims = extra["model"]
@@ -157,6 +156,72 @@ def _torch_spectra(path: Path) -> tuple[dict[str, tuple[Any, bool]], Any]:
             hsv = hankel_singular_values(to_state_space(layer))
             spectra[name] = (shared_rank_hsv(hsv), False)  # S4D: one rank for its channels
     return spectra, extra.get("task")
+
+
+# The tensors of each LTI layer family, and its (d_model, d_state) from their shapes.
+_FAMILIES: dict[str, tuple[frozenset[str], Any]] = {
+    "LRU": (
+        frozenset({"nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re", "C_im", "D"}),
+        lambda t: (t["B_re"].shape[1], t["B_re"].shape[0]),
+    ),
+    "S5": (
+        frozenset({"Lambda_re", "Lambda_im", "B", "C", "D", "log_step"}),
+        lambda t: (t["B"].shape[1], t["B"].shape[0]),
+    ),
+    "S4D": (
+        frozenset({"log_dt", "log_A_real", "A_imag", "C", "D"}),
+        lambda t: (t["log_A_real"].shape[0], 2 * t["log_A_real"].shape[1]),
+    ),
+}
+
+
+def _stored_layer_spectra(path: Path, ckpt: Any) -> dict[str, tuple[Any, bool]]:
+    """HSVs of the LRU, S5 and S4D layers found by their tensor names in a checkpoint without
+    a ``compressm train`` config: ``compressm_torch.save_checkpoint`` (``"model"``) or
+    Lightning (``"state_dict"``). Each layer is built at its stored sizes with the default
+    constructor options and loaded with its tensors."""
+    import torch
+
+    import compressm_torch
+    from compressm_core import CheckpointError, hankel_singular_values
+    from compressm_core.rank import shared_rank_hsv
+
+    state = None
+    if isinstance(ckpt, dict):
+        state = ckpt.get("model", ckpt.get("state_dict"))
+    if not isinstance(state, dict):
+        msg = (
+            f"{path} is not a checkpoint written by `compressm train`, "
+            "compressm_torch.save_checkpoint or Lightning (no model state)."
+        )
+        raise CheckpointError(msg)
+    groups: dict[str, dict[str, Any]] = {}
+    for key, tensor in state.items():
+        if isinstance(key, str) and torch.is_tensor(tensor):
+            prefix, _, leaf = key.rpartition(".")
+            groups.setdefault(prefix, {})[leaf] = tensor
+    spectra: dict[str, tuple[Any, bool]] = {}
+    for prefix, tensors in sorted(groups.items()):
+        for family, (names, sizes) in _FAMILIES.items():
+            if set(tensors) != names:
+                continue
+            try:
+                d_model, d_state = (int(n) for n in sizes(tensors))
+                layer = getattr(compressm_torch, family)(d_model, d_state)
+                layer.load_state_dict(tensors)
+            except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                msg = f"{path}: the tensors of {prefix!r} do not make a {family} layer ({err})."
+                raise CheckpointError(msg) from err
+            with torch.no_grad():
+                hsv = hankel_singular_values(compressm_torch.to_state_space(layer))
+            spectra[prefix] = (shared_rank_hsv(hsv), False)
+    if not spectra:
+        msg = (
+            f"{path}: no LRU, S5 or S4D layer among the stored tensors (selective layers need "
+            "a checkpoint of `compressm train`, whose task gives their statistics)."
+        )
+        raise CheckpointError(msg)
+    return spectra
 
 
 def _check_stored_shapes(path: Path, state: Any, dims: Any, config: Any) -> None:

@@ -431,6 +431,22 @@ def test_load_from_checkpoint_of_a_reduced_module(tmp_path: Path) -> None:
     x = torch.randn(2, 20, 1)
     torch.testing.assert_close(loaded.net(x), model.net(x))
 
+    # `compressm analyze` reads the Lightning checkpoint too (layers found by their tensors)
+    import json
+
+    from compressm_cli.app import main
+    from compressm_core import hankel_singular_values
+    from compressm_torch import to_state_space
+
+    assert main(["analyze", str(path), "--out", str(tmp_path / "an")]) == 0
+    result = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    (name,) = result["layers"]
+    assert name == LAYER
+    with torch.no_grad():
+        hsv = hankel_singular_values(to_state_space(model.get_submodule(LAYER)))
+    stored = torch.tensor(result["layers"][name]["hsv"], dtype=torch.float64)
+    torch.testing.assert_close(stored, hsv.double())
+
 
 def test_resize_to_checkpoint_names_the_argument() -> None:
     with pytest.raises(ValueError, match="`checkpoint` must be a Lightning checkpoint"):

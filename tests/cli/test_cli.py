@@ -200,3 +200,31 @@ def test_quick_says_it_is_a_smoke_test(tmp_path, capsys):
     assert main(["compare", "--quick", *FAST, "--seeds", "0", "--out", str(out)]) == 0
     assert "too short to compare the methods" in capsys.readouterr().out
     assert "too short to compare" in json.loads((out / "report.json").read_text())["note"]
+
+
+@pytest.mark.parametrize("layer", ["lru", "s5", "s4d"])
+def test_analyze_reads_a_save_checkpoint_file(tmp_path, capsys, layer):
+    """A checkpoint of compressm_torch.save_checkpoint (no CLI config): the LTI layers are
+    found by their tensors and their HSVs are those of the saved model's layers."""
+    import numpy as np
+    import torch
+
+    from compressm_core import hankel_singular_values
+    from compressm_core.rank import shared_rank_hsv
+    from compressm_torch import CompreSSM, SequenceModel, save_checkpoint, to_state_space
+
+    torch.manual_seed(0)
+    model = SequenceModel(2, 3, d_model=8, d_state=16, n_layers=2, layer=layer)
+    opt = torch.optim.Adam(model.parameters())
+    CompreSSM(model, opt, total_steps=10, mode="fixed", fraction=0.5).reduce()
+    save_checkpoint(tmp_path / "ckpt.pt", model, opt)
+    assert main(["analyze", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "an")]) == 0
+    result = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert sorted(result["layers"]) == ["blocks.0.ssm", "blocks.1.ssm"]
+    for name, entry in result["layers"].items():
+        with torch.no_grad():
+            hsv = shared_rank_hsv(
+                hankel_singular_values(to_state_space(model.get_submodule(name)))
+            )
+        np.testing.assert_allclose(entry["hsv"], hsv.numpy(), rtol=1e-9, atol=1e-12)
+    assert "blocks.0.ssm" in capsys.readouterr().out
