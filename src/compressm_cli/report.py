@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ __all__ = [
     "format_stages",
     "format_sweep",
     "format_table",
+    "markdown_value",
     "paired_differences",
     "plot_accuracy_vs_time",
     "plot_hsv_spectra",
@@ -300,6 +301,18 @@ def plot_hsv_spectra(result: RunResult, path: Path, truth: Sequence[float] | Non
     save_figure(fig, path)
 
 
+def markdown_value(value: Any) -> str:
+    """``value`` as report text: mappings as ``key = value`` pairs, numbers to four significant
+    digits, sequences in brackets (no Python ``repr`` of dicts and strings)."""
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k} = {markdown_value(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(markdown_value(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def size_steps(run: RunResult) -> tuple[list[int], list[int]]:
     """The total state size of ``run`` as a step function: the steps at which it changed (its
     reduction and rollback events, at the step they happened) and the size from each on,
@@ -446,7 +459,9 @@ def write_report(
     text, non_finite = _strict(report)
     write_text(folder / "report.json", text)
     md = [f"# compressm {header.get('command', '')}: {header.get('task', '')}", ""]
-    md += [f"- {k}: {v}" for k, v in header.items() if k not in ("command", "config")]
+    md += [
+        f"- {k}: {markdown_value(v)}" for k, v in header.items() if k not in ("command", "config")
+    ]
     md += ["", format_table(rows), ""]
     stages = format_stages(rows)
     md += [f"- {line}" for line in stages.splitlines()] + [""] if stages else []

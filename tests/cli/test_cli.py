@@ -157,6 +157,11 @@ def test_sysid_report_states_the_true_order(tmp_path):
     assert {row["metric_name"] for row in report["summary"]} == {"mse"}
     text = (out / "report.md").read_text()
     assert "True system order: 6 real states = 3 complex" in text
+    (info,) = [line for line in text.splitlines() if line.startswith("- task_info: ")]
+    assert "true_order = 6" in info
+    assert "{'" not in info  # not a Python dict
+    hsv = report["task_info"]["true_hsv"]
+    assert f"true_hsv = [{hsv[0]:.4g}, " in info
     mse = report["summary"][0]["test_metric"]
     assert f"| full size | {mse:.3g} |" in text  # not rounded to 0.00
     rows = {row["run"]: row for row in report["summary"]}
