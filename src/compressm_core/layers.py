@@ -7,9 +7,12 @@ so do the two ``SSMBlock``/``SequenceModel`` pairs and the two ``resize_layers``
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TypeVar
 
 from .checks import check_int, check_size
+
+T = TypeVar("T")
 
 __all__ = [
     "check_block_norm",
@@ -17,7 +20,7 @@ __all__ = [
     "check_lru_args",
     "check_s4d_args",
     "check_s5_args",
-    "counterpart_names",
+    "counterpart_layers",
     "sequence_layer_sizes",
 ]
 
@@ -239,20 +242,23 @@ def check_layer_sizes(sizes: Mapping[str, object], names: Collection[str]) -> di
     return {name: check_int(size, f"sizes[{name!r}]", low=1) for name, size in sizes.items()}
 
 
-def counterpart_names(
-    names: Collection[str], found: Collection[str], argument: str
-) -> dict[str, str]:
-    """For each layer name of a model, the one layer of a copy (``found``) with the same name,
-    or the only one ending in ``"." + name`` (a wrapper's prefix, e.g. ``AveragedModel``'s
-    ``module.``).
+def counterpart_layers(
+    layers: Mapping[str, T],
+    found: Mapping[str, T],
+    state_size: Callable[[T], int],
+    argument: str,
+) -> dict[str, T]:
+    """For each layer of a model (``layers``), its counterpart among the layers of a copy
+    (``found``): the one with the same name, or the only one ending in ``"." + name`` (a
+    wrapper's prefix, e.g. ``AveragedModel``'s ``module.``), of the same type and state size.
 
     Raises
     ------
     ValueError
-        A name with no counterpart or several; the message names ``argument``.
+        A layer with no such counterpart, or several; the message names ``argument``.
     """
     matched = {}
-    for name in names:
+    for name, layer in layers.items():
         hits = [n for n in found if n == name]
         if not hits:
             hits = [n for n in found if n.endswith("." + name)]
@@ -262,5 +268,13 @@ def counterpart_names(
                 f"found {hits or 'none'}."
             )
             raise ValueError(msg)
-        matched[name] = hits[0]
+        twin = found[hits[0]]
+        size = state_size(layer)
+        if type(twin) is not type(layer) or state_size(twin) != size:
+            msg = (
+                f"`{argument}`'s layer {hits[0]!r} must be a {type(layer).__name__} with "
+                f"{size} states, like the model's; received a {type(twin).__name__}."
+            )
+            raise ValueError(msg)
+        matched[name] = twin
     return matched

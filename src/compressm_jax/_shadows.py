@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from compressm_core.layers import counterpart_names
+from compressm_core.layers import counterpart_layers
 
 from .adapters import find_layers, get_adapter
 from .reduction import LayerReduction
@@ -42,21 +42,9 @@ def match_shadows(extra_models: Iterable[nnx.Module], layers: Mapping[str, nnx.M
             msg = f"`extra_models[{i}]` must be a flax.nnx.Module; received {type(shadow)}."
             raise TypeError(msg)
         found = find_layers(shadow)
-        names = counterpart_names(layers, found, f"extra_models[{i}]")
-        pairs = {}
-        for name, layer in layers.items():
-            twin = found[names[name]]
-            adapter = get_adapter(layer)
-            if type(twin) is not type(layer) or (
-                adapter.state_size(twin) != adapter.state_size(layer)
-            ):
-                msg = (
-                    f"`extra_models[{i}]`'s layer {names[name]!r} must be a "
-                    f"{type(layer).__name__} with {adapter.state_size(layer)} states, like the "
-                    f"model's; received a {type(twin).__name__}."
-                )
-                raise ValueError(msg)
-            pairs[name] = twin
+        pairs = counterpart_layers(
+            layers, found, lambda m: get_adapter(m).state_size(m), f"extra_models[{i}]"
+        )
         matched.append(pairs)
     return matched
 

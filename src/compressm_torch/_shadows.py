@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from compressm_core.layers import counterpart_names
+from compressm_core.layers import counterpart_layers
 
 from ._params import assign, resolve
 from .adapters import LayerAdapter, SelectiveAdapter, get_adapter
@@ -47,22 +47,9 @@ def match_shadows(extra_models: Iterable[nn.Module], layers: Mapping[str, nn.Mod
             msg = f"`extra_models[{i}]` must be a torch.nn.Module; received {type(shadow)}."
             raise TypeError(msg)
         found = _find_layers(shadow)
-        names = counterpart_names(layers, found, f"extra_models[{i}]")
-        pairs = {}
-        for name, layer in layers.items():
-            twin = found[names[name]]
-            adapter = get_adapter(layer)
-            if type(twin) is not type(layer) or (
-                adapter.state_size(twin) != adapter.state_size(layer)
-            ):
-                msg = (
-                    f"`extra_models[{i}]`'s layer {names[name]!r} must be a "
-                    f"{type(layer).__name__} with {adapter.state_size(layer)} states, like the "
-                    "model's; received a "
-                    f"{type(twin).__name__} with {get_adapter(twin).state_size(twin)}."
-                )
-                raise ValueError(msg)
-            pairs[name] = twin
+        pairs = counterpart_layers(
+            layers, found, lambda m: get_adapter(m).state_size(m), f"extra_models[{i}]"
+        )
         matched.append(pairs)
     return matched
 
