@@ -22,10 +22,15 @@ READ_ERRORS = (
     ValueError,
     RuntimeError,
     KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
     pickle.UnpicklingError,
     zipfile.BadZipFile,
 )
-"""What readers of torch, NumPy and zip files raise on a truncated or corrupt file."""
+"""What readers of torch, NumPy and zip files raise on a truncated or corrupt file (a
+corrupted pickle stream can also make the unpickler pop an empty stack, ``IndexError``, or call
+with wrong arguments, ``TypeError``)."""
 
 
 def unreadable(name: str, err: BaseException, what: str) -> CheckpointError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -158,7 +159,7 @@ def test_an_unreadable_file_names_itself(tmp_path, damage):
     content = {
         "empty": b"",
         "truncated": data[: len(data) // 2],
-        "random": os.urandom(4096),
+        "random": random.Random(0).randbytes(4096),
         "text": b"not a checkpoint\n",
     }[damage]
     path.write_bytes(content)
@@ -166,6 +167,11 @@ def test_an_unreadable_file_names_itself(tmp_path, damage):
     before = snapshot(model)
     with pytest.raises(CheckpointError, match=f"{path}: not a readable checkpoint"):
         load_checkpoint(path, model)
+    if damage == "random":  # other corruptions fail in other places of the unpickler
+        for seed in range(1, 40):
+            path.write_bytes(random.Random(seed).randbytes(4096))
+            with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+                load_checkpoint(path, model)
     assert_unchanged(model, before)
 
 

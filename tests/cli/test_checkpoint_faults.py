@@ -4,7 +4,7 @@ unreadable checkpoints given to `compressm analyze`, and crafted labels in `.npz
 from __future__ import annotations
 
 import json
-import os
+import random
 import re
 import time
 import zipfile
@@ -85,7 +85,11 @@ def test_an_unreadable_jax_checkpoint_names_itself(tmp_path, damage, jax_ckpt):
                 archive.writestr(name, content[:100] if name != "compressm.npy" else content)
     else:
         path.write_bytes(
-            {"empty": b"", "truncated": data[: len(data) // 2], "random": os.urandom(4096)}[damage]
+            {
+                "empty": b"",
+                "truncated": data[: len(data) // 2],
+                "random": random.Random(0).randbytes(4096),
+            }[damage]
         )
     with pytest.raises(CheckpointError, match=f"{path}: not a readable .npz checkpoint"):
         load(path)
