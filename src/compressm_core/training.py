@@ -9,7 +9,8 @@ that depend on a framework (the optimizer policy, the Gramian horizon, the stati
 selective layers) and the length of training (``total_steps``) stay with the controllers.
 
 :class:`ControllerBase` is the framework-free part of the controllers: schedule, step counting,
-rank rule and gate inputs, the pragmatic snapshot / rollback flow and event records.
+rank rule and gate inputs, the pragmatic snapshot / rollback flow and event records;
+:func:`relative_bound` is a reduction's error bound over its largest Hankel singular value.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, TypeVar
 
 from ._controller import ControllerBase
+from ._summary import relative_bound
 from .checks import check_fraction, check_int
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "Schedule",
     "Selection",
     "option_parameters",
+    "relative_bound",
     "resolve_options",
     "signature_with",
 ]

@@ -16,9 +16,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from compressm_core._summary import relative_bound
 from compressm_core.checks import check_int
-from compressm_core.training import ReductionOptions, signature_with
+from compressm_core.training import ReductionOptions, relative_bound, signature_with
 
 from ._callbacks import ControllerHolder
 from ._options import CompreSSMKeywords, controller_parameters, split_options
