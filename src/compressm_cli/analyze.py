@@ -108,7 +108,7 @@ def _torch_spectra(path: Path) -> tuple[dict[str, tuple[Any, bool]], Any]:
         to_state_space,
     )
 
-    from .training import RunConfig
+    from .runs import RunConfig
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

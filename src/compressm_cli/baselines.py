@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from compressm_torch import LayerReduction, SequenceModel
 
     from .data import Task
-    from .training import RunConfig, RunResult
+    from .runs import RunConfig, RunResult
 
 __all__ = [
     "BASELINES",
@@ -318,7 +318,8 @@ def reduce_after_training(
     warm-up and cosine decay). ``stages`` holds the metrics after training, after the cut and
     after fine-tuning; the wall time counts all three; the curve continues that of
     ``full_result`` (steps and times after it)."""
-    from .training import RunResult, train
+    from .runs import RunResult
+    from .training import train
 
     model = copy.deepcopy(model).train()
     events, seconds = _cut(model, sizes, task, config, config.steps)

@@ -32,7 +32,14 @@ from compressm_jax import (
     state_sizes,
 )
 
-from .training import RunConfig, RunResult, lr_factors, training_loop
+from .runs import (
+    RunConfig,
+    RunResult,
+    controller_options,
+    lr_factors,
+    model_options,
+    training_loop,
+)
 
 if TYPE_CHECKING:
     from .data import Task
@@ -81,16 +88,8 @@ def _model(d_input: int, d_output: int, kind: str, config: RunConfig) -> Sequenc
     if config.layer == "mamba":
         msg = "the JAX backend has no Mamba layer; use `lru`, `s5` or `s4d`."
         raise ValueError(msg)
-    return SequenceModel(
-        d_input,
-        d_output,
-        d_model=config.d_model,
-        d_state=config.d_state,
-        n_layers=config.n_layers,
-        layer=config.layer,
-        pool="mean" if kind == "classification" else None,
-        rngs=nnx.Rngs(config.seed),
-    )
+    options = model_options(kind, config)
+    return SequenceModel(d_input, d_output, rngs=nnx.Rngs(config.seed), **options)
 
 
 def build_model(task: Task, config: RunConfig) -> SequenceModel:
@@ -231,18 +230,8 @@ def train(
             ctl = CompreSSM(
                 model,
                 opt,
-                total_steps=config.steps,
-                tau=config.tau,
-                mode=config.mode,
-                fraction=config.fraction,
-                warmup_fraction=config.warmup_fraction,
-                num_reductions=config.num_reductions,
-                schedule=config.schedule,
-                rewarmup_steps=config.rewarmup_steps,
-                max_cut=config.max_cut,
-                selection=config.selection,
                 horizon=task.x_train.shape[1] if horizon == "auto" else horizon,
-                metric="max" if task.kind == "classification" else "min",
+                **controller_options(task, config),
             )
 
         @nnx.jit  # one compiled step per run, so that every run's wall time includes it
