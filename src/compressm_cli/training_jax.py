@@ -32,14 +32,8 @@ from compressm_jax import (
     state_sizes,
 )
 
-from .runs import (
-    RunConfig,
-    RunResult,
-    controller_options,
-    lr_factors,
-    model_options,
-    training_loop,
-)
+from . import runs
+from .runs import RunConfig, RunResult, training_loop
 
 if TYPE_CHECKING:
     from .data import Task
@@ -88,7 +82,7 @@ def _model(d_input: int, d_output: int, kind: str, config: RunConfig) -> Sequenc
     if config.layer == "mamba":
         msg = "the JAX backend has no Mamba layer; use `lru`, `s5` or `s4d`."
         raise ValueError(msg)
-    options = model_options(kind, config)
+    options = runs.model_options(kind, config)
     return SequenceModel(d_input, d_output, rngs=nnx.Rngs(config.seed), **options)
 
 
@@ -181,7 +175,7 @@ def _optimizer(model: SequenceModel, config: RunConfig) -> nnx.Optimizer[Sequenc
     """AdamW with the torch path's schedule: ``lr * lr_factors(steps, lr_warmup)(count)``,
     followed by :func:`compressm_jax.scale_by_rewarmup` when ``config.rewarmup_steps`` > 0 (the
     controller marks each cut in its state)."""
-    factor = lr_factors(config.steps, config.lr_warmup)
+    factor = runs.lr_factors(config.steps, config.lr_warmup)
     table = jnp.asarray([config.lr * factor(k) for k in range(config.steps)], jnp.float32)
 
     def schedule(count: jax.Array) -> jax.Array:
@@ -231,7 +225,7 @@ def train(
                 model,
                 opt,
                 horizon=task.x_train.shape[1] if horizon == "auto" else horizon,
-                **controller_options(task, config),
+                **runs.controller_options(task, config),
             )
 
         @nnx.jit  # one compiled step per run, so that every run's wall time includes it
