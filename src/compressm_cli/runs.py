@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -30,6 +31,7 @@ __all__ = [
     "controller_options",
     "lr_factors",
     "model_options",
+    "partial_on_interrupt",
     "training_loop",
 ]
 
@@ -152,6 +154,27 @@ def controller_options(task: Task, config: RunConfig) -> dict[str, Any]:
         "selection": config.selection,
         "metric": "max" if task.kind == "classification" else "min",
     }
+
+
+@contextmanager
+def partial_on_interrupt(model: Any, controller: Any) -> Iterator[None]:
+    """Store ``model`` and ``controller`` on a :class:`KeyboardInterrupt` raised inside, as its
+    ``partial_model`` and ``partial_controller``, and re-raise it.
+
+    Examples
+    --------
+    >>> try:
+    ...     with partial_on_interrupt("model", None):
+    ...         raise KeyboardInterrupt
+    ... except KeyboardInterrupt as err:
+    ...     print(err.partial_model, err.partial_controller)
+    model None
+    """
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        err.partial_model, err.partial_controller = model, controller  # type: ignore[attr-defined]
+        raise
 
 
 class Controller(Protocol):

@@ -22,6 +22,7 @@ from .runs import (
     controller_options,
     lr_factors,
     model_options,
+    partial_on_interrupt,
     training_loop,
 )
 
@@ -144,7 +145,7 @@ def train(
         sched.step()
         return loss.detach()
 
-    try:
+    with partial_on_interrupt(model, ctl):
         result = training_loop(
             task,
             config,
@@ -155,7 +156,4 @@ def train(
             progress=progress,
             on_event=on_event,
         )
-    except KeyboardInterrupt as err:
-        err.partial_model, err.partial_controller = model, ctl  # type: ignore[attr-defined]
-        raise
     return result, model, ctl

@@ -205,11 +205,14 @@ def train(
 
     Returns
     -------
-    RunResult, SequenceModel, CompreSSM or None
+    RunResult, compressm_jax.SequenceModel, compressm_jax.CompreSSM or None
         The measurements, the trained model and its controller.
 
     Raises
     ------
+    ValueError
+        If ``config.layer`` is ``"mamba"`` (no JAX layer) or ``config.device`` is not a JAX
+        device.
     KeyboardInterrupt
         Re-raised after the partial result, the model and the controller are stored on the
         exception as ``partial_result``, ``partial_model`` and ``partial_controller``.
@@ -244,7 +247,7 @@ def train(
             idx = rng.integers(len(task.x_train), size=config.batch_size)
             return compiled(task.x_train[idx], task.y_train[idx])
 
-        try:
+        with runs.partial_on_interrupt(model, ctl):
             result = training_loop(
                 task,
                 config,
@@ -255,9 +258,6 @@ def train(
                 progress=progress,
                 on_event=on_event,
             )
-        except KeyboardInterrupt as err:
-            err.partial_model, err.partial_controller = model, ctl  # type: ignore[attr-defined]
-            raise
     return result, model, ctl
 
 
