@@ -7,7 +7,7 @@
 - ``post``: the full-size model balanced-truncated once after training to those sizes, then
   fine-tuned.
 
-Each returns a :class:`~compressm_cli.training.RunResult` whose wall time counts every stage
+Each returns a :class:`~compressm_cli.runs.RunResult` whose wall time counts every stage
 (the teacher's or the full model's training included) and whose ``stages`` hold the metrics
 before and after each stage. This module imports torch only when a baseline runs.
 """
