@@ -1,10 +1,13 @@
-"""Importing and using the core on NumPy arrays imports neither torch nor JAX."""
+"""Importing and using the core on NumPy arrays imports neither torch nor JAX; a JAX run of the
+CLI imports no torch."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 
 def test_core_imports_no_framework() -> None:
@@ -30,3 +33,26 @@ def test_core_imports_no_framework() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_jax_backend_run_imports_no_torch(tmp_path) -> None:
+    """``compressm train --backend jax`` trains, reduces and writes its files without torch."""
+    for name in ("jax", "flax", "optax", "sklearn"):
+        pytest.importorskip(name)
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from compressm_cli.app import main
+        argv = ["train", "--backend", "jax", "--task", "digits", "--steps", "4"]
+        argv += ["--eval-every", "2", "--d-state", "4", "--num-reductions", "1"]
+        argv += ["--no-progress", "--out", {str(tmp_path / "run")!r}]
+        assert main(argv) == 0
+        assert "compressm_cli.training_jax" in sys.modules
+        bad = [m for m in ("torch", "compressm_torch") if m in sys.modules]
+        assert not bad, bad
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("ok")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -11,21 +10,6 @@ from typing import Any
 from .app import UsageError, writable_file, writable_folder
 
 __all__ = ["analyze", "analyze_checkpoint", "run_analyze"]
-
-# What reading a damaged or foreign file can raise, from torch.load, np.load, zipfile and the
-# checkpoint loaders (random bytes, truncated files, folders, other pickled objects).
-_READ_ERRORS = (
-    pickle.UnpicklingError,
-    zipfile.BadZipFile,
-    OSError,
-    EOFError,
-    ValueError,
-    TypeError,
-    KeyError,
-    IndexError,
-    AttributeError,
-    RuntimeError,
-)
 
 
 def analyze_checkpoint(path: Path, taus: list[float]) -> dict[str, Any]:
@@ -108,7 +92,7 @@ def _torch_spectra(path: Path) -> tuple[dict[str, tuple[Any, bool]], Any]:
         to_state_space,
     )
 
-    from .training import RunConfig
+    from .runs import RunConfig
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -334,6 +318,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         Naming the checkpoint, ``--out`` or ``--json``, if the checkpoint cannot be read as one
         written by ``compressm train`` or the outputs cannot be written.
     """
+    from compressm_core.files import READ_ERRORS
+
     from .report import to_json, write_text
 
     checkpoint: Path = args.checkpoint
@@ -349,7 +335,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         writable_file(args.json, "--json")
     try:
         result = analyze_checkpoint(checkpoint, list(args.taus))
-    except _READ_ERRORS as err:
+    except READ_ERRORS as err:
         msg = (
             f"argument checkpoint: cannot read {str(checkpoint)!r} as a checkpoint of "
             f"`compressm train` ({_first_sentence(err)})"

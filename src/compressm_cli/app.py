@@ -27,8 +27,21 @@ from .arguments import (
 __all__ = ["UsageError", "main", "parser", "version"]
 
 
+def _reduction_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The controller options given on the command line (``--max-cut 1``: no cap)."""
+    return {
+        "tau": args.tau,
+        "mode": args.mode,
+        "warmup_fraction": args.warmup_fraction,
+        "num_reductions": args.num_reductions,
+        "schedule": args.schedule,
+        "rewarmup_steps": args.rewarmup_steps,
+        "max_cut": None if args.max_cut == 1 else args.max_cut,
+    }
+
+
 def _config(args: argparse.Namespace, *, label: str, seed: int, reduce: bool) -> Any:
-    from .training import RunConfig
+    from .runs import RunConfig
 
     quick = args.quick
     return RunConfig(
@@ -41,18 +54,12 @@ def _config(args: argparse.Namespace, *, label: str, seed: int, reduce: bool) ->
         batch_size=args.batch_size,
         lr=args.lr,
         reduce=reduce,
-        tau=args.tau,
-        mode=args.mode,
-        warmup_fraction=args.warmup_fraction,
-        num_reductions=args.num_reductions,
-        schedule=args.schedule,
-        rewarmup_steps=args.rewarmup_steps,
-        max_cut=None if args.max_cut == 1 else args.max_cut,
         horizon=args.horizon,
         eval_every=QUICK_EVAL_EVERY if quick and args.eval_every == 100 else args.eval_every,
         seed=seed,
         device=args.device,
         backend=args.backend,
+        **_reduction_options(args),
     )
 
 
@@ -160,7 +167,7 @@ def _baseline_runs(
 
 def _compare(args: argparse.Namespace, task: Any, folder: Path) -> int:
     from .report import format_paired, format_stages, format_sweep, format_table, write_report
-    from .training import RunResult
+    from .runs import RunResult
 
     train = _trainer(args)
     seeds: list[int] = args.seeds
@@ -414,15 +421,7 @@ def _check_reduction_options(args: argparse.Namespace) -> None:
     from compressm_core.training import ReductionOptions
 
     try:
-        ReductionOptions(
-            tau=args.tau,
-            mode=args.mode,
-            warmup_fraction=args.warmup_fraction,
-            num_reductions=args.num_reductions,
-            schedule=args.schedule,
-            rewarmup_steps=args.rewarmup_steps,
-            max_cut=None if args.max_cut == 1 else args.max_cut,
-        )
+        ReductionOptions(**_reduction_options(args))
     except (ValueError, TypeError) as err:
         named = re.match(r"`(\w+)", str(err))
         option = "--" + named.group(1).replace("_", "-") if named else "--mode"

@@ -127,22 +127,26 @@ def _add_baseline_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_choice(group: Any, flag: str, choices: tuple[str, ...], text: str) -> None:
+    """Add to ``group`` the option ``flag`` taking one of ``choices``, the first by default,
+    with the help ``text``."""
+    group.add_argument(flag, choices=choices, default=choices[0], help=text)
+
+
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task and model")
-    g.add_argument(
+    _add_choice(
+        g,
         "--backend",
-        choices=("torch", "jax"),
-        default="torch",
-        help="training framework: torch (default) or jax (Flax NNX + optax; lru, s5 and s4d)",
+        ("torch", "jax"),
+        "training framework: torch (default) or jax (Flax NNX + optax; lru, s5 and s4d)",
     )
     g.add_argument(
         "--task",
         default="mnist1d",
         help="mnist1d (default), digits, sysid, or a .npz file with x_train/y_train/x_test/y_test",
     )
-    g.add_argument(
-        "--model", choices=("lru", "s5", "s4d", "mamba"), default="lru", help="SSM layer (lru)"
-    )
+    _add_choice(g, "--model", ("lru", "s5", "s4d", "mamba"), "SSM layer (lru)")
     g.add_argument("--d-model", type=_positive(int), default=16, help="model width (16)")
     g.add_argument("--d-state", type=_positive(int), default=128, help="initial state (128)")
     g.add_argument("--layers", type=_positive(int), default=1, help="SSM blocks (1)")
@@ -161,9 +165,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("reduction")
     g.add_argument("--tau", type=_fraction, default=0.1, help="HSV energy discarded (0.1)")
-    g.add_argument(
-        "--mode", choices=("tolerance", "fixed", "pragmatic"), default="tolerance", help="mode"
-    )
+    _add_choice(g, "--mode", ("tolerance", "fixed", "pragmatic"), "mode")
     g.add_argument(
         "--horizon",
         type=_horizon,
@@ -177,11 +179,11 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         help="fraction of training the reductions happen in (0.1)",
     )
     g.add_argument("--num-reductions", type=_positive(int), default=4, help="events (4)")
-    g.add_argument(
+    _add_choice(
+        g,
         "--schedule",
-        choices=("steps", "certified"),
-        default="steps",
-        help="fixed reduction steps, or cuts certified stable after learning starts (steps)",
+        ("steps", "certified"),
+        "fixed reduction steps, or cuts certified stable after learning starts (steps)",
     )
     g.add_argument(
         "--max-cut",

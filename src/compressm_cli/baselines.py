@@ -7,7 +7,7 @@
 - ``post``: the full-size model balanced-truncated once after training to those sizes, then
   fine-tuned.
 
-Each returns a :class:`~compressm_cli.training.RunResult` whose wall time counts every stage
+Each returns a :class:`~compressm_cli.runs.RunResult` whose wall time counts every stage
 (the teacher's or the full model's training included) and whose ``stages`` hold the metrics
 before and after each stage. This module imports torch only when a baseline runs.
 """
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from compressm_torch import LayerReduction, SequenceModel
 
     from .data import Task
-    from .training import RunConfig, RunResult
+    from .runs import RunConfig, RunResult
 
 __all__ = [
     "BASELINES",
@@ -318,7 +318,8 @@ def reduce_after_training(
     warm-up and cosine decay). ``stages`` holds the metrics after training, after the cut and
     after fine-tuning; the wall time counts all three; the curve continues that of
     ``full_result`` (steps and times after it)."""
-    from .training import RunResult, train
+    from .runs import RunResult
+    from .training import train
 
     model = copy.deepcopy(model).train()
     events, seconds = _cut(model, sizes, task, config, config.steps)

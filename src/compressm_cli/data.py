@@ -343,8 +343,21 @@ def _mnist1d(seed: int, fraction: float) -> Task:
         "normalisation": "none added; the mnist1d generator centres and scales all 5000 "
         "sequences (train and test together) to mean 0, standard deviation 1",
     }
+    return _digit_sequences("mnist1d", (x, y, x_test, y_test), seed, fraction, info)
+
+
+def _digit_sequences(
+    name: str,
+    arrays: tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]],
+    seed: int,
+    fraction: float,
+    info: dict[str, Any],
+) -> Task:
+    """The ten-class task of the scalar sequences ``arrays = (x, y, x_test, y_test)`` (one input
+    channel), with a validation split of ``fraction``."""
+    x, y, x_test, y_test = arrays
     return _classification(
-        "mnist1d",
+        name,
         x[..., None],
         y,
         x_test[..., None],
@@ -373,17 +386,7 @@ def _digits(seed: int, fraction: float) -> Task:
         "normalisation": "pixels divided by 16 (range [0, 1])",
         "test_split": "20 % stratified by class (sklearn train_test_split, random_state=seed)",
     }
-    return _classification(
-        "digits",
-        x_train[..., None],
-        y_train,
-        x_test[..., None],
-        y_test,
-        n_classes=10,
-        seed=seed,
-        fraction=fraction,
-        info=info,
-    )
+    return _digit_sequences("digits", (x_train, y_train, x_test, y_test), seed, fraction, info)
 
 
 # --------------------------------------------------------------------------------- sysid

@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from compressm_core.files import atomic_write
 
-from .training import RunResult
+from .runs import RunResult
 
 __all__ = [
     "comparison_rows",

@@ -32,7 +32,8 @@ from compressm_jax import (
     state_sizes,
 )
 
-from .training import RunConfig, RunResult, lr_factors, training_loop
+from . import runs
+from .runs import RunConfig, RunResult, training_loop
 
 if TYPE_CHECKING:
     from .data import Task
@@ -81,16 +82,8 @@ def _model(d_input: int, d_output: int, kind: str, config: RunConfig) -> Sequenc
     if config.layer == "mamba":
         msg = "the JAX backend has no Mamba layer; use `lru`, `s5` or `s4d`."
         raise ValueError(msg)
-    return SequenceModel(
-        d_input,
-        d_output,
-        d_model=config.d_model,
-        d_state=config.d_state,
-        n_layers=config.n_layers,
-        layer=config.layer,
-        pool="mean" if kind == "classification" else None,
-        rngs=nnx.Rngs(config.seed),
-    )
+    options = runs.model_options(kind, config)
+    return SequenceModel(d_input, d_output, rngs=nnx.Rngs(config.seed), **options)
 
 
 def build_model(task: Task, config: RunConfig) -> SequenceModel:
@@ -182,7 +175,7 @@ def _optimizer(model: SequenceModel, config: RunConfig) -> nnx.Optimizer[Sequenc
     """AdamW with the torch path's schedule: ``lr * lr_factors(steps, lr_warmup)(count)``,
     followed by :func:`compressm_jax.scale_by_rewarmup` when ``config.rewarmup_steps`` > 0 (the
     controller marks each cut in its state)."""
-    factor = lr_factors(config.steps, config.lr_warmup)
+    factor = runs.lr_factors(config.steps, config.lr_warmup)
     table = jnp.asarray([config.lr * factor(k) for k in range(config.steps)], jnp.float32)
 
     def schedule(count: jax.Array) -> jax.Array:
@@ -212,11 +205,14 @@ def train(
 
     Returns
     -------
-    RunResult, SequenceModel, CompreSSM or None
+    RunResult, compressm_jax.SequenceModel, compressm_jax.CompreSSM or None
         The measurements, the trained model and its controller.
 
     Raises
     ------
+    ValueError
+        If ``config.layer`` is ``"mamba"`` (no JAX layer) or ``config.device`` is not a JAX
+        device.
     KeyboardInterrupt
         Re-raised after the partial result, the model and the controller are stored on the
         exception as ``partial_result``, ``partial_model`` and ``partial_controller``.
@@ -231,18 +227,8 @@ def train(
             ctl = CompreSSM(
                 model,
                 opt,
-                total_steps=config.steps,
-                tau=config.tau,
-                mode=config.mode,
-                fraction=config.fraction,
-                warmup_fraction=config.warmup_fraction,
-                num_reductions=config.num_reductions,
-                schedule=config.schedule,
-                rewarmup_steps=config.rewarmup_steps,
-                max_cut=config.max_cut,
-                selection=config.selection,
                 horizon=task.x_train.shape[1] if horizon == "auto" else horizon,
-                metric="max" if task.kind == "classification" else "min",
+                **runs.controller_options(task, config),
             )
 
         @nnx.jit  # one compiled step per run, so that every run's wall time includes it
@@ -261,7 +247,7 @@ def train(
             idx = rng.integers(len(task.x_train), size=config.batch_size)
             return compiled(task.x_train[idx], task.y_train[idx])
 
-        try:
+        with runs.partial_on_interrupt(model, ctl):
             result = training_loop(
                 task,
                 config,
@@ -272,9 +258,6 @@ def train(
                 progress=progress,
                 on_event=on_event,
             )
-        except KeyboardInterrupt as err:
-            err.partial_model, err.partial_controller = model, ctl  # type: ignore[attr-defined]
-            raise
     return result, model, ctl
 
 
