@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from compressm_core.layer_init import lru_ring_init
+from compressm_core.layer_shapes import LRUShape
 from compressm_core.layers import check_lru_args
 
 from ._precision import working_dtype
@@ -51,7 +52,7 @@ def _init_values(
     return {name: value.astype(param_dtype) for name, value in values.items()}
 
 
-class LRU(nnx.Module):
+class LRU(LRUShape, nnx.Module):
     """Linear Recurrent Unit: a complex diagonal recurrence with a real output.
 
     The Flax NNX twin of :class:`compressm_torch.LRU`, where the maths are written out: poles
@@ -111,11 +112,6 @@ class LRU(nnx.Module):
         self.C_re = nnx.Param(values["C_re"])
         self.C_im = nnx.Param(values["C_im"])
         self.D = nnx.Param(values["D"])
-
-    @property
-    def d_state(self) -> int:
-        """Current number of complex states ``N``."""
-        return int(self.nu_log.shape[0])
 
     def discrete_system(self, dtype: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The system, as :meth:`compressm_torch.LRU.discrete_system`."""

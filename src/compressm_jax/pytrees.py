@@ -156,10 +156,11 @@ def reduce_lru_params(
     params : mapping or object
         An Equinox-style module (any object with attributes ``nu_log, theta_log, B_re, B_im,
         C_re, C_im, D, gamma_log``) or a Flax linen param dict of one LRU with those keys.
-    rank, tau, energy, method, selection : optional
+    rank, key : optional
         As in :func:`reduce_layer`.
-    real_output, horizon, compute_error, key, max_condition : optional
-        As in :func:`reduce_layer`.
+    **keywords
+        ``tau``, ``energy``, ``method``, ``selection``, ``real_output``, ``horizon``,
+        ``compute_error``, ``max_condition``: as in :func:`reduce_layer`.
 
     Returns
     -------

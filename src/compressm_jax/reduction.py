@@ -118,12 +118,13 @@ def reduce_layer(
     layer : flax.nnx.Module
         A layer with a registered adapter (:class:`LRU`, :class:`S5`, :class:`S4D`, or your
         own).
-    rank, tau, energy, method, selection, real_output, horizon, compute_error : optional
+    rank : int, optional
         As for :func:`compressm_torch.reduce_layer`.
     key : jax.Array, optional
         Random key for ``selection="random"`` (required there).
-    max_condition : float, optional
-        As for :func:`compressm_torch.reduce_layer`.
+    **keywords
+        ``tau``, ``energy``, ``method``, ``selection``, ``real_output``, ``horizon``,
+        ``compute_error``, ``max_condition``: as for :func:`compressm_torch.reduce_layer`.
 
     Returns
     -------

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from compressm_core.layer_init import log_uniform_steps, s5_hippo_basis
+from compressm_core.layer_shapes import S5Shape
 from compressm_core.layers import check_s5_args
 from compressm_core.parameterizations import hippo_n_eigenpairs
 
@@ -60,7 +61,7 @@ def _init_values(
     return {name: value.astype(param_dtype) for name, value in values.items()}
 
 
-class S5(nnx.Module):
+class S5(S5Shape, nnx.Module):
     """S5-style layer: one complex diagonal state shared by all channels (MIMO).
 
     The Flax NNX twin of :class:`compressm_torch.S5`, where the maths are written out:
@@ -122,16 +123,6 @@ class S5(nnx.Module):
         self.C = nnx.Param(values["C"])
         self.D = nnx.Param(values["D"])
         self.log_step = nnx.Param(values["log_step"])
-
-    @property
-    def d_state(self) -> int:
-        """Current number of stored complex states ``P``."""
-        return int(self.Lambda_re.shape[0])
-
-    @property
-    def output_scale(self) -> float:
-        """``2`` with ``conj_sym`` (output ``2 Re(C x)``), else ``1``."""
-        return 2.0 if self.conj_sym else 1.0
 
     def continuous_system(
         self, dtype: Any = None

@@ -60,6 +60,14 @@ def reduce_layer(
     rank : int, optional
         States to keep, in ``[1, n]`` (real states in ``[1, 2n]`` with ``real_output``). Give
         either ``rank`` or ``tau``.
+    generator : torch.Generator, optional
+        Random source for ``selection="random"``.
+    **keywords
+        The options below (:class:`compressm_core.reduction.ReduceKeywords`, with the defaults
+        of :class:`compressm_core.reduction.ReduceArguments`).
+
+    Other Parameters
+    ----------------
     tau : float, optional
         Choose the rank with :func:`compressm_core.select_rank` (fraction of the HSV energy
         that may be discarded).
@@ -79,8 +87,6 @@ def reduce_layer(
     compute_error : bool, optional
         Measure the H-infinity norm of the change of the layer's output map afterwards
         (a posteriori check of ``error_bound``).
-    generator : torch.Generator, optional
-        Random source for ``selection="random"``.
     max_condition : float, optional
         Refuse re-diagonalisation when the eigenvector basis is worse conditioned.
 
