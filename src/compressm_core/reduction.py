@@ -9,9 +9,11 @@ given (torch tensors, NumPy arrays).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import dataclasses
+import inspect
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypedDict
 
 from . import _xp
 from ._typing import Array
@@ -21,10 +23,12 @@ from .diagonalize import rediagonalize
 from .hankel import hankel_singular_values
 from .rank import select_rank, shared_rank_hsv
 from .systems import DiagonalStateSpace, StateSpace
-from .training import SELECTIONS
+from .training import SELECTIONS, Selection
 
 __all__ = [
     "LayerReduction",
+    "ReduceArguments",
+    "ReduceKeywords",
     "ReductionPlan",
     "check_reduction",
     "layer_hsv",
@@ -311,3 +315,115 @@ def reduction_report(
         changed=tuple(changed),
         slices=slices,
     )
+
+
+class ReduceKeywords(TypedDict, total=False):
+    """The keyword arguments every ``reduce_layer`` takes (for type checkers).
+
+    ``compressm_torch.reduce_layer``, ``compressm_jax.reduce_layer`` and
+    ``compressm_jax.reduce_lru_params`` take them as ``**keywords: Unpack[ReduceKeywords]``; their
+    meaning, defaults and checks are those of :class:`ReduceArguments`.
+    """
+
+    tau: float | None
+    energy: Literal["sum", "squared"]
+    method: Literal["sqrt", "bfsr"]
+    selection: Selection
+    real_output: bool
+    horizon: int | None
+    compute_error: bool
+    max_condition: float
+
+
+@dataclass(frozen=True)
+class ReduceArguments:
+    """The keyword arguments of a layer's reduction, with their defaults.
+
+    Attributes
+    ----------
+    tau : float, optional
+        Choose the rank with :func:`~compressm_core.select_rank` (``None``: a rank is given).
+    energy : {"sum", "squared"}
+        Energy used with ``tau``.
+    method : {"sqrt", "bfsr"}
+        Balanced-truncation method.
+    selection : {"largest", "smallest", "random"}
+        Which states to keep.
+    real_output : bool
+        Reduce the exact real realization of ``Re(C x)``.
+    horizon : int, optional
+        Finite-horizon Gramians over ``horizon`` steps.
+    compute_error : bool
+        Measure the H-infinity norm of the change after writing.
+    max_condition : float
+        Refuse re-diagonalisation when the eigenvector basis is worse conditioned.
+
+    Examples
+    --------
+    >>> from compressm_core.reduction import ReduceArguments
+    >>> ReduceArguments.from_keywords({"tau": 0.1}, None, owner="reduce_layer").energy
+    'sum'
+    """
+
+    tau: float | None = None
+    energy: Literal["sum", "squared"] = "sum"
+    method: Literal["sqrt", "bfsr"] = "sqrt"
+    selection: Selection = "largest"
+    real_output: bool = False
+    horizon: int | None = None
+    compute_error: bool = False
+    max_condition: float = 1e8
+
+    @classmethod
+    def from_keywords(
+        cls, keywords: Mapping[str, Any], rank: int | None, *, owner: str
+    ) -> ReduceArguments:
+        """The arguments named in ``keywords``, checked with ``rank`` (:func:`check_reduction`).
+
+        Raises
+        ------
+        TypeError
+            ``keywords`` names no argument (the message names ``owner``); neither or both of
+            ``rank`` and ``tau``.
+        ValueError
+            An unknown ``selection``, or ``"random"`` with ``real_output``.
+        """
+        unknown = sorted(set(keywords) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            msg = f"{owner}() got an unexpected keyword argument {unknown[0]!r}"
+            raise TypeError(msg)
+        arguments = cls(**keywords)
+        check_reduction(rank, arguments.tau, arguments.selection, arguments.real_output)
+        return arguments
+
+    @classmethod
+    def parameters(cls) -> list[inspect.Parameter]:
+        """The arguments as keyword-only parameters with their defaults (for
+        :func:`~compressm_core.training.signature_with`)."""
+        return [
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type
+            )
+            for f in dataclasses.fields(cls)
+        ]
+
+    def layer_hsv(self, sys: DiagonalStateSpace, rank: int | None) -> tuple[Array, int]:
+        """:func:`layer_hsv` with these arguments."""
+        return layer_hsv(sys, rank, **self._named("tau", "energy", "horizon", "real_output"))
+
+    def plan(
+        self,
+        sys: DiagonalStateSpace,
+        rank: int,
+        permute: Callable[[int], Array] | None = None,
+    ) -> ReductionPlan:
+        """:func:`plan_reduction` with these arguments; ``permute(n)`` draws the permutation of
+        the ``n`` states that ``selection="random"`` keeps the first ``rank`` of."""
+        permutation = None
+        if self.selection == "random" and permute is not None:
+            permutation = permute(int(sys.poles.shape[-1]))
+        named = self._named("selection", "method", "horizon", "real_output", "max_condition")
+        return plan_reduction(sys, rank, permutation=permutation, **named)
+
+    def _named(self, *names: str) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in names}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Generic, TypeVar
+
+from .layers import counterpart_layers
 
 __all__ = ["AdapterRegistry"]
 
@@ -117,3 +119,54 @@ class AdapterRegistry(Generic[A]):
             f"{', '.join(sorted(names))}. Use {self.package}.register_adapter to add one."
         )
         raise TypeError(msg)
+
+    def match_layers(
+        self,
+        models: Iterable[object],
+        layers: Mapping[str, Any],
+        find_layers: Callable[[Any], Mapping[str, Any]],
+        argument: str = "extra_models",
+    ) -> list[dict[str, Any]]:
+        """For every model of ``models`` (a copy such as an EMA model), its layer matching each
+        of ``layers``: the same name, or the only one ending in ``"." + name``, of the same
+        type and state size (:func:`~compressm_core.layers.counterpart_layers`, the sizes from
+        the adapters' ``state_size``).
+
+        Parameters
+        ----------
+        models : iterable
+            The copies.
+        layers : mapping
+            ``{name: layer}`` of the model.
+        find_layers : callable
+            ``model -> {name: layer}``: the supported layers of a copy.
+        argument : str, optional
+            The argument ``models`` came from, for the messages.
+
+        Returns
+        -------
+        list of dict
+            ``{name: counterpart}`` for every copy.
+
+        Raises
+        ------
+        TypeError
+            A copy that is not a ``base`` instance.
+        ValueError
+            A layer without exactly one counterpart, or one of another type or state size.
+        """
+        matched = []
+        for i, model in enumerate(models):
+            if not isinstance(model, self.base):
+                msg = f"`{argument}[{i}]` must be a {self.base_name}; received {type(model)}."
+                raise TypeError(msg)
+            matched.append(
+                counterpart_layers(
+                    layers, find_layers(model), self._state_size, f"{argument}[{i}]"
+                )
+            )
+        return matched
+
+    def _state_size(self, layer: object) -> int:
+        adapter: Any = self.get(layer)
+        return int(adapter.state_size(layer))

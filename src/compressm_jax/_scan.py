@@ -9,6 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from compressm_core.layer_shapes import check_layer_input
+
 from ._precision import complex_of, working_dtype
 
 __all__ = ["diagonal_scan", "real_output_layer"]
@@ -104,9 +106,7 @@ def real_output_layer(
     compiles once per shape. Products run at ``Precision.HIGHEST`` (no TF32 on GPUs). The output
     has ``u``'s dtype.
     """
-    if u.ndim < 2 or u.shape[-1] != d_model:
-        msg = f"`u` must have shape (..., length, {d_model}); received {tuple(u.shape)}."
-        raise ValueError(msg)
+    check_layer_input(u, d_model)
     real = working_dtype(feedthrough, u)
     static = tuple(sorted(options.items()))
     out: jax.Array = _forward(system, static, real, u, tuple(values), feedthrough)

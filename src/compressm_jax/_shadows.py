@@ -15,9 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from compressm_core.layers import counterpart_layers
-
-from .adapters import find_layers, get_adapter
+from .adapters import _ADAPTERS, find_layers, get_adapter
 from .reduction import LayerReduction
 
 __all__ = ["Shadows", "match_shadows", "restore_shadows", "shadow_states", "sync_shadows"]
@@ -36,17 +34,7 @@ def match_shadows(extra_models: Iterable[nnx.Module], layers: Mapping[str, nnx.M
     ValueError
         A managed layer without exactly one such counterpart.
     """
-    matched: Shadows = []
-    for i, shadow in enumerate(extra_models):
-        if not isinstance(shadow, nnx.Module):
-            msg = f"`extra_models[{i}]` must be a flax.nnx.Module; received {type(shadow)}."
-            raise TypeError(msg)
-        found = find_layers(shadow)
-        pairs = counterpart_layers(
-            layers, found, lambda m: get_adapter(m).state_size(m), f"extra_models[{i}]"
-        )
-        matched.append(pairs)
-    return matched
+    return _ADAPTERS.match_layers(extra_models, layers, find_layers)
 
 
 def shadow_states(extra_models: Iterable[nnx.Module]) -> list[Any]:

@@ -11,8 +11,10 @@ from flax import nnx
 
 from compressm_core import DiagonalStateSpace, hankel_singular_values
 from compressm_core.checks import check_int
+from compressm_core.layer_writes import LayerPlan
 from compressm_core.layers import check_layer_sizes
 from compressm_core.rank import shared_rank_hsv
+from compressm_core.reduction import ReduceArguments
 from compressm_core.schedule import ReductionWarning
 from compressm_core.training import (
     ControllerBase,
@@ -25,7 +27,8 @@ from ._shadows import match_shadows, restore_shadows, shadow_states, sync_shadow
 from ._systems import host_system
 from .adapters import find_layers, get_adapter
 from .optim import ParamChange, _path_key, resize_optimizer_state
-from .reduction import LayerReduction, _apply, _Plan, _plan_reduction, _sliced
+from .reduction import LayerReduction, _apply, _sliced
+from .reduction import _plan as _plan_layer
 from .rewarmup import mark_cut
 
 if TYPE_CHECKING:
@@ -238,29 +241,30 @@ class CompreSSM(ControllerBase[nnx.Module]):
 
     def _plan(
         self, name: str, layer: nnx.Module, rank: int, context: Any
-    ) -> tuple[DiagonalStateSpace, _Plan]:
+    ) -> tuple[DiagonalStateSpace, LayerPlan]:
         adapter = get_adapter(layer)
-        plan = _plan_reduction(
-            context,
-            rank,
-            tau=None,
+        arguments = ReduceArguments(
             energy=self.energy,
             method=self.method,
             selection=self.selection,
             real_output=self.real_output,
             horizon=self.horizon,
-            key=jax.random.fold_in(jax.random.PRNGKey(self.seed), self.num_steps),
-            max_condition=1e8,
+        )
+        plan = _plan_layer(
+            context,
+            rank,
+            arguments,
+            jax.random.fold_in(jax.random.PRNGKey(self.seed), self.num_steps),
             from_state_space=lambda reduced: adapter.from_state_space(layer, reduced),
             sliced=lambda indices: _sliced(layer, adapter, indices),
         )
         return context, plan
 
     def _apply(
-        self, name: str, layer: nnx.Module, plan: tuple[DiagonalStateSpace, _Plan]
+        self, name: str, layer: nnx.Module, plan: tuple[DiagonalStateSpace, LayerPlan]
     ) -> LayerReduction:
         sys, values = plan
-        return _apply(
+        report, _ = _apply(
             layer,
             get_adapter(layer),
             sys,
@@ -268,6 +272,7 @@ class CompreSSM(ControllerBase[nnx.Module]):
             selection=self.selection,
             compute_error=self.compute_error,
         )
+        return report
 
     def _resize_optimizer(self, applied: Mapping[str, tuple[Any, Any]]) -> None:
         reports: dict[str, LayerReduction] = {

@@ -11,11 +11,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from compressm_core.layer_init import lru_ring_init
+from compressm_core.layer_shapes import LRUShape
 from compressm_core.layers import check_lru_args
 
+from ._layer import ParamLayer
 from ._precision import working_dtype
 from ._scan import real_output_layer
-from ._systems import LRU_STATE_AXES, evaluate, lru_discrete
+from ._systems import LRU_STATE_AXES, lru_discrete
 
 __all__ = ["LRU"]
 
@@ -51,7 +53,7 @@ def _init_values(
     return {name: value.astype(param_dtype) for name, value in values.items()}
 
 
-class LRU(nnx.Module):
+class LRU(LRUShape, ParamLayer):
     """Linear Recurrent Unit: a complex diagonal recurrence with a real output.
 
     The Flax NNX twin of :class:`compressm_torch.LRU`, where the maths are written out: poles
@@ -86,6 +88,8 @@ class LRU(nnx.Module):
     (2, 10, 4)
     """
 
+    system_names = tuple(LRU_STATE_AXES)
+
     def __init__(
         self,
         d_model: int,
@@ -103,30 +107,12 @@ class LRU(nnx.Module):
         values = _init_values(
             rngs.params(), d_state, d_model, r_min, r_max, max_phase, jnp.dtype(param_dtype)
         )
-        self.nu_log = nnx.Param(values["nu_log"])
-        self.theta_log = nnx.Param(values["theta_log"])
-        self.gamma_log = nnx.Param(values["gamma_log"])
-        self.B_re = nnx.Param(values["B_re"])
-        self.B_im = nnx.Param(values["B_im"])
-        self.C_re = nnx.Param(values["C_re"])
-        self.C_im = nnx.Param(values["C_im"])
-        self.D = nnx.Param(values["D"])
-
-    @property
-    def d_state(self) -> int:
-        """Current number of complex states ``N``."""
-        return int(self.nu_log.shape[0])
+        self._set_params(values)
 
     def discrete_system(self, dtype: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The system, as :meth:`compressm_torch.LRU.discrete_system`."""
-        real = working_dtype(self.nu_log) if dtype is None else dtype
-        system: tuple[jax.Array, jax.Array, jax.Array] = evaluate(
-            lru_discrete, (), real, self._values()
-        )
+        system: tuple[jax.Array, jax.Array, jax.Array] = self._evaluate(lru_discrete, (), dtype)
         return system
-
-    def _values(self) -> tuple[jax.Array, ...]:
-        return tuple(getattr(self, name)[...] for name in LRU_STATE_AXES)
 
     def __call__(self, u: jax.Array) -> jax.Array:
         """Map ``u`` of shape (..., length, d_model) to ``y`` of the same shape."""

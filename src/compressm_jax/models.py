@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from compressm_core.layers import check_block_norm, sequence_layer_sizes
+from compressm_core.sequence_model import sequence_forward
 
 from .lru import LRU
 from .s4d import S4D
@@ -177,10 +178,5 @@ class SequenceModel(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """The model's output, as :meth:`compressm_torch.SequenceModel.forward`."""
-        z = self.encoder(x)
-        for block in self.blocks:
-            z = block(z)
-        if self.pool == "mean":
-            z = z.mean(axis=-2)
-        out: jax.Array = self.decoder(z)
+        out: jax.Array = sequence_forward(x, self.encoder, self.blocks, self.decoder, self.pool)
         return out

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jax
 import numpy as np
 
 from compressm_core import DiagonalStateSpace, h_infinity_norm
-from compressm_core.reduction import reduction_report
+from compressm_core.reduction import ReduceArguments, ReduceKeywords, reduction_report
+from compressm_core.training import signature_with
 
 from ._systems import (
     LRU_NAMES,
@@ -38,13 +39,10 @@ from ._systems import (
     lru_discrete,
     lru_from_state_space,
 )
-from .reduction import (
-    LayerReduction,
-    Selection,
-    _cast_like,
-    _check_arguments,
-    _plan_reduction,
-)
+from .reduction import LayerReduction, _arguments, _cast_like, _plan
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["lru_to_state_space", "reduce_lru_params"]
 
@@ -130,19 +128,13 @@ def lru_to_state_space(params: object) -> DiagonalStateSpace:
     return device_system(_host_lru(values), like)
 
 
+@signature_with(ReduceArguments.parameters())
 def reduce_lru_params(
     params: T,
     rank: int | None = None,
     *,
-    tau: float | None = None,
-    energy: Literal["sum", "squared"] = "sum",
-    method: Literal["sqrt", "bfsr"] = "sqrt",
-    selection: Selection = "largest",
-    real_output: bool = False,
-    horizon: int | None = None,
-    compute_error: bool = False,
     key: jax.Array | None = None,
-    max_condition: float = 1e8,
+    **keywords: Unpack[ReduceKeywords],
 ) -> tuple[T, LayerReduction]:
     """Reduce the LRU held in a parameter tree: a pure function returning new parameters.
 
@@ -164,10 +156,11 @@ def reduce_lru_params(
     params : mapping or object
         An Equinox-style module (any object with attributes ``nu_log, theta_log, B_re, B_im,
         C_re, C_im, D, gamma_log``) or a Flax linen param dict of one LRU with those keys.
-    rank, tau, energy, method, selection : optional
+    rank, key : optional
         As in :func:`reduce_layer`.
-    real_output, horizon, compute_error, key, max_condition : optional
-        As in :func:`reduce_layer`.
+    **keywords
+        ``tau``, ``energy``, ``method``, ``selection``, ``real_output``, ``horizon``,
+        ``compute_error``, ``max_condition``: as in :func:`reduce_layer`.
 
     Returns
     -------
@@ -210,20 +203,14 @@ def reduce_lru_params(
     >>> new["B_re"].shape, report.old_rank, new["D"] is params["D"]
     ((4, 3), 16, True)
     """
-    _check_arguments(rank, tau, selection, real_output, key)
+    arguments = _arguments(keywords, rank, key, owner="reduce_lru_params")
     values = _fields(params)
     sys = _host_lru(values)
-    plan = _plan_reduction(
+    plan = _plan(
         sys,
         rank,
-        tau=tau,
-        energy=energy,
-        method=method,
-        selection=selection,
-        real_output=real_output,
-        horizon=horizon,
-        key=key,
-        max_condition=max_condition,
+        arguments,
+        key,
         from_state_space=lru_from_state_space,
         sliced=lambda idx: {
             name: np.take(np.asarray(values[name]), idx, axis=axis)
@@ -232,7 +219,7 @@ def reduce_lru_params(
     )
     new = {name: _cast_like(name, value, values[name]) for name, value in plan.values.items()}
     hinf = None
-    if compute_error:
+    if arguments.compute_error:
         after = _host_lru({**values, **new})
         hinf = float(h_infinity_norm(sys, host_system(after), real_output=True))
     report = reduction_report(
@@ -241,7 +228,7 @@ def reduce_lru_params(
         hsv=plan.hsv,
         bound=plan.bound,
         hinf_error=hinf,
-        selection=selection,
+        selection=arguments.selection,
         indices=plan.indices,
         changed=plan.values,
         state_axes=LRU_STATE_AXES,

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -13,79 +12,55 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from compressm_core import DiagonalStateSpace, StabilityError, h_infinity_norm
-from compressm_core.reduction import (
-    LayerReduction,
-    check_reduction,
-    layer_hsv,
-    plan_reduction,
-    reduction_report,
-)
-from compressm_core.training import Selection
+from compressm_core.layer_writes import LayerPlan, layer_plan, write_plan
+from compressm_core.reduction import LayerReduction, ReduceArguments, ReduceKeywords
+from compressm_core.training import Selection, signature_with
 
 from ._systems import host_system
 from .adapters import LayerAdapter, get_adapter
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = ["LayerReduction", "Selection", "reduce_layer"]
 
 
-def _check_arguments(
-    rank: int | None, tau: float | None, selection: str, real_output: bool, key: object
-) -> None:
-    """Validate what does not depend on the layer (before anything is computed)."""
-    check_reduction(rank, tau, selection, real_output)
-    if selection == "random" and key is None:
+def _arguments(
+    keywords: Mapping[str, Any], rank: int | None, key: object, *, owner: str
+) -> ReduceArguments:
+    """The checked arguments (before anything is computed); ``selection="random"`` needs
+    ``key``."""
+    arguments = ReduceArguments.from_keywords(keywords, rank, owner=owner)
+    if arguments.selection == "random" and key is None:
         msg = "`selection='random'` needs a `key` (a jax.random key) to draw the kept states."
         raise TypeError(msg)
+    return arguments
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """New parameter values of a reduction, computed on the host and not yet written."""
-
-    values: dict[str, np.ndarray]
-    hsv: np.ndarray
-    bound: float
-    indices: np.ndarray | None
-
-
-def _plan_reduction(
+def _plan(
     sys: DiagonalStateSpace,
     rank: int | None,
-    *,
-    tau: float | None,
-    energy: Literal["sum", "squared"],
-    method: Literal["sqrt", "bfsr"],
-    selection: str,
-    real_output: bool,
-    horizon: int | None,
+    arguments: ReduceArguments,
     key: jax.Array | None,
-    max_condition: float,
+    *,
     from_state_space: Callable[[DiagonalStateSpace], dict[str, np.ndarray]],
     sliced: Callable[[np.ndarray], dict[str, np.ndarray]],
-) -> _Plan:
+) -> LayerPlan:
     """The reduced values of a host system: HSVs, rank, then
     :func:`~compressm_core.reduction.plan_reduction`."""
-    hsv, rank = layer_hsv(
-        sys, rank, tau=tau, energy=energy, horizon=horizon, real_output=real_output
-    )
-    permutation = None
-    if selection == "random":
+    hsv, rank = arguments.layer_hsv(sys, rank)
+
+    def permute(n: int) -> np.ndarray:
         assert key is not None
-        permutation = np.asarray(jax.random.permutation(key, int(sys.poles.shape[-1])))
-    plan = plan_reduction(
-        sys,
-        rank,
-        selection=selection,
-        method=method,
-        horizon=horizon,
-        real_output=real_output,
-        max_condition=max_condition,
-        permutation=permutation,
+        return np.asarray(jax.random.permutation(key, n))
+
+    return layer_plan(
+        arguments.plan(sys, rank, permute),
+        hsv,
+        from_state_space=from_state_space,
+        sliced=sliced,
+        host=np.asarray,
     )
-    if plan.indices is not None:
-        return _Plan(sliced(plan.indices), np.asarray(hsv), plan.bound, plan.indices)
-    assert plan.system is not None
-    return _Plan(from_state_space(plan.system), np.asarray(hsv), plan.bound, None)
 
 
 def _cast_like(name: str, value: Any, old: Any) -> jax.Array:
@@ -119,19 +94,13 @@ def _cast_like(name: str, value: Any, old: Any) -> jax.Array:
     return placed
 
 
+@signature_with(ReduceArguments.parameters())
 def reduce_layer(
     layer: nnx.Module,
     rank: int | None = None,
     *,
-    tau: float | None = None,
-    energy: Literal["sum", "squared"] = "sum",
-    method: Literal["sqrt", "bfsr"] = "sqrt",
-    selection: Selection = "largest",
-    real_output: bool = False,
-    horizon: int | None = None,
-    compute_error: bool = False,
     key: jax.Array | None = None,
-    max_condition: float = 1e8,
+    **keywords: Unpack[ReduceKeywords],
 ) -> LayerReduction:
     """Reduce the state of an NNX ``layer`` in place to ``rank`` states.
 
@@ -149,12 +118,13 @@ def reduce_layer(
     layer : flax.nnx.Module
         A layer with a registered adapter (:class:`LRU`, :class:`S5`, :class:`S4D`, or your
         own).
-    rank, tau, energy, method, selection, real_output, horizon, compute_error : optional
+    rank : int, optional
         As for :func:`compressm_torch.reduce_layer`.
     key : jax.Array, optional
         Random key for ``selection="random"`` (required there).
-    max_condition : float, optional
-        Refuse re-diagonalisation when the eigenvector basis is worse conditioned.
+    **keywords
+        ``tau``, ``energy``, ``method``, ``selection``, ``real_output``, ``horizon``,
+        ``compute_error``, ``max_condition``: as for :func:`compressm_torch.reduce_layer`.
 
     Returns
     -------
@@ -178,62 +148,49 @@ def reduce_layer(
     >>> layer.d_state, report.old_rank, report.error_bound > 0
     (8, 32, True)
     """
-    _check_arguments(rank, tau, selection, real_output, key)
+    arguments = _arguments(keywords, rank, key, owner="reduce_layer")
     adapter = get_adapter(layer)
     sys = host_system(adapter.to_state_space(layer))
-    plan = _plan_reduction(
+    plan = _plan(
         sys,
         rank,
-        tau=tau,
-        energy=energy,
-        method=method,
-        selection=selection,
-        real_output=real_output,
-        horizon=horizon,
-        key=key,
-        max_condition=max_condition,
+        arguments,
+        key,
         from_state_space=lambda reduced: adapter.from_state_space(layer, reduced),
         sliced=lambda indices: _sliced(layer, adapter, indices),
     )
-    return _apply(layer, adapter, sys, plan, selection=selection, compute_error=compute_error)
+    report, _ = _apply(
+        layer,
+        adapter,
+        sys,
+        plan,
+        selection=arguments.selection,
+        compute_error=arguments.compute_error,
+    )
+    return report
 
 
 def _apply(
     layer: nnx.Module,
     adapter: LayerAdapter,
     sys: DiagonalStateSpace,
-    plan: _Plan,
+    plan: LayerPlan,
     *,
     selection: str,
     compute_error: bool,
-) -> LayerReduction:
-    """Write ``plan`` into ``layer``, then measure the error if asked; if anything after the
-    checks raises (the error check included), ``layer`` is restored before it propagates."""
-    saved = {name: getattr(layer, name)[...] for name in plan.values}
-    _write(layer, plan.values)
-    try:
-        if adapter.on_resize is not None:
-            adapter.on_resize(layer)
-        hinf = None
-        if compute_error:
-            after = host_system(adapter.to_state_space(layer))
-            hinf = float(np.max(h_infinity_norm(sys, after, real_output=adapter.real_output)))
-    except BaseException:
-        for name, value in saved.items():
-            getattr(layer, name).set_value(value)
-        if adapter.on_resize is not None:
-            adapter.on_resize(layer)
-        raise
-    return reduction_report(
-        old_rank=int(sys.poles.shape[-1]),
-        new_rank=adapter.state_size(layer),
-        hsv=plan.hsv,
-        bound=plan.bound,
-        hinf_error=hinf,
+) -> tuple[LayerReduction, Callable[[], None]]:
+    """Write ``plan`` into ``layer`` (:func:`~compressm_core.layer_writes.write_plan`): the
+    report, and a function that restores the layer."""
+    return write_plan(
+        layer,
+        adapter,
+        sys,
+        plan,
+        _write,
         selection=selection,
-        indices=plan.indices,
-        changed=plan.values,
-        state_axes=adapter.state_axes,
+        compute_error=compute_error,
+        read=host_system,
+        norm=h_infinity_norm,
     )
 
 
@@ -246,10 +203,18 @@ def _sliced(
     }
 
 
-def _write(layer: nnx.Module, values: Mapping[str, Any]) -> None:
-    """Cast and check every new value, then assign all of them (all or nothing)."""
+def _write(layer: nnx.Module, values: Mapping[str, Any]) -> Callable[[], None]:
+    """Cast and check every new value, then assign all of them (all or nothing); returns a
+    function that writes the old values back."""
     staged = {
         name: _cast_like(name, value, getattr(layer, name)[...]) for name, value in values.items()
     }
+    saved = {name: getattr(layer, name)[...] for name in staged}
     for name, new in staged.items():
         getattr(layer, name).set_value(new)
+
+    def restore() -> None:
+        for name, value in saved.items():
+            getattr(layer, name).set_value(value)
+
+    return restore

@@ -11,11 +11,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from compressm_core.layer_init import log_uniform_steps
+from compressm_core.layer_shapes import S4DShape, check_layer_input
 from compressm_core.layers import check_s4d_args
 
+from ._layer import ParamLayer
 from ._precision import complex_of, working_dtype
 from ._scan import diagonal_scan
-from ._systems import S4D_NAMES, evaluate, s4d_zoh
+from ._systems import S4D_NAMES, s4d_zoh
 
 __all__ = ["S4D"]
 
@@ -59,7 +61,7 @@ def _forward(real: Any, u: jax.Array, values: tuple[jax.Array, ...], d: jax.Arra
     return y.astype(u.dtype)
 
 
-class S4D(nnx.Module):
+class S4D(S4DShape, ParamLayer):
     """S4D: ``H`` independent SISO state-space models, one per channel, with a real output.
 
     The Flax NNX twin of :class:`compressm_torch.S4D`, where the maths of state-spaces' minimal
@@ -95,6 +97,8 @@ class S4D(nnx.Module):
     ((2, 10, 4), 8)
     """
 
+    system_names = tuple(S4D_NAMES)
+
     def __init__(
         self,
         d_model: int,
@@ -110,38 +114,16 @@ class S4D(nnx.Module):
         dtype = jnp.dtype(param_dtype)
         real = working_dtype(jnp.zeros((), dtype))
         values = _init_values(rngs.params(), d_model, d_state // 2, dt_min, dt_max, real, dtype)
-        self.log_dt = nnx.Param(values["log_dt"])
-        self.log_A_real = nnx.Param(values["log_A_real"])
-        self.A_imag = nnx.Param(values["A_imag"])
-        self.C = nnx.Param(values["C"])
-        self.D = nnx.Param(values["D"])
-
-    @property
-    def n_modes(self) -> int:
-        """Number of stored complex modes ``N/2`` per channel (the library's state size)."""
-        return int(self.log_A_real.shape[-1])
-
-    @property
-    def d_state(self) -> int:
-        """Real state size ``N = 2 * n_modes`` per channel."""
-        return 2 * self.n_modes
+        self._set_params(values)
 
     def discrete_system(self, dtype: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The ``H`` ZOH systems, as :meth:`compressm_torch.S4D.discrete_system`."""
-        real = working_dtype(self.log_A_real) if dtype is None else dtype
-        system: tuple[jax.Array, jax.Array, jax.Array] = evaluate(
-            s4d_zoh, (), real, self._values()
-        )
+        system: tuple[jax.Array, jax.Array, jax.Array] = self._evaluate(s4d_zoh, (), dtype)
         return system
-
-    def _values(self) -> tuple[jax.Array, ...]:
-        return tuple(getattr(self, name)[...] for name in S4D_NAMES)
 
     def __call__(self, u: jax.Array) -> jax.Array:
         """Map ``u`` of shape (..., length, d_model) to ``y`` of the same shape."""
-        if u.ndim < 2 or u.shape[-1] != self.d_model:
-            msg = f"`u` must have shape (..., length, {self.d_model}); received {tuple(u.shape)}."
-            raise ValueError(msg)
+        check_layer_input(u, self.d_model)
         d = self.D[...]
         out: jax.Array = _forward(working_dtype(d, u), u, self._values(), d)
         return out

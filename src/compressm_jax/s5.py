@@ -11,12 +11,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from compressm_core.layer_init import log_uniform_steps, s5_hippo_basis
+from compressm_core.layer_shapes import S5Shape
 from compressm_core.layers import check_s5_args
 from compressm_core.parameterizations import hippo_n_eigenpairs
 
+from ._layer import ParamLayer
 from ._precision import complex_of, working_dtype
 from ._scan import real_output_layer
-from ._systems import S5_STATE_AXES, evaluate, s5_continuous, s5_zoh
+from ._systems import S5_STATE_AXES, s5_continuous, s5_zoh
 
 __all__ = ["S5", "hippo_n_eigenpairs"]
 
@@ -60,7 +62,7 @@ def _init_values(
     return {name: value.astype(param_dtype) for name, value in values.items()}
 
 
-class S5(nnx.Module):
+class S5(S5Shape, ParamLayer):
     """S5-style layer: one complex diagonal state shared by all channels (MIMO).
 
     The Flax NNX twin of :class:`compressm_torch.S5`, where the maths are written out:
@@ -90,6 +92,8 @@ class S5(nnx.Module):
     (2, 10, 4)
     """
 
+    system_names = tuple(S5_STATE_AXES)
+
     def __init__(
         self,
         d_model: int,
@@ -116,45 +120,23 @@ class S5(nnx.Module):
             dt_max,
             jnp.dtype(param_dtype),
         )
-        self.Lambda_re = nnx.Param(values["Lambda_re"])
-        self.Lambda_im = nnx.Param(values["Lambda_im"])
-        self.B = nnx.Param(values["B"])
-        self.C = nnx.Param(values["C"])
-        self.D = nnx.Param(values["D"])
-        self.log_step = nnx.Param(values["log_step"])
-
-    @property
-    def d_state(self) -> int:
-        """Current number of stored complex states ``P``."""
-        return int(self.Lambda_re.shape[0])
-
-    @property
-    def output_scale(self) -> float:
-        """``2`` with ``conj_sym`` (output ``2 Re(C x)``), else ``1``."""
-        return 2.0 if self.conj_sym else 1.0
+        self._set_params(values)
 
     def continuous_system(
         self, dtype: Any = None
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """The continuous system and steps, as :meth:`compressm_torch.S5.continuous_system`."""
-        real = working_dtype(self.Lambda_re) if dtype is None else dtype
         options = (("clip_eigs", self.clip_eigs),)
-        system: tuple[jax.Array, jax.Array, jax.Array, jax.Array] = evaluate(
-            s5_continuous, options, real, self._values()
+        system: tuple[jax.Array, jax.Array, jax.Array, jax.Array] = self._evaluate(
+            s5_continuous, options, dtype
         )
         return system
 
     def discrete_system(self, dtype: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The ZOH system, as :meth:`compressm_torch.S5.discrete_system`."""
-        real = working_dtype(self.Lambda_re) if dtype is None else dtype
         options = (("clip_eigs", self.clip_eigs), ("output_scale", self.output_scale))
-        system: tuple[jax.Array, jax.Array, jax.Array] = evaluate(
-            s5_zoh, options, real, self._values()
-        )
+        system: tuple[jax.Array, jax.Array, jax.Array] = self._evaluate(s5_zoh, options, dtype)
         return system
-
-    def _values(self) -> tuple[jax.Array, ...]:
-        return tuple(getattr(self, name)[...] for name in S5_STATE_AXES)
 
     def __call__(self, u: jax.Array) -> jax.Array:
         """Map ``u`` of shape (..., length, d_model) to ``y`` of the same shape."""

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from compressm_core.layer_shapes import check_layer_input
+
 from ._precision import complex_of, full_precision, working_dtype
 
 __all__ = ["diagonal_scan", "real_output_layer"]
@@ -113,9 +115,7 @@ def real_output_layer(
     precision ``dtype``: float32 (float64 if the parameters or ``u`` are float64), also under
     autocast. The output has ``u``'s dtype.
     """
-    if u.ndim < 2 or u.shape[-1] != d_model:
-        msg = f"`u` must have shape (..., length, {d_model}); received {tuple(u.shape)}."
-        raise ValueError(msg)
+    check_layer_input(u, d_model)
     with full_precision(u.device):
         real = working_dtype(feedthrough, u)
         poles, b, c = (t.to(complex_of(real)) for t in system(real))

@@ -18,10 +18,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from compressm_core.layers import counterpart_layers
-
 from ._params import assign, resolve
-from .adapters import LayerAdapter, SelectiveAdapter, get_adapter
+from .adapters import _ADAPTERS, LayerAdapter, SelectiveAdapter, get_adapter
 from .adapters import find_layers as _find_layers
 from .reduction import LayerReduction
 
@@ -41,17 +39,7 @@ def match_shadows(extra_models: Iterable[nn.Module], layers: Mapping[str, nn.Mod
     ValueError
         A managed layer without exactly one counterpart, or one of another type or state size.
     """
-    matched: Shadows = []
-    for i, shadow in enumerate(extra_models):
-        if not isinstance(shadow, nn.Module):
-            msg = f"`extra_models[{i}]` must be a torch.nn.Module; received {type(shadow)}."
-            raise TypeError(msg)
-        found = _find_layers(shadow)
-        pairs = counterpart_layers(
-            layers, found, lambda m: get_adapter(m).state_size(m), f"extra_models[{i}]"
-        )
-        matched.append(pairs)
-    return matched
+    return _ADAPTERS.match_layers(extra_models, layers, _find_layers)
 
 
 def snapshot_shadows(shadows: Shadows, names: Sequence[str]) -> Callable[[], None]:

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from compressm_core import hankel_singular_values, select_state_indices
+from compressm_core import DiagonalStateSpace, hankel_singular_values, select_state_indices
 from compressm_core.rank import shared_rank_hsv
+from compressm_core.reduction import ReduceArguments
 from compressm_core.schedule import (
     ReductionEvent,
     ReductionWarning,
@@ -57,8 +58,8 @@ class _LayerPlan(NamedTuple):
 
     adapter: LayerAdapter | SelectiveAdapter
     shapes: dict[str, tuple[int, ...]]
-    values: Any  # reduction._Plan or selective._SelectivePlan
-    system: tuple[Any, torch.Tensor] | None  # (system, HSVs) of an LTI layer
+    values: Any  # layer_writes.LayerPlan or selective._SelectivePlan
+    system: DiagonalStateSpace | None  # the system of an LTI layer
 
 
 class CompreSSM(ControllerBase[nn.Module]):
@@ -502,35 +503,26 @@ class CompreSSM(ControllerBase[nn.Module]):
             )
             return _LayerPlan(adapter, shapes, plan, None)
         sys, hsv, horizon = context
-        values = _plan_lti(
-            layer,
-            adapter,
-            sys,
-            rank,
+        arguments = ReduceArguments(
             method=self.method,
             selection=self.selection,
             real_output=self.real_output,
             horizon=horizon,
-            generator=self._generator,
-            max_condition=1e8,
         )
-        return _LayerPlan(adapter, shapes, values, (sys, hsv))
+        values = _plan_lti(layer, adapter, sys, hsv, rank, arguments, self._generator)
+        return _LayerPlan(adapter, shapes, values, sys)
 
     def _apply(self, name: str, layer: nn.Module, plan: _LayerPlan) -> LayerReduction:
         if isinstance(plan.values, _SelectivePlan):
             return _apply_selective(layer, plan.values)
         assert isinstance(plan.adapter, LayerAdapter)
         assert plan.system is not None
-        sys, hsv = plan.system
-        return _apply_lti(
-            layer,
-            plan.adapter,
-            sys,
-            hsv,
-            plan.values,
+        report, _ = _apply_lti(
+            (layer, plan.adapter, plan.system, plan.values),
             selection=self.selection,
             compute_error=self.compute_error,
         )
+        return report
 
     def _resize_optimizer(self, applied: Mapping[str, tuple[Any, Any]]) -> None:
         for name, (plan, report) in applied.items():

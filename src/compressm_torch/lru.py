@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from compressm_core.layer_init import lru_ring_init
+from compressm_core.layer_shapes import LRUShape
 from compressm_core.layers import check_lru_args
 
 from ._precision import working_dtype
@@ -17,7 +18,7 @@ from ._scan import real_output_layer
 __all__ = ["LRU"]
 
 
-class LRU(nn.Module):
+class LRU(LRUShape, nn.Module):
     """Linear Recurrent Unit: a complex diagonal recurrence with a real output.
 
     .. math::
@@ -88,11 +89,6 @@ class LRU(nn.Module):
         self.C_im = nn.Parameter(torch.empty(h, n, **kw))
         self.D = nn.Parameter(torch.empty(h, **kw))
         self.reset_parameters()
-
-    @property
-    def d_state(self) -> int:
-        """Current number of complex states ``N``."""
-        return int(self.nu_log.shape[0])
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from compressm_core.layers import check_block_norm, sequence_layer_sizes
+from compressm_core.sequence_model import sequence_forward
 
 from .lru import LRU
 from .mamba import Mamba
@@ -132,10 +133,5 @@ class SequenceModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, length, d_input) -> (batch, d_output), or (batch, length, d_output)."""
-        z = self.encoder(x)
-        for block in self.blocks:
-            z = block(z)
-        if self.pool == "mean":
-            z = z.mean(dim=-2)
-        out: torch.Tensor = self.decoder(z)
+        out: torch.Tensor = sequence_forward(x, self.encoder, self.blocks, self.decoder, self.pool)
         return out

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -89,21 +90,13 @@ def resize_optimizer_state(
     return "reset" if policy == "reset" else "zeroed"
 
 
-def update_optimizer_state(
-    optimizer: torch.optim.Optimizer,
-    param: torch.Tensor,
-    old_shape: Sequence[int],
-    *,
-    axis: int,
-    indices: torch.Tensor | None = None,
-    policy: OptimizerStatePolicy = "reset",
-) -> str:
-    """Deprecated name of :func:`resize_optimizer_state` (the name both frameworks share)."""
+@functools.wraps(resize_optimizer_state, assigned=())
+def update_optimizer_state(*args: Any, **kwargs: Any) -> str:
+    """Deprecated name of :func:`resize_optimizer_state` (the name both frameworks share); same
+    arguments."""
     warnings.warn(
         "`update_optimizer_state` is deprecated; use `resize_optimizer_state`.",
         DeprecationWarning,
         stacklevel=2,
     )
-    return resize_optimizer_state(
-        optimizer, param, old_shape, axis=axis, indices=indices, policy=policy
-    )
+    return resize_optimizer_state(*args, **kwargs)

@@ -2,42 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 from compressm_core import DiagonalStateSpace, StabilityError, h_infinity_norm
-from compressm_core.reduction import (
-    LayerReduction,
-    check_reduction,
-    layer_hsv,
-    plan_reduction,
-    reduction_report,
-)
-from compressm_core.training import Selection
+from compressm_core.layer_writes import LayerPlan, apply_all, layer_plan, write_plan
+from compressm_core.reduction import LayerReduction, ReduceArguments, ReduceKeywords
+from compressm_core.training import Selection, signature_with
 
 from ._params import assign, resolve
 from .adapters import LayerAdapter, find_layers, get_adapter
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = ["LayerReduction", "Selection", "reduce_layer", "reduce_model"]
 
 
+@signature_with(ReduceArguments.parameters())
 def reduce_layer(
     layer: nn.Module,
     rank: int | None = None,
     *,
-    tau: float | None = None,
-    energy: Literal["sum", "squared"] = "sum",
-    method: Literal["sqrt", "bfsr"] = "sqrt",
-    selection: Selection = "largest",
-    real_output: bool = False,
-    horizon: int | None = None,
-    compute_error: bool = False,
     generator: torch.Generator | None = None,
-    max_condition: float = 1e8,
+    **keywords: Unpack[ReduceKeywords],
 ) -> LayerReduction:
     """Reduce the state of ``layer`` in place to ``rank`` states.
 
@@ -69,6 +60,14 @@ def reduce_layer(
     rank : int, optional
         States to keep, in ``[1, n]`` (real states in ``[1, 2n]`` with ``real_output``). Give
         either ``rank`` or ``tau``.
+    generator : torch.Generator, optional
+        Random source for ``selection="random"``.
+    **keywords
+        The options below (:class:`compressm_core.reduction.ReduceKeywords`, with the defaults
+        of :class:`compressm_core.reduction.ReduceArguments`).
+
+    Other Parameters
+    ----------------
     tau : float, optional
         Choose the rank with :func:`compressm_core.select_rank` (fraction of the HSV energy
         that may be discarded).
@@ -88,8 +87,6 @@ def reduce_layer(
     compute_error : bool, optional
         Measure the H-infinity norm of the change of the layer's output map afterwards
         (a posteriori check of ``error_bound``).
-    generator : torch.Generator, optional
-        Random source for ``selection="random"``.
     max_condition : float, optional
         Refuse re-diagonalisation when the eigenvector basis is worse conditioned.
 
@@ -118,24 +115,12 @@ def reduce_layer(
     >>> layer.d_state, report.old_rank, report.error_bound > 0
     (8, 32, True)
     """
-    check_reduction(rank, tau, selection, real_output)
+    arguments = ReduceArguments.from_keywords(keywords, rank, owner="reduce_layer")
     adapter, sys = _read(layer, "layer")
-    hsv, rank = layer_hsv(
-        sys, rank, tau=tau, energy=energy, horizon=horizon, real_output=real_output
-    )
-    plan = _plan(
-        layer,
-        adapter,
-        sys,
-        rank,
-        method=method,
-        selection=selection,
-        real_output=real_output,
-        horizon=horizon,
-        generator=generator,
-        max_condition=max_condition,
-    )
-    return _apply(layer, adapter, sys, hsv, plan, selection=selection, compute_error=compute_error)
+    hsv, rank = arguments.layer_hsv(sys, rank)
+    plan = _plan(layer, adapter, sys, hsv, rank, arguments, generator)
+    (report,) = _apply_all([(layer, adapter, sys, plan)], arguments)
+    return report
 
 
 def _read(layer: nn.Module, what: str) -> tuple[LayerAdapter, DiagonalStateSpace]:
@@ -208,134 +193,71 @@ def reduce_model(
     if unknown:
         msg = f"`ranks` names layers that `model` does not have: {unknown}."
         raise KeyError(msg)
-    planned = []
+    arguments = ReduceArguments(
+        method=method,
+        real_output=real_output,
+        horizon=horizon,
+        compute_error=compute_error,
+        max_condition=max_condition,
+    )
+    names, planned = [], []
     for name, rank in ranks.items():
         layer = layers[name]
         adapter, sys = _read(layer, f"ranks[{name!r}]")
-        hsv, rank = layer_hsv(sys, rank, horizon=horizon, real_output=real_output)
+        hsv, rank = arguments.layer_hsv(sys, rank)
         if rank == int(hsv.shape[-1]):
             continue
-        plan = _plan(
-            layer,
-            adapter,
-            sys,
-            rank,
-            method=method,
-            selection="largest",
-            real_output=real_output,
-            horizon=horizon,
-            generator=None,
-            max_condition=max_condition,
-        )
-        planned.append((name, layer, adapter, sys, hsv, plan))
-    reports: dict[str, LayerReduction] = {}
-    undo: list[tuple[nn.Module, LayerAdapter, dict[str, tuple[torch.Tensor, Any]]]] = []
-    try:
-        for name, layer, adapter, sys, hsv, plan in planned:
-            saved = {p: (resolve(layer, p).detach(), resolve(layer, p).grad) for p in plan.values}
-            reports[name] = _apply(
-                layer, adapter, sys, hsv, plan, selection="largest", compute_error=compute_error
-            )
-            undo.append((layer, adapter, saved))
-    except BaseException:
-        for layer, adapter, saved in reversed(undo):
-            with torch.no_grad():
-                for p, (value, grad) in saved.items():
-                    assign(resolve(layer, p), value)
-                    resolve(layer, p).grad = grad
-            if adapter.on_resize is not None:
-                adapter.on_resize(layer)
-        raise
-    return reports
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """New parameter values of a reduction, computed and not yet written."""
-
-    values: dict[str, torch.Tensor]
-    bound: float
-    indices: torch.Tensor | None
+        names.append(name)
+        planned.append((layer, adapter, sys, _plan(layer, adapter, sys, hsv, rank, arguments)))
+    return dict(zip(names, _apply_all(planned, arguments), strict=True))
 
 
 def _plan(
     layer: nn.Module,
     adapter: LayerAdapter,
     sys: DiagonalStateSpace,
+    hsv: torch.Tensor,
     rank: int,
-    *,
-    method: Literal["sqrt", "bfsr"],
-    selection: str,
-    real_output: bool,
-    horizon: int | None,
-    generator: torch.Generator | None,
-    max_condition: float,
-) -> _Plan:
+    arguments: ReduceArguments,
+    generator: torch.Generator | None = None,
+) -> LayerPlan:
     """The reduced values of ``layer`` (:func:`~compressm_core.reduction.plan_reduction`);
     nothing is written."""
-    permutation = None
-    if selection == "random":
-        old = int(sys.poles.shape[-1])
-        permutation = torch.randperm(old, generator=generator).to(sys.poles.device)
-    plan = plan_reduction(
-        sys,
-        rank,
-        selection=selection,
-        method=method,
-        horizon=horizon,
-        real_output=real_output,
-        max_condition=max_condition,
-        permutation=permutation,
+
+    def permute(n: int) -> torch.Tensor:
+        return torch.randperm(n, generator=generator).to(sys.poles.device)
+
+    return layer_plan(
+        arguments.plan(sys, rank, permute),
+        hsv,
+        from_state_space=lambda reduced: adapter.from_state_space(layer, reduced),
+        sliced=lambda indices: _sliced(layer, adapter, indices),
+        host=lambda x: x.detach().cpu(),
     )
-    if plan.indices is not None:
-        return _Plan(_sliced(layer, adapter, plan.indices), plan.bound, plan.indices)
-    assert plan.system is not None
-    return _Plan(adapter.from_state_space(layer, plan.system), plan.bound, None)
+
+
+_Step = tuple[nn.Module, LayerAdapter, DiagonalStateSpace, LayerPlan]
+
+
+def _apply_all(planned: Sequence[_Step], arguments: ReduceArguments) -> list[LayerReduction]:
+    """Write every plan with :func:`_apply`, all or nothing
+    (:func:`~compressm_core.layer_writes.apply_all`)."""
+    return apply_all(
+        planned,
+        lambda step: _apply(
+            step, selection=arguments.selection, compute_error=arguments.compute_error
+        ),
+    )
 
 
 def _apply(
-    layer: nn.Module,
-    adapter: LayerAdapter,
-    sys: DiagonalStateSpace,
-    hsv: torch.Tensor,
-    plan: _Plan,
-    *,
-    selection: str,
-    compute_error: bool,
-) -> LayerReduction:
-    """Write ``plan`` into ``layer``, then measure the error if asked; if anything after the
-    checks raises (the error check included), ``layer`` is restored before it propagates."""
-    saved = {
-        name: (resolve(layer, name).detach(), resolve(layer, name).grad) for name in plan.values
-    }
-    _write(layer, plan.values)
-    try:
-        if adapter.on_resize is not None:
-            adapter.on_resize(layer)
-        hinf = None
-        if compute_error:
-            after = adapter.to_state_space(layer)
-            hinf = float(torch.max(h_infinity_norm(sys, after, real_output=adapter.real_output)))
-    except BaseException:
-        with torch.no_grad():
-            for name, (value, grad) in saved.items():
-                param = resolve(layer, name)
-                assign(param, value)
-                param.grad = grad
-        if adapter.on_resize is not None:
-            adapter.on_resize(layer)
-        raise
-    indices = plan.indices
-    return reduction_report(
-        old_rank=int(sys.poles.shape[-1]),
-        new_rank=adapter.state_size(layer),
-        hsv=hsv.detach().cpu(),
-        bound=plan.bound,
-        hinf_error=hinf,
-        selection=selection,
-        indices=None if indices is None else indices.cpu(),
-        changed=plan.values,
-        state_axes=adapter.state_axes,
+    step: _Step, *, selection: str, compute_error: bool
+) -> tuple[LayerReduction, Callable[[], None]]:
+    """Write a planned ``(layer, adapter, system, plan)``
+    (:func:`~compressm_core.layer_writes.write_plan`): the report, and a function that restores
+    the layer."""
+    return write_plan(
+        *step, _write, selection=selection, compute_error=compute_error, norm=h_infinity_norm
     )
 
 
@@ -349,8 +271,9 @@ def _sliced(
 
 
 @torch.no_grad()
-def _write(layer: nn.Module, values: dict[str, torch.Tensor]) -> None:
-    """Check every new value, then assign all of them (all or nothing)."""
+def _write(layer: nn.Module, values: Mapping[str, torch.Tensor]) -> Callable[[], None]:
+    """Check every new value, then assign all of them (all or nothing); returns a function that
+    writes the old values (and gradients) back."""
     staged = {}
     for name, value in values.items():
         param = resolve(layer, name)
@@ -359,5 +282,15 @@ def _write(layer: nn.Module, values: dict[str, torch.Tensor]) -> None:
             msg = f"The reduced value of `{name}` is not finite; the layer is left unchanged."
             raise StabilityError(msg)
         staged[name] = new.contiguous()
+    saved = {name: (resolve(layer, name).detach(), resolve(layer, name).grad) for name in staged}
     for name, new in staged.items():
         assign(resolve(layer, name), new)
+
+    @torch.no_grad()
+    def restore() -> None:
+        for name, (value, grad) in saved.items():
+            param = resolve(layer, name)
+            assign(param, value)
+            param.grad = grad
+
+    return restore

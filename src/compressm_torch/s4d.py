@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from compressm_core.layer_init import log_uniform_steps
+from compressm_core.layer_shapes import S4DShape, check_layer_input
 from compressm_core.layers import check_s4d_args
 from compressm_core.parameterizations import s4d_discrete
 
@@ -18,7 +19,7 @@ from ._scan import diagonal_scan
 __all__ = ["S4D"]
 
 
-class S4D(nn.Module):
+class S4D(S4DShape, nn.Module):
     """S4D: ``H`` independent SISO state-space models, one per channel, with a real output.
 
     The parameterisation of state-spaces' minimal ``models/s4/s4d.py``. Channel ``h`` has
@@ -100,16 +101,6 @@ class S4D(nn.Module):
         self.D = nn.Parameter(torch.empty(h, **kw))
         self.reset_parameters()
 
-    @property
-    def n_modes(self) -> int:
-        """Number of stored complex modes ``N/2`` per channel (the library's state size)."""
-        return int(self.log_A_real.shape[-1])
-
-    @property
-    def d_state(self) -> int:
-        """Real state size ``N = 2 * n_modes`` per channel."""
-        return 2 * self.n_modes
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Draw the S4D-Lin initialisation of the minimal ``s4d.py``."""
@@ -137,9 +128,7 @@ class S4D(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """Map ``u`` of shape (..., length, d_model) to ``y`` of the same shape."""
-        if u.ndim < 2 or u.shape[-1] != self.d_model:
-            msg = f"`u` must have shape (..., length, {self.d_model}); received {tuple(u.shape)}."
-            raise ValueError(msg)
+        check_layer_input(u, self.d_model)
         with full_precision(u.device):
             real = working_dtype(self.D, u)
             poles, b_bar, c_out = (t.to(complex_of(real)) for t in self.discrete_system(real))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from compressm_core.layer_init import log_uniform_steps, s5_hippo_basis
+from compressm_core.layer_shapes import S5Shape
 from compressm_core.layers import check_s5_args
 from compressm_core.parameterizations import hippo_n_eigenpairs
 
@@ -19,7 +20,7 @@ from ._scan import real_output_layer
 __all__ = ["S5", "hippo_n_eigenpairs"]
 
 
-class S5(nn.Module):
+class S5(S5Shape, nn.Module):
     """S5-style layer: one complex diagonal state shared by all channels (MIMO).
 
     Continuous-time :math:`\\Lambda = \\Lambda_{re} + i \\Lambda_{im}` and a step
@@ -86,16 +87,6 @@ class S5(nn.Module):
         self.D = nn.Parameter(torch.empty(h, **kw))
         self.log_step = nn.Parameter(torch.empty(p, **kw))
         self.reset_parameters()
-
-    @property
-    def d_state(self) -> int:
-        """Current number of stored complex states ``P``."""
-        return int(self.Lambda_re.shape[0])
-
-    @property
-    def output_scale(self) -> float:
-        """``2`` with ``conj_sym`` (output ``2 Re(C x)``), else ``1``."""
-        return 2.0 if self.conj_sym else 1.0
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
