@@ -10,6 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, NamedTuple
 
+import array_api_compat
 import numpy as np
 from array_api_compat import is_jax_namespace
 from hypothesis import settings
@@ -148,6 +149,75 @@ def assert_rel(actual: Any, desired: Any, rtol: float, *, scale: float | None = 
     ref = np.max(np.abs(desired), initial=0.0) if scale is None else scale
     err = np.max(np.abs(actual - desired), initial=0.0)
     assert err <= rtol * max(ref, 1e-300), f"max error {err:.3e} > {rtol:.1e} * {ref:.3e}"
+
+
+def _dtype_name(dtype: Any) -> str:
+    """A dtype's name without its namespace (``torch.float64`` -> ``"float64"``)."""
+    if isinstance(dtype, (np.dtype, type)):
+        return str(np.dtype(dtype))
+    return str(dtype).split(".")[-1]
+
+
+def assert_close(
+    actual: Any,
+    desired: Any,
+    rtol: float,
+    *,
+    scale: float | None = None,
+    xp: ModuleType | None = None,
+    dtype: Any = None,
+    device: Any = None,
+) -> None:
+    """Check an array's namespace, dtype, device and shape, then ``max|actual - desired| <=
+    rtol * scale`` (``scale = max|desired|`` by default), as :func:`assert_rel` does.
+
+    Parameters
+    ----------
+    actual : array
+        The computed array; it must be an Array API array of namespace ``xp``.
+    desired : array or array_like
+        The expected values (any namespace, compared on the host).
+    rtol : float
+        Allowed error relative to ``scale``.
+    scale : float, optional
+        Reference magnitude of the error; ``max|desired|`` by default.
+    xp : module, optional
+        Expected namespace of ``actual``; that of ``desired`` by default.
+    dtype : dtype, optional
+        Expected dtype of ``actual`` (compared by name when ``desired`` is of another
+        namespace); that of ``desired`` by default.
+    device : device, optional
+        Expected device of ``actual``; that of ``desired`` when it is of namespace ``xp``,
+        else the default device of ``xp``.
+
+    Raises
+    ------
+    AssertionError
+        On a different namespace, dtype, device, shape, or values farther apart than allowed.
+    """
+    assert array_api_compat.is_array_api_obj(actual), f"not an array: {type(actual).__name__}"
+    got_xp = array_api_compat.array_namespace(actual)
+    desired_xp = (
+        array_api_compat.array_namespace(desired)
+        if array_api_compat.is_array_api_obj(desired)
+        else None
+    )
+    want_xp = desired_xp if xp is None else xp
+    assert want_xp is not None, "give `xp` when `desired` is not an array"
+    want_xp = array_api_compat.array_namespace(want_xp.asarray(0.0))
+    assert got_xp is want_xp, f"namespace {got_xp.__name__} != {want_xp.__name__}"
+    same_xp = desired_xp is want_xp
+    if dtype is None:
+        assert desired_xp is not None, "give `dtype` when `desired` is not an array"
+        dtype = desired.dtype
+    assert _dtype_name(actual.dtype) == _dtype_name(dtype), f"dtype {actual.dtype} != {dtype}"
+    if device is None:
+        source = desired if same_xp else want_xp.asarray(0.0)
+        device = array_api_compat.device(source)
+    got_device = array_api_compat.device(actual)
+    assert got_device == device, f"device {got_device} != {device}"
+    host = to_np(desired) if desired_xp is not None else np.asarray(desired)
+    assert_rel(actual, host, rtol, scale=scale)
 
 
 def backend_settings(xp: ModuleType, *, jax_examples: int = 2) -> settings:
