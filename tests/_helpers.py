@@ -7,11 +7,13 @@ with NumPy, which the tests then move to the backend under test.
 
 from __future__ import annotations
 
+import doctest
 from types import ModuleType
 from typing import Any, NamedTuple
 
 import array_api_compat
 import numpy as np
+import pytest
 from array_api_compat import is_jax_namespace
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -106,6 +108,62 @@ def build(spec: Spec) -> DiagonalStateSpace | StateSpace:
     v = np.eye(spec.n) + 0.3 * mat(spec.n, spec.n) / np.sqrt(spec.n)
     a = v @ core @ np.linalg.inv(v)
     return StateSpace(a.astype(cdt), b, c, d)
+
+
+def time_varying_sequences(spec: Spec, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(A_t, B_t, C_t)``: ``steps`` systems of one structure (:func:`build` with seeds derived
+    from ``spec.seed``) stacked along the time axis (``-2`` for diagonal poles, else ``-3``)."""
+    systems = [build(spec._replace(seed=(spec.seed + 7919 * t) % 2**32)) for t in range(steps)]
+    axis = -2 if spec.diagonal else -3
+    a = np.stack([s[0] for s in systems], axis=axis)
+    b = np.stack([s.b for s in systems], axis=-3)
+    c = np.stack([s.c for s in systems], axis=-3)
+    return a, b, c
+
+
+def selective_inputs(
+    xp: ModuleType,
+    *,
+    groups: int | None = None,
+    seed: int = 0,
+    batch: int = 3,
+    steps: int = 5,
+    channels: int = 4,
+    states: int = 6,
+) -> tuple[Any, Any, Any, Any]:
+    """Inputs ``(dt, A, B, C)`` of a selective (Mamba-style) layer, as ``xp`` arrays.
+
+    ``dt`` (batch, L, D) in ``[0.01, 1]``, ``A`` (D, N) negative, ``B`` and ``C`` standard normal
+    of shape (batch, L, N), or (batch, L, G, N) with ``groups=G``.
+    """
+    rng = np.random.default_rng(seed)
+    dt = rng.uniform(0.01, 1.0, size=(batch, steps, channels))
+    a = -np.exp(rng.uniform(-1.0, 1.5, size=(channels, states)))
+    shape = (batch, steps, states) if groups is None else (batch, steps, groups, states)
+    return tuple(to_xp(x, xp) for x in (dt, a, rng.normal(size=shape), rng.normal(size=shape)))  # type: ignore[return-value]
+
+
+def skip_jax(xp: ModuleType) -> None:
+    """Skip on JAX, whose eager mode compiles every new shape (its traced paths are tested
+    under ``jax.jit`` separately)."""
+    if is_jax_namespace(xp):
+        pytest.skip("JAX compiles every new shape eagerly; covered by the other backends")
+
+
+def assert_doctests(module: ModuleType, monkeypatch: Any) -> None:
+    """Run the docstring examples of ``module`` with its names also set on ``compressm_core``
+    (the examples import from the package top level)."""
+    import compressm_core
+
+    for name in module.__all__:
+        monkeypatch.setattr(compressm_core, name, getattr(module, name), raising=False)
+    failures, _ = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert failures == 0
+
+
+def herm(x: np.ndarray) -> np.ndarray:
+    """Conjugate transpose of the last two axes."""
+    return np.conj(np.swapaxes(x, -1, -2))
 
 
 def to_xp(sys: Any, xp: ModuleType) -> Any:
