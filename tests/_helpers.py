@@ -37,6 +37,7 @@ class Spec(NamedTuple):
 def specs(
     draw: Any,
     *,
+    min_n: int = 1,
     max_n: int = 8,
     max_io: int = 3,
     diagonal: bool | None = None,
@@ -46,7 +47,7 @@ def specs(
     max_radius: float = 0.999,
 ) -> Spec:
     return Spec(
-        n=draw(st.integers(1, max_n)),
+        n=draw(st.integers(min_n, max_n)),
         m=draw(st.integers(1, max_io)),
         p=draw(st.integers(1, max_io)),
         radius=draw(st.floats(min_radius, max_radius)),
