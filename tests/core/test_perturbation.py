@@ -32,6 +32,7 @@ from tests._helpers import (
     backend_settings,
     build,
     dense_np,
+    herm,
     specs,
     to_np,
     to_xp,
@@ -41,10 +42,6 @@ from tests._helpers import (
 def _run(xp: Any, strategy: Any, check: Callable[..., None], *, jax_examples: int = 2) -> None:
     """Run a Hypothesis check; few examples on JAX, whose eager mode compiles every new shape."""
     backend_settings(xp, jax_examples=jax_examples)(given(strategy)(check))()
-
-
-def _hermitian(x: np.ndarray) -> np.ndarray:
-    return np.conj(np.swapaxes(x, -1, -2))
 
 
 def _perturb(sys: Any, log_eps: float, seed: int) -> Any:
@@ -96,7 +93,7 @@ def test_hankel_operator_is_hermitian_psd_with_the_hsvs_as_spectrum(xp) -> None:
             assert h.shape == (*spec.batch, n, n)
             assert np.iscomplexobj(h) == (spec.complex_ and not real_output)
             hsv = to_np(hankel_singular_values(sys, horizon=horizon, real_output=real_output))
-            assert_rel(h, _hermitian(h), 1e-14, scale=float(hsv.max()))
+            assert_rel(h, herm(h), 1e-14, scale=float(hsv.max()))
             eigenvalues = np.linalg.eigvalsh(h)[..., ::-1]
             assert np.all(eigenvalues >= -1e-12 * hsv.max())
             assert_rel(eigenvalues, hsv, 1e-7)
