@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,11 +36,6 @@ from tests._helpers import (
     to_np,
     to_xp,
 )
-
-
-def _run(xp: Any, strategy: Any, check: Callable[..., None], *, jax_examples: int = 2) -> None:
-    """Run a Hypothesis check; few examples on JAX, whose eager mode compiles every new shape."""
-    backend_settings(xp, jax_examples=jax_examples)(given(strategy)(check))()
 
 
 def _perturb(sys: Any, log_eps: float, seed: int) -> Any:
@@ -85,6 +79,8 @@ def _slack(sigma_1: np.ndarray) -> np.ndarray:
 
 
 def test_hankel_operator_is_hermitian_psd_with_the_hsvs_as_spectrum(xp) -> None:
+    @backend_settings(xp)
+    @given(specs(max_n=6), st.sampled_from([None, 7]))
     def check(spec: Spec, horizon: int | None) -> None:
         sys = build(spec)
         for real_output in (False, True) if spec.complex_ else (False,):
@@ -98,7 +94,7 @@ def test_hankel_operator_is_hermitian_psd_with_the_hsvs_as_spectrum(xp) -> None:
             assert np.all(eigenvalues >= -1e-12 * hsv.max())
             assert_rel(eigenvalues, hsv, 1e-7)
 
-    _run(xp, st.tuples(specs(max_n=6), st.sampled_from([None, 7])), lambda a: check(*a))
+    check()
 
 
 def test_hankel_operator_moves_with_coordinates_but_its_spectrum_does_not(xp) -> None:
@@ -117,6 +113,8 @@ def test_hankel_operator_moves_with_coordinates_but_its_spectrum_does_not(xp) ->
 
 
 def test_weyl_bound_holds_for_parameter_perturbations(xp) -> None:
+    @backend_settings(xp)
+    @given(specs(max_n=6), st.floats(-6.0, -0.5), st.booleans())
     def check(spec: Spec, log_eps: float, real_output: bool) -> None:
         before = build(spec)
         after = _perturb(before, log_eps, spec.seed + 1)
@@ -134,8 +132,7 @@ def test_weyl_bound_holds_for_parameter_perturbations(xp) -> None:
             assert a_priori.shape == spec.batch
             assert np.all(move <= a_priori * (1 + 1e-9) + _slack(sigma_1)), (move, a_priori)
 
-    strategy = st.tuples(specs(max_n=6), st.floats(-6.0, -0.5), st.booleans())
-    _run(xp, strategy, lambda a: check(*a))
+    check()
 
 
 def test_weyl_bound_is_zero_for_equal_systems_and_broadcasts(xp) -> None:
