@@ -7,10 +7,13 @@ with NumPy, which the tests then move to the backend under test.
 
 from __future__ import annotations
 
+import doctest
 from types import ModuleType
 from typing import Any, NamedTuple
 
+import array_api_compat
 import numpy as np
+import pytest
 from array_api_compat import is_jax_namespace
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -34,6 +37,7 @@ class Spec(NamedTuple):
 def specs(
     draw: Any,
     *,
+    min_n: int = 1,
     max_n: int = 8,
     max_io: int = 3,
     diagonal: bool | None = None,
@@ -43,7 +47,7 @@ def specs(
     max_radius: float = 0.999,
 ) -> Spec:
     return Spec(
-        n=draw(st.integers(1, max_n)),
+        n=draw(st.integers(min_n, max_n)),
         m=draw(st.integers(1, max_io)),
         p=draw(st.integers(1, max_io)),
         radius=draw(st.floats(min_radius, max_radius)),
@@ -107,6 +111,62 @@ def build(spec: Spec) -> DiagonalStateSpace | StateSpace:
     return StateSpace(a.astype(cdt), b, c, d)
 
 
+def time_varying_sequences(spec: Spec, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(A_t, B_t, C_t)``: ``steps`` systems of one structure (:func:`build` with seeds derived
+    from ``spec.seed``) stacked along the time axis (``-2`` for diagonal poles, else ``-3``)."""
+    systems = [build(spec._replace(seed=(spec.seed + 7919 * t) % 2**32)) for t in range(steps)]
+    axis = -2 if spec.diagonal else -3
+    a = np.stack([s[0] for s in systems], axis=axis)
+    b = np.stack([s.b for s in systems], axis=-3)
+    c = np.stack([s.c for s in systems], axis=-3)
+    return a, b, c
+
+
+def selective_inputs(
+    xp: ModuleType,
+    *,
+    groups: int | None = None,
+    seed: int = 0,
+    batch: int = 3,
+    steps: int = 5,
+    channels: int = 4,
+    states: int = 6,
+) -> tuple[Any, Any, Any, Any]:
+    """Inputs ``(dt, A, B, C)`` of a selective (Mamba-style) layer, as ``xp`` arrays.
+
+    ``dt`` (batch, L, D) in ``[0.01, 1]``, ``A`` (D, N) negative, ``B`` and ``C`` standard normal
+    of shape (batch, L, N), or (batch, L, G, N) with ``groups=G``.
+    """
+    rng = np.random.default_rng(seed)
+    dt = rng.uniform(0.01, 1.0, size=(batch, steps, channels))
+    a = -np.exp(rng.uniform(-1.0, 1.5, size=(channels, states)))
+    shape = (batch, steps, states) if groups is None else (batch, steps, groups, states)
+    return tuple(to_xp(x, xp) for x in (dt, a, rng.normal(size=shape), rng.normal(size=shape)))  # type: ignore[return-value]
+
+
+def skip_jax(xp: ModuleType) -> None:
+    """Skip on JAX, whose eager mode compiles every new shape (its traced paths are tested
+    under ``jax.jit`` separately)."""
+    if is_jax_namespace(xp):
+        pytest.skip("JAX compiles every new shape eagerly; covered by the other backends")
+
+
+def assert_doctests(module: ModuleType, monkeypatch: Any) -> None:
+    """Run the docstring examples of ``module`` with its names also set on ``compressm_core``
+    (the examples import from the package top level)."""
+    import compressm_core
+
+    for name in module.__all__:
+        monkeypatch.setattr(compressm_core, name, getattr(module, name), raising=False)
+    failures, _ = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert failures == 0
+
+
+def herm(x: np.ndarray) -> np.ndarray:
+    """Conjugate transpose of the last two axes."""
+    return np.conj(np.swapaxes(x, -1, -2))
+
+
 def to_xp(sys: Any, xp: ModuleType) -> Any:
     """Move every field of a NumPy system (or an array) to ``xp``."""
     if isinstance(sys, np.ndarray):
@@ -148,6 +208,75 @@ def assert_rel(actual: Any, desired: Any, rtol: float, *, scale: float | None = 
     ref = np.max(np.abs(desired), initial=0.0) if scale is None else scale
     err = np.max(np.abs(actual - desired), initial=0.0)
     assert err <= rtol * max(ref, 1e-300), f"max error {err:.3e} > {rtol:.1e} * {ref:.3e}"
+
+
+def _dtype_name(dtype: Any) -> str:
+    """A dtype's name without its namespace (``torch.float64`` -> ``"float64"``)."""
+    if isinstance(dtype, (np.dtype, type)):
+        return str(np.dtype(dtype))
+    return str(dtype).split(".")[-1]
+
+
+def assert_close(
+    actual: Any,
+    desired: Any,
+    rtol: float,
+    *,
+    scale: float | None = None,
+    xp: ModuleType | None = None,
+    dtype: Any = None,
+    device: Any = None,
+) -> None:
+    """Check an array's namespace, dtype, device and shape, then ``max|actual - desired| <=
+    rtol * scale`` (``scale = max|desired|`` by default), as :func:`assert_rel` does.
+
+    Parameters
+    ----------
+    actual : array
+        The computed array; it must be an Array API array of namespace ``xp``.
+    desired : array or array_like
+        The expected values (any namespace, compared on the host).
+    rtol : float
+        Allowed error relative to ``scale``.
+    scale : float, optional
+        Reference magnitude of the error; ``max|desired|`` by default.
+    xp : module, optional
+        Expected namespace of ``actual``; that of ``desired`` by default.
+    dtype : dtype, optional
+        Expected dtype of ``actual`` (compared by name when ``desired`` is of another
+        namespace); that of ``desired`` by default.
+    device : device, optional
+        Expected device of ``actual``; that of ``desired`` when it is of namespace ``xp``,
+        else the default device of ``xp``.
+
+    Raises
+    ------
+    AssertionError
+        On a different namespace, dtype, device, shape, or values farther apart than allowed.
+    """
+    assert array_api_compat.is_array_api_obj(actual), f"not an array: {type(actual).__name__}"
+    got_xp = array_api_compat.array_namespace(actual)
+    desired_xp = (
+        array_api_compat.array_namespace(desired)
+        if array_api_compat.is_array_api_obj(desired)
+        else None
+    )
+    want_xp = desired_xp if xp is None else xp
+    assert want_xp is not None, "give `xp` when `desired` is not an array"
+    want_xp = array_api_compat.array_namespace(want_xp.asarray(0.0))
+    assert got_xp is want_xp, f"namespace {got_xp.__name__} != {want_xp.__name__}"
+    same_xp = desired_xp is want_xp
+    if dtype is None:
+        assert desired_xp is not None, "give `dtype` when `desired` is not an array"
+        dtype = desired.dtype
+    assert _dtype_name(actual.dtype) == _dtype_name(dtype), f"dtype {actual.dtype} != {dtype}"
+    if device is None:
+        source = desired if same_xp else want_xp.asarray(0.0)
+        device = array_api_compat.device(source)
+    got_device = array_api_compat.device(actual)
+    assert got_device == device, f"device {got_device} != {device}"
+    host = to_np(desired) if desired_xp is not None else np.asarray(desired)
+    assert_rel(actual, host, rtol, scale=scale)
 
 
 def backend_settings(xp: ModuleType, *, jax_examples: int = 2) -> settings:

@@ -1,4 +1,7 @@
-"""Test configuration: one `xp` fixture over every installed Array API backend."""
+"""Test configuration: one `xp` fixture over every installed Array API backend, and the
+Hypothesis profiles (``default``; ``thorough`` with ``HYPOTHESIS_PROFILE=thorough``; ``ci``,
+derandomized, when ``CI=true``). Tests take their settings from the active profile, through
+``tests._helpers.backend_settings`` for the checks run on every backend."""
 
 from __future__ import annotations
 
@@ -16,7 +19,13 @@ settings.register_profile(
     print_blob=True,
 )
 settings.register_profile("thorough", parent=settings.get_profile("default"), max_examples=200)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+# CI: the same examples on every run (no database, derandomized), so a red build reproduces.
+settings.register_profile(
+    "ci", parent=settings.get_profile("default"), derandomize=True, database=None
+)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") == "true" else "default")
+)
 
 BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
 

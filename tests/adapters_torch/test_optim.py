@@ -95,3 +95,126 @@ def test_the_old_name_is_a_deprecated_alias() -> None:
     with pytest.warns(DeprecationWarning, match="resize_optimizer_state"):
         assert update_optimizer_state(opt, p, old, axis=0, indices=keep) == "sliced"
     assert opt.state[p]["exp_avg"].shape == (2, 3)
+
+
+# --- through a layer reduction ------------------------------------------------------------------
+
+
+def _trained_lru(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """An LRU (6 states) and an Adam optimizer with three steps of state."""
+    from compressm_torch import LRU
+
+    torch.manual_seed(seed)
+    layer = LRU(d_model=3, d_state=6, dtype=torch.float64)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        opt.zero_grad()
+        x = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+        layer(x).pow(2).sum().backward()
+        opt.step()
+    return layer, opt
+
+
+def _saved(
+    layer: torch.nn.Module, opt: torch.optim.Optimizer
+) -> dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """``{name: (value, optimizer state)}`` of every parameter, cloned."""
+    return {
+        name: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+        for name, p in layer.named_parameters()
+    }
+
+
+def _kept_positions(before: torch.Tensor, after: torch.Tensor, axis: int) -> torch.Tensor:
+    """Where each slice of ``after`` along ``axis`` sits in ``before`` (slices must be unique)."""
+    old = before.movedim(axis, 0).reshape(before.shape[axis], -1)
+    new = after.movedim(axis, 0).reshape(after.shape[axis], -1)
+    matches = (new[:, None, :] == old[None, :, :]).all(-1)
+    assert bool((matches.sum(-1) == 1).all()), "every kept slice is one old slice"
+    return matches.int().argmax(-1)
+
+
+@pytest.mark.parametrize("resize", [resize_optimizer_state, update_optimizer_state])
+def test_random_selection_slices_adam_moments_at_the_kept_states(resize: object) -> None:
+    """After ``reduce_layer(selection="random")`` (an index selection), resizing with the
+    report's slices leaves, for every state parameter, ``m_new = m_old[..., keep, ...]`` and
+    ``v_new = v_old[..., keep, ...]`` exactly, where ``keep`` is read off the parameter values
+    themselves; parameters without a state axis keep their state untouched."""
+    from compressm_torch import get_adapter, reduce_layer
+
+    layer, opt = _trained_lru()
+    before = _saved(layer, opt)
+    adapter = get_adapter(layer)
+    report = reduce_layer(layer, 4, selection="random", generator=torch.Generator().manual_seed(3))
+    assert report.indices is not None
+    assert set(report.slices) == set(adapter.state_axes)
+    for name, (axis, positions) in report.slices.items():
+        param = layer.get_parameter(name)
+        old_shape = tuple(before[name][0].shape)
+        if resize is update_optimizer_state:
+            with pytest.warns(DeprecationWarning, match="resize_optimizer_state"):
+                status = update_optimizer_state(
+                    opt, param, old_shape, axis=axis, indices=positions
+                )
+        else:
+            status = resize_optimizer_state(opt, param, old_shape, axis=axis, indices=positions)
+        assert status == "sliced"
+    kept = None
+    for name, param in layer.named_parameters():
+        value, state = before[name]
+        if name not in adapter.state_axes:
+            assert param.shape == value.shape
+            for key in state:
+                torch.testing.assert_close(opt.state[param][key], state[key], rtol=0, atol=0)
+            continue
+        axis = adapter.state_axes[name]
+        keep = _kept_positions(value, param.detach(), axis)
+        if kept is None:
+            kept = keep
+        assert torch.equal(keep, kept), name  # one selection of states for every parameter
+        for key in ("exp_avg", "exp_avg_sq"):
+            expected = state[key].index_select(axis, keep)
+            torch.testing.assert_close(opt.state[param][key], expected, rtol=0, atol=0)
+        torch.testing.assert_close(opt.state[param]["step"], state["step"], rtol=0, atol=0)
+    assert kept is not None
+    assert kept.tolist() == torch.as_tensor(report.indices).tolist()
+    opt.zero_grad()
+    layer(torch.ones(1, 2, 3, dtype=torch.float64)).sum().backward()
+    opt.step()  # Adam steps at the new shapes
+
+
+@pytest.mark.parametrize(
+    ("policy", "status", "step"), [("reset", "reset", 0.0), ("zero", "zeroed", 3.0)]
+)
+def test_basis_change_resets_adam_moments_of_the_state_parameters(
+    policy: str, status: str, step: float
+) -> None:
+    """After balanced truncation (a change of basis, ``report.slices`` empty), the moments of
+    every state parameter are zeros of the new shape and the step count follows ``policy``;
+    the state of the other parameters is untouched."""
+    from compressm_torch import get_adapter, reduce_layer
+
+    layer, opt = _trained_lru(1)
+    before = _saved(layer, opt)
+    adapter = get_adapter(layer)
+    report = reduce_layer(layer, 3)
+    assert report.indices is None
+    assert not report.slices
+    for name, axis in adapter.state_axes.items():
+        param = layer.get_parameter(name)
+        old_shape = tuple(before[name][0].shape)
+        got = resize_optimizer_state(opt, param, old_shape, axis=axis, policy=policy)  # type: ignore[arg-type]
+        assert got == status
+    for name, param in layer.named_parameters():
+        _, state = before[name]
+        if name not in adapter.state_axes:
+            for key in state:
+                torch.testing.assert_close(opt.state[param][key], state[key], rtol=0, atol=0)
+            continue
+        assert param.shape[adapter.state_axes[name]] == 3
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[param][key].shape == param.shape
+            assert opt.state[param][key].dtype == state[key].dtype
+            assert not opt.state[param][key].any()
+        assert float(opt.state[param]["step"]) == step

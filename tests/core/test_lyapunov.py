@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 
 from compressm_core import ConditioningError, ShapeError, StabilityError, solve_discrete_lyapunov
-from tests._helpers import Spec, assert_rel, build, dense_np, specs, to_np
+from tests._helpers import Spec, assert_close, assert_rel, build, dense_np, specs, to_np
 
 
 def _q(a: np.ndarray, seed: int) -> np.ndarray:
@@ -71,7 +71,7 @@ def test_float32_input_keeps_dtype_and_accuracy(xp) -> None:
     x = solve_discrete_lyapunov(xp.asarray(a), xp.asarray(q))
     assert x.dtype == xp.float32
     ref = solve_discrete_lyapunov(a.astype(np.float64), q.astype(np.float64))
-    assert_rel(x, ref.astype(np.float32), 1e-6)
+    assert_close(x, ref.astype(np.float32), 1e-6, xp=xp)
 
 
 def test_no_unique_solution_raises(xp) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,19 +31,11 @@ from tests._helpers import (
     backend_settings,
     build,
     dense_np,
+    herm,
     specs,
     to_np,
     to_xp,
 )
-
-
-def _run(xp: Any, strategy: Any, check: Callable[..., None], *, jax_examples: int = 2) -> None:
-    """Run a Hypothesis check; few examples on JAX, whose eager mode compiles every new shape."""
-    backend_settings(xp, jax_examples=jax_examples)(given(strategy)(check))()
-
-
-def _hermitian(x: np.ndarray) -> np.ndarray:
-    return np.conj(np.swapaxes(x, -1, -2))
 
 
 def _perturb(sys: Any, log_eps: float, seed: int) -> Any:
@@ -88,6 +79,8 @@ def _slack(sigma_1: np.ndarray) -> np.ndarray:
 
 
 def test_hankel_operator_is_hermitian_psd_with_the_hsvs_as_spectrum(xp) -> None:
+    @backend_settings(xp)
+    @given(specs(max_n=6), st.sampled_from([None, 7]))
     def check(spec: Spec, horizon: int | None) -> None:
         sys = build(spec)
         for real_output in (False, True) if spec.complex_ else (False,):
@@ -96,12 +89,12 @@ def test_hankel_operator_is_hermitian_psd_with_the_hsvs_as_spectrum(xp) -> None:
             assert h.shape == (*spec.batch, n, n)
             assert np.iscomplexobj(h) == (spec.complex_ and not real_output)
             hsv = to_np(hankel_singular_values(sys, horizon=horizon, real_output=real_output))
-            assert_rel(h, _hermitian(h), 1e-14, scale=float(hsv.max()))
+            assert_rel(h, herm(h), 1e-14, scale=float(hsv.max()))
             eigenvalues = np.linalg.eigvalsh(h)[..., ::-1]
             assert np.all(eigenvalues >= -1e-12 * hsv.max())
             assert_rel(eigenvalues, hsv, 1e-7)
 
-    _run(xp, st.tuples(specs(max_n=6), st.sampled_from([None, 7])), lambda a: check(*a))
+    check()
 
 
 def test_hankel_operator_moves_with_coordinates_but_its_spectrum_does_not(xp) -> None:
@@ -120,6 +113,8 @@ def test_hankel_operator_moves_with_coordinates_but_its_spectrum_does_not(xp) ->
 
 
 def test_weyl_bound_holds_for_parameter_perturbations(xp) -> None:
+    @backend_settings(xp)
+    @given(specs(max_n=6), st.floats(-6.0, -0.5), st.booleans())
     def check(spec: Spec, log_eps: float, real_output: bool) -> None:
         before = build(spec)
         after = _perturb(before, log_eps, spec.seed + 1)
@@ -137,8 +132,7 @@ def test_weyl_bound_holds_for_parameter_perturbations(xp) -> None:
             assert a_priori.shape == spec.batch
             assert np.all(move <= a_priori * (1 + 1e-9) + _slack(sigma_1)), (move, a_priori)
 
-    strategy = st.tuples(specs(max_n=6), st.floats(-6.0, -0.5), st.booleans())
-    _run(xp, strategy, lambda a: check(*a))
+    check()
 
 
 def test_weyl_bound_is_zero_for_equal_systems_and_broadcasts(xp) -> None:

@@ -7,12 +7,10 @@
    (``method="bfsr"``).
 3. python-control 0.10.2: ``balred`` runs the continuous-time algorithm on discrete systems and
    ``hsvd`` refuses them; the tests pin that behaviour down next to a true discrete reduction.
-4. Properties: HSVs are invariant under a change of state coordinates, the diagonal path equals
-   the dense path, and the measured H-infinity error of every truncation lies between
-   ``sigma_{r+1}`` and the ``2 sum_{i > r} sigma_i`` bound.
 
-Random systems are built deterministically from a Hypothesis-drawn seed and a few structural
-parameters (size, spectral radius, real or complex), never from drawn matrix entries.
+Random systems are :func:`tests._helpers.build` of a Hypothesis-drawn structure (size, spectral
+radius, real or complex, seed), never drawn matrix entries. Properties that need no reference
+library (invariances, the error bound) are tested in the modules' own files.
 """
 
 from __future__ import annotations
@@ -22,11 +20,12 @@ import warnings
 import numpy as np
 import pytest
 import scipy.linalg
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import compressm_core as cc
 from compressm_core import ConditioningError, DiagonalStateSpace, StateSpace
+from tests._helpers import Spec, build, dense_np, specs
 
 try:
     import slycot
@@ -43,56 +42,25 @@ needs_control = pytest.mark.skipif(
     control is None or slycot is None, reason="needs python-control and slycot"
 )
 
-SETTINGS = settings(max_examples=20, deadline=None)
 METHODS = [None, "kronecker", "scipy", "smith"]
-
-seeds = st.integers(min_value=0, max_value=2**32 - 1)
-radii = st.floats(min_value=0.05, max_value=0.999)
 
 
 # --------------------------------------------------------------------------------------------
-# Deterministic systems from a seed
+# Helpers
 # --------------------------------------------------------------------------------------------
 
 
 def _normal(rng: np.random.Generator, shape: tuple[int, ...], complex_: bool) -> np.ndarray:
+    """Standard normal right-hand side (complex with independent parts)."""
     x = rng.standard_normal(shape)
     if complex_:
         x = x + 1j * rng.standard_normal(shape)
     return x
 
 
-def _stable_matrix(rng: np.random.Generator, n: int, rho: float, complex_: bool) -> np.ndarray:
-    """Dense (non-normal) matrix with spectral radius exactly ``rho``."""
-    m = _normal(rng, (n, n), complex_)
-    return m * (rho / np.max(np.abs(np.linalg.eigvals(m))))
-
-
-def _stable_poles(rng: np.random.Generator, n: int, rho: float, complex_: bool) -> np.ndarray:
-    """``n`` poles of modulus at most ``rho`` (the first one exactly ``rho``)."""
-    moduli = rng.uniform(0.0, rho, n)
-    moduli[0] = rho
-    if complex_:
-        return moduli * np.exp(1j * rng.uniform(-np.pi, np.pi, n))
-    return moduli * rng.choice([-1.0, 1.0], n)
-
-
-def _system(
-    seed: int,
-    n: int,
-    m: int,
-    p: int,
-    rho: float,
-    *,
-    complex_: bool = False,
-    diagonal: bool = False,
-) -> StateSpace | DiagonalStateSpace:
-    rng = np.random.default_rng(seed)
-    b = _normal(rng, (n, m), complex_)
-    c = _normal(rng, (p, n), complex_)
-    if diagonal:
-        return DiagonalStateSpace(_stable_poles(rng, n, rho, complex_), b, c)
-    return StateSpace(_stable_matrix(rng, n, rho, complex_), b, c)
+def _system(spec: Spec) -> StateSpace | DiagonalStateSpace:
+    """:func:`build` without the feedthrough (SLICOT's AB09AD reduces ``(A, B, C)``)."""
+    return build(spec)._replace(d=None)
 
 
 def _dense_arrays(sys: StateSpace | DiagonalStateSpace) -> tuple[np.ndarray, ...]:
@@ -152,17 +120,11 @@ def _gap_ranks(hsv: np.ndarray, *, ratio: float = 1.05, floor: float = 1e-7) -> 
 
 
 @pytest.mark.parametrize("method", METHODS)
-@SETTINGS
-@given(
-    n=st.integers(1, 8),
-    rho=radii,
-    complex_=st.booleans(),
-    hermitian=st.booleans(),
-    seed=seeds,
-)
-def test_lyapunov_matches_scipy_on_stable_a(method, n, rho, complex_, hermitian, seed):
-    rng = np.random.default_rng(seed)
-    a = _stable_matrix(rng, n, rho, complex_)
+@given(specs(diagonal=False, batch=False), st.booleans())
+def test_lyapunov_matches_scipy_on_stable_a(method, spec, hermitian):
+    a, *_ = dense_np(build(spec))
+    n, complex_ = spec.n, spec.complex_
+    rng = np.random.default_rng(spec.seed + 1)
     if hermitian:
         g = _normal(rng, (n, 2), complex_)
         q = g @ g.conj().T
@@ -183,22 +145,15 @@ def test_lyapunov_matches_scipy_on_stable_a(method, n, rho, complex_, hermitian,
 
 
 @pytest.mark.parametrize("method", METHODS)
-@SETTINGS
 @given(
-    batch=st.sampled_from([(3,), (2, 3)]),
-    layout=st.sampled_from(["both", "a_shared", "q_shared"]),
-    n=st.integers(1, 6),
-    rho=radii,
-    complex_=st.booleans(),
-    seed=seeds,
+    st.sampled_from([(3,), (2, 3)]),
+    st.sampled_from(["both", "a_shared", "q_shared"]),
+    specs(max_n=6, diagonal=False, batch=False),
 )
-def test_lyapunov_batched_matches_scipy_loop(method, batch, layout, n, rho, complex_, seed):
-    rng = np.random.default_rng(seed)
-    count = int(np.prod(batch))
-    a = np.stack([_stable_matrix(rng, n, rho, complex_) for _ in range(count)])
-    q = _normal(rng, (count, n, n), complex_)
-    a = a.reshape(*batch, n, n)
-    q = q.reshape(*batch, n, n)
+def test_lyapunov_batched_matches_scipy_loop(method, batch, layout, spec):
+    n = spec.n
+    a, *_ = dense_np(build(spec._replace(batch=batch)))
+    q = _normal(np.random.default_rng(spec.seed + 1), (*batch, n, n), spec.complex_)
     if layout == "a_shared":
         a = a[(0,) * len(batch)]
     elif layout == "q_shared":
@@ -395,21 +350,14 @@ def _ab09ad(
     return StateSpace(ar, br[:, :m], cr), hsv
 
 
-system_shapes = {
-    "n": st.integers(2, 10),
-    "m": st.integers(1, 3),
-    "p": st.integers(1, 3),
-    "rho": radii,
-    "diagonal": st.booleans(),
-    "seed": seeds,
-}
+real_systems = specs(min_n=2, max_n=10, complex_=False, batch=False)
 
 
 @needs_slycot
-@SETTINGS
-@given(**system_shapes)
-def test_hsv_match_slycot(n, m, p, rho, diagonal, seed):
-    sys = _system(seed, n, m, p, rho, diagonal=diagonal)
+@given(real_systems)
+def test_hsv_match_slycot(spec):
+    n, diagonal = spec.n, spec.diagonal
+    sys = _system(spec)
     a, b, c = _dense_arrays(sys)
     _, ref = _ab09ad(a, b, c, 1, "B")
 
@@ -426,10 +374,10 @@ def test_hsv_match_slycot(n, m, p, rho, diagonal, seed):
 
 @needs_slycot
 @pytest.mark.parametrize(("job", "method"), [("B", "sqrt"), ("N", "bfsr")])
-@SETTINGS
-@given(**system_shapes)
-def test_balanced_truncation_matches_slycot(job, method, n, m, p, rho, diagonal, seed):
-    sys = _system(seed, n, m, p, rho, diagonal=diagonal)
+@given(real_systems)
+def test_balanced_truncation_matches_slycot(job, method, spec):
+    n, m, p = spec.n, spec.m, spec.p
+    sys = _system(spec)
     a, b, c = _dense_arrays(sys)
     hsv = np.asarray(cc.hankel_singular_values(sys))
     g = _response(sys)
@@ -453,12 +401,11 @@ def test_balanced_truncation_matches_slycot(job, method, n, m, p, rho, diagonal,
 
 
 @needs_slycot
-@SETTINGS
-@given(**system_shapes)
-def test_sqrt_truncation_equals_slycot_up_to_state_signs(n, m, p, rho, diagonal, seed):
+@given(real_systems)
+def test_sqrt_truncation_equals_slycot_up_to_state_signs(spec):
     # With distinct kept HSVs the balanced truncation is unique up to the sign of each state,
     # so the square-root method must reproduce SLICOT's (Ar, Br, Cr) entry by entry.
-    sys = _system(seed, n, m, p, rho, diagonal=diagonal)
+    sys = _system(spec)
     a, b, c = _dense_arrays(sys)
     hsv = np.asarray(cc.hankel_singular_values(sys))
     for rank in _gap_ranks(hsv, floor=1e-5):
@@ -549,116 +496,3 @@ def test_control_balred_is_not_a_discrete_balanced_truncation():
     assert ctrl_err > 2 * ours_err
     assert ctrl_err > float(ours.error_bound)
     assert ctrl_err > 100 * bound_5
-
-
-# --------------------------------------------------------------------------------------------
-# 4. Properties: similarity invariance, diagonal == dense, H-infinity error within the bound
-# --------------------------------------------------------------------------------------------
-
-
-def _similarity(rng: np.random.Generator, n: int, complex_: bool) -> np.ndarray:
-    """Random state transformation with condition number at most e^2."""
-    u, _ = np.linalg.qr(_normal(rng, (n, n), complex_))
-    v, _ = np.linalg.qr(_normal(rng, (n, n), complex_))
-    return (u * np.exp(rng.uniform(-1.0, 1.0, n))) @ v.conj().T
-
-
-@SETTINGS
-@given(
-    n=st.integers(1, 10),
-    m=st.integers(1, 3),
-    p=st.integers(1, 3),
-    rho=radii,
-    complex_=st.booleans(),
-    seed=seeds,
-)
-def test_hsv_invariant_under_similarity(n, m, p, rho, complex_, seed):
-    sys = _system(seed, n, m, p, rho, complex_=complex_)
-    t = _similarity(np.random.default_rng(seed + 1), n, complex_)
-    t_inv = np.linalg.inv(t)
-    moved = StateSpace(t_inv @ sys.a @ t, t_inv @ sys.b, sys.c @ t)
-
-    hsv = np.asarray(cc.hankel_singular_values(sys))
-    hsv_moved = np.asarray(cc.hankel_singular_values(moved))
-
-    assert np.all(hsv >= 0)
-    assert np.all(np.diff(hsv) <= 0)
-    tol = _hsv_tol(sys, moved)
-    assert np.max(np.abs(hsv - hsv_moved)) <= tol
-    # sigma_i^2 are the eigenvalues of P Q (the defining equation, checked on the original).
-    pq = np.asarray(cc.controllability_gramian(sys)) @ np.asarray(cc.observability_gramian(sys))
-    eig = np.sort(np.linalg.eigvals(pq).real)[::-1]
-    assert np.max(np.abs(eig - hsv**2)) <= 2 * tol * hsv[0] + 1e-12 * hsv[0] ** 2
-    assert np.sum(hsv**2) == pytest.approx(np.trace(pq).real, rel=1e-8)
-
-
-@pytest.mark.parametrize("method", ["sqrt", "bfsr"])
-@SETTINGS
-@given(
-    n=st.integers(1, 10),
-    m=st.integers(1, 3),
-    p=st.integers(1, 3),
-    rho=radii,
-    complex_=st.booleans(),
-    seed=seeds,
-)
-def test_diagonal_path_equals_dense_path(method, n, m, p, rho, complex_, seed):
-    diag = _system(seed, n, m, p, rho, complex_=complex_, diagonal=True)
-    dense = cc.to_dense(diag)
-    assert np.asarray(dense.a) == pytest.approx(np.diag(np.asarray(diag.poles)))
-
-    for gram in (cc.controllability_gramian, cc.observability_gramian):
-        x_diag, x_dense = np.asarray(gram(diag)), np.asarray(gram(dense))
-        assert np.max(np.abs(x_diag - x_dense)) <= 1e-10 * np.max(np.abs(x_dense))
-    hsv_diag = np.asarray(cc.hankel_singular_values(diag))
-    hsv_dense = np.asarray(cc.hankel_singular_values(dense))
-    tol = _hsv_tol(dense)
-    assert np.max(np.abs(hsv_diag - hsv_dense)) <= 2 * tol
-
-    g = _response(dense)
-    assert np.max(np.abs(_response(diag) - g)) <= 1e-12 * np.max(np.abs(g))
-    for rank in _gap_ranks(hsv_dense):
-        r_diag = cc.balanced_truncation(diag, rank, method=method)
-        r_dense = cc.balanced_truncation(dense, rank, method=method)
-        diff = np.max(np.abs(_response(r_diag.system) - _response(r_dense.system)))
-        assert diff <= 1e-8 * np.max(np.abs(g))
-        assert float(r_diag.error_bound) == pytest.approx(
-            float(r_dense.error_bound), rel=1e-6, abs=4 * n * tol
-        )
-
-
-@pytest.mark.parametrize("method", ["sqrt", "bfsr"])
-@SETTINGS
-@given(
-    n=st.integers(2, 12),
-    m=st.integers(1, 2),
-    p=st.integers(1, 2),
-    rho=st.floats(min_value=0.3, max_value=0.999),
-    complex_=st.booleans(),
-    diagonal=st.booleans(),
-    seed=seeds,
-)
-def test_hinf_error_between_sigma_and_bound_for_every_rank(
-    method, n, m, p, rho, complex_, diagonal, seed
-):
-    sys = _system(seed, n, m, p, rho, complex_=complex_, diagonal=diagonal)
-    hsv = np.asarray(cc.hankel_singular_values(sys))
-    # Round-off in the HSVs themselves (see _hsv_tol) matters only for tails at noise level.
-    tol = _hsv_tol(sys)
-    slack = 2 * n * tol
-    for rank in range(1, n):
-        try:
-            res = cc.balanced_truncation(sys, rank, method=method)
-        except ConditioningError:
-            # Only allowed when a kept HSV is numerically zero (non-minimal system).
-            assert hsv[rank - 1] <= tol
-            continue
-        # the bound is 2 sum(tail) plus the round-off term of hankel_error_bound
-        assert float(res.error_bound) == pytest.approx(
-            float(cc.hankel_error_bound(hsv, rank)), rel=1e-12
-        )
-        assert float(res.error_bound) >= 2 * np.sum(hsv[rank:])
-        err = float(cc.h_infinity_norm(sys, res.system))
-        assert err <= float(res.error_bound) * (1 + 1e-7) + slack
-        # Any system of order r is at least sigma_{r+1} away (Hankel-norm lower bound).
-        assert err >= hsv[rank] * (1 - 1e-6) - slack
