@@ -368,16 +368,40 @@ def _markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _join_seeds(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """``later`` with the runs of ``earlier`` (the same task, settings and arms, other seeds)
+    added, every list in seed order."""
+    seeds = list(earlier["seeds"]) + list(later["seeds"])
+    order = sorted(range(len(seeds)), key=seeds.__getitem__)
+    arms = {}
+    for arm in later["arms"]:
+        joined = {}
+        for field, values in later["arms"][arm].items():
+            both = list(earlier["arms"][arm][field]) + list(values)
+            joined[field] = [both[i] for i in order]
+        arms[arm] = joined
+    return {**later, "seeds": sorted(seeds), "arms": arms}
+
+
 def _merge(paths: list[Path], out: Path) -> None:
-    """One report from several runs of the study (later files win for a repeated task)."""
+    """One report from several runs of the study. A task that comes again: on other seeds with
+    the same settings and arms, its runs are joined seed by seed; otherwise the later file's
+    arms win."""
     reports = [json.loads(p.read_text()) for p in paths]
     merged = {k: v for k, v in reports[0].items() if k != "tasks"}
     merged["tasks"] = {}
     for report in reports:
         for task, entry in report["tasks"].items():
             entry = {"steps": report["steps"], "seeds": report["seeds"], **entry}
-            if task in merged["tasks"]:  # same task: arms of the later file win
-                earlier = merged["tasks"][task]
+            earlier = merged["tasks"].get(task)
+            if (
+                earlier is not None
+                and not set(earlier["seeds"]) & set(entry["seeds"])
+                and earlier.get("settings") == entry.get("settings")
+                and set(earlier["arms"]) == set(entry["arms"])
+            ):
+                entry = _join_seeds(earlier, entry)
+            elif earlier is not None:  # same task: arms of the later file win
                 entry["arms"] = {**earlier["arms"], **entry["arms"]}
                 matched = earlier.get("ablations_matched", False)
                 entry["ablations_matched"] = matched or entry.get("ablations_matched", False)

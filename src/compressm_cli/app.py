@@ -37,6 +37,7 @@ def _reduction_options(args: argparse.Namespace) -> dict[str, Any]:
         "schedule": args.schedule,
         "rewarmup_steps": args.rewarmup_steps,
         "max_cut": None if args.max_cut == 1 else args.max_cut,
+        "max_bound": args.max_bound,
     }
 
 

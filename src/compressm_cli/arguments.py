@@ -192,6 +192,13 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         help="largest fraction of a layer's states one event removes; 1: no floor (0.5)",
     )
     g.add_argument(
+        "--max-bound",
+        type=_positive(float),
+        default=None,
+        help="floor each cut where its error bound 2*sum(cut HSVs) exceeds this many sigma_1"
+        " (LTI layers; default: none)",
+    )
+    g.add_argument(
         "--rewarmup-steps",
         type=_nonnegative_int,
         default=0,

@@ -64,6 +64,7 @@ class RunConfig:
     schedule: Schedule = "steps"
     rewarmup_steps: int = 0
     max_cut: float | None = 0.5
+    max_bound: float | None = None
     selection: Selection = "largest"
     importance: Literal["gramian", "mean_lti", "random"] = "gramian"
     horizon: int | Literal["auto"] | None = None
@@ -151,6 +152,7 @@ def controller_options(task: Task, config: RunConfig) -> dict[str, Any]:
         "schedule": config.schedule,
         "rewarmup_steps": config.rewarmup_steps,
         "max_cut": config.max_cut,
+        "max_bound": config.max_bound,
         "selection": config.selection,
         "metric": "max" if task.kind == "classification" else "min",
     }

@@ -85,6 +85,7 @@ class ControllerBase(EventFlow[Layer]):
         self.tau, self.fraction, self.gate = options.tau, options.fraction, options.gate
         self.rollback_rtol, self.min_rank = options.rollback_rtol, options.min_rank
         self.rewarmup_steps, self.max_cut = options.rewarmup_steps, options.max_cut
+        self.max_bound = options.max_bound
         check_every = options.check_every
         if check_every is None:
             check_every = max(1, round(CHECK_FRACTION * total_steps))
@@ -466,6 +467,8 @@ class ControllerBase(EventFlow[Layer]):
             rank = select_rank(hsv, tau=self.tau, energy=self.energy)
         else:
             rank = math.floor(total * (1 - self.fraction))
+        if self.max_bound is not None:
+            rank = max(rank, _bounded_rank(hsv, self.max_bound))
         return self._floor(rank, total)
 
     def _parameter_count(self) -> int | None:
@@ -512,3 +515,14 @@ class ControllerBase(EventFlow[Layer]):
         self._previous = {}
         self._initial_parameters = state.get("initial_parameters", self._initial_parameters)
         self._sizes_seen = self.state_sizes
+
+
+def _bounded_rank(hsv: Array, limit: float) -> int:
+    """Smallest ``r >= 1`` with ``2 sum_{i > r} sigma_i <= limit sigma_1``."""
+    values = np.sort(np.asarray(hsv, dtype=np.float64).reshape(-1))[::-1]
+    if values.size == 0 or not values[0] > 0:
+        return 1
+    # tails[r - 1] = sum_{i > r} sigma_i, r = 1 .. n
+    tails = np.concatenate([np.cumsum(values[::-1])[::-1][1:], [0.0]])
+    allowed = limit * values[0] * (1 + 1e-12)
+    return int(np.argmax(2 * tails <= allowed)) + 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, TypeVar
@@ -152,6 +153,11 @@ class ReductionOptions:
     max_cut : float or None, optional
         Largest fraction of a layer's current states one event may remove, in ``(0, 1]``
         (a floor ``ceil((1 - max_cut) n)`` on the rank); ``None``: no floor (the paper).
+    max_bound : float or None, optional
+        Largest error bound one event may cause, relative to the layer's largest Hankel
+        singular value: the rank is raised to the smallest :math:`r` with
+        :math:`2 \\sum_{i > r} \\sigma_i \\le` ``max_bound`` :math:`\\sigma_1` (> 0; LTI layers
+        only). ``None``: no such floor (the paper).
 
     Raises
     ------
@@ -195,6 +201,7 @@ class ReductionOptions:
     rank_rtol: float = 0.1
     rewarmup_steps: int = 0
     max_cut: float | None = None
+    max_bound: float | None = None
 
     def __post_init__(self) -> None:
         def store(name: str, value: object) -> None:
@@ -235,6 +242,16 @@ class ReductionOptions:
                 msg = f"`max_cut` must be None or a number in (0, 1]; received {cut!r}."
                 raise ValueError(msg)
             store("max_cut", float(cut))
+        limit = self.max_bound
+        if limit is not None:
+            if (
+                isinstance(limit, bool)
+                or not isinstance(limit, (int, float))
+                or not 0 < limit < math.inf
+            ):
+                msg = f"`max_bound` must be None or a finite number > 0; received {limit!r}."
+                raise ValueError(msg)
+            store("max_bound", float(limit))
         counts: list[tuple[str, object]] = [
             ("certify_window", self.certify_window),
             ("num_reductions", self.num_reductions),
@@ -292,6 +309,7 @@ class ReductionKeywords(TypedDict, total=False):
     rank_rtol: float
     rewarmup_steps: int
     max_cut: float | None
+    max_bound: float | None
 
 
 def resolve_options(

@@ -188,6 +188,45 @@ def test_max_cut_rejects(value: object) -> None:
         CompreSSM(make(), None, total_steps=100, max_cut=value)
 
 
+@pytest.mark.parametrize("limit", [0.3, 1.0, 4.0])
+def test_max_bound_floors_each_event_at_the_smallest_rank_within_the_bound(limit: float) -> None:
+    """Each event keeps the smallest rank whose bound ``2 sum_{i > r} sigma_i`` is at most
+    ``limit sigma_1`` (or more, if the rule asks for more): checked on the event's own HSVs."""
+    ctl = CompreSSM(
+        make(),
+        None,
+        total_steps=100,
+        reduction_steps=[1, 2, 3],
+        mode="fixed",
+        fraction=0.9,
+        max_bound=limit,
+        gate=1.0,
+    )
+    events = run(ctl, [None] * 3)
+    assert events
+    for event in events:
+        hsv = sorted(event.hsv, reverse=True)
+        tail = [sum(hsv[r:]) for r in range(1, len(hsv) + 1)]  # tail[r - 1] = sum_{i > r}
+        fits = [r for r in range(1, len(hsv) + 1) if 2 * tail[r - 1] <= limit * hsv[0]]
+        asked = math.floor(event.old_rank * (1 - 0.9))
+        assert event.new_rank == max(asked, fits[0])
+        assert event.error_bound <= limit * hsv[0] * (1 + 1e-9) or event.new_rank == asked
+    unbounded = CompreSSM(
+        make(), None, total_steps=100, reduction_steps=[1], mode="fixed", fraction=0.9, gate=1.0
+    )
+    assert run(unbounded, [None])[0].new_rank == 3  # the rule alone: floor(32 * 0.1)
+    strict = CompreSSM(
+        make(), None, total_steps=100, reduction_steps=[1], fraction=0.9, max_bound=1e-12
+    )
+    assert run(strict, [None]) == []  # no state can go within the bound: nothing is cut
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, math.inf, math.nan, True, "1"])
+def test_max_bound_rejects(value: object) -> None:
+    with pytest.raises(ValueError, match=r"`max_bound` must be None or a finite number > 0"):
+        CompreSSM(make(), None, total_steps=100, max_bound=value)
+
+
 def test_selective_layers_are_cut_when_their_kept_states_are_stable() -> None:
     from compressm_torch import Mamba
 

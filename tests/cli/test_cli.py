@@ -94,6 +94,26 @@ def test_mamba_compare_train_and_analyze(tmp_path, capsys):
     assert layer["ranks"][0]["rank"] >= layer["ranks"][1]["rank"] >= 1
 
 
+def test_max_bound_keeps_each_cut_within_its_error_bound(tmp_path, capsys):
+    """``--max-bound b``: every event keeps enough states that the cut HSVs satisfy
+    ``2 sum sigma_i <= b sigma_1`` of the HSVs it measured, and the report stores ``b``. With
+    ``tau 0.5`` the tolerance rule alone cuts far deeper, so the first event keeps the smallest
+    rank within the bound."""
+    out = tmp_path / "run"
+    argv = ["train", *FAST, "--tau", "0.5", "--max-cut", "1", "--max-bound", "1"]
+    assert main([*argv, "--out", str(out)]) == 0
+    capsys.readouterr()
+    run = json.loads((out / "report.json").read_text())["runs"]["compressm"][0]
+    assert run["config"]["max_bound"] == 1.0
+    reduced = [e for e in run["events"] if e["status"] == "reduced"]
+    assert reduced
+    for event in reduced:
+        hsv = event["hsv"]
+        assert 2 * sum(hsv[event["new_rank"] :]) <= hsv[0] * (1 + 1e-9)
+    first = reduced[0]
+    assert 2 * sum(first["hsv"][first["new_rank"] - 1 :]) > first["hsv"][0]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -102,6 +122,7 @@ def test_mamba_compare_train_and_analyze(tmp_path, capsys):
         (["compare", "--steps", "0"], "argument --steps"),
         (["compare", "--device", "gpu0"], "argument --device"),
         (["train", "--horizon", "-3"], "argument --horizon"),
+        (["train", "--max-bound", "0"], "argument --max-bound"),
         (["analyze", "missing.pt"], "no such file"),
         (["frobnicate"], "invalid choice"),
     ],

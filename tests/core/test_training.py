@@ -47,6 +47,7 @@ DEFAULTS = {
     "rank_rtol": 0.1,
     "rewarmup_steps": 0,
     "max_cut": None,
+    "max_bound": None,
 }
 
 
@@ -136,6 +137,9 @@ def test_values_are_normalised() -> None:
         ),
         ({"rewarmup_steps": -1}, ValueError, "`rewarmup_steps` must be an int >= 0"),
         ({"max_cut": 0.0}, ValueError, "`max_cut` must be None or a number in"),
+        ({"max_bound": 0.0}, ValueError, "`max_bound` must be None or a finite number > 0"),
+        ({"max_bound": float("inf")}, ValueError, "`max_bound` must be None or a finite"),
+        ({"max_bound": True}, ValueError, "`max_bound` must be None or a finite"),
         ({"check_every": 0}, ValueError, "`check_every` must be in"),
         ({"check_every": 2.5}, TypeError, "`check_every` must be an integer"),
         ({"certify_window": 0}, ValueError, "`certify_window` must be in"),
