@@ -3,6 +3,14 @@
 Hypothesis draws the *structure* of a system (sizes, spectral radius, real or complex, diagonal or
 dense, seed); the builders here turn it deterministically into a well-conditioned stable system
 with NumPy, which the tests then move to the backend under test.
+
+One Hypothesis idiom: a check run on every backend is an inner function decorated with
+``@backend_settings(xp)`` and ``@given(...)``, called once by the test; NumPy-only properties
+use ``@given`` alone. Both follow the active profile of ``tests/conftest.py``; no test sets
+example counts or deadlines of its own.
+
+:func:`assert_close` compares a backend result (namespace, dtype, device, shape, values);
+:func:`assert_rel` compares NumPy arrays only.
 """
 
 from __future__ import annotations
@@ -158,7 +166,8 @@ def assert_doctests(module: ModuleType, monkeypatch: Any) -> None:
 
     for name in module.__all__:
         monkeypatch.setattr(compressm_core, name, getattr(module, name), raising=False)
-    failures, _ = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    failures, tried = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert tried > 0, f"{module.__name__} has no docstring examples"
     assert failures == 0
 
 

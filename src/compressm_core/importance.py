@@ -120,6 +120,22 @@ def state_importance(
     (the kept states are a subset of the original coordinates, not balanced ones), and they
     describe the calibration data only. Dropping indices is modal truncation guided by
     Hankel-type scores: check the effect on validation data.
+
+    Examples
+    --------
+    Two channels, two states; the slower state (``a = -1``) remembers longer and scores higher:
+
+    >>> import numpy as np
+    >>> from compressm_core import selective_gramians, state_importance
+    >>> dt = np.full((1, 400, 2), 0.1)
+    >>> a = -np.array([[1.0, 5.0], [1.0, 5.0]])
+    >>> b = c = np.ones((1, 400, 2))
+    >>> g = selective_gramians(dt, a, b, c)
+    >>> scores = state_importance(g)
+    >>> scores.shape, bool(scores[0] > scores[1])
+    ((2,), True)
+    >>> bool(np.allclose(scores, g.scores.sum(axis=0)))
+    True
     """
     if not isinstance(gramians, SelectiveGramians):
         msg = f"`gramians` must be a SelectiveGramians; received {type(gramians).__name__}."
@@ -178,6 +194,13 @@ def select_state_indices(importance: Array, rank: int, *, xp: Namespace | None =
         If ``importance`` is 0-D.
     ValueError
         If ``rank`` is outside ``[1, N]``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from compressm_core import select_state_indices
+    >>> select_state_indices(np.array([0.1, 3.0, 2.0, 0.5]), 2)
+    array([1, 2])
     """
     xp = _xp.namespace(importance, xp=xp)
     if importance.ndim < 1:

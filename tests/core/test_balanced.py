@@ -66,20 +66,24 @@ def test_diagonal_path_equals_dense_path(xp) -> None:
     check()
 
 
-@given(specs(max_n=6))
-def test_balanced_gramians_equal_and_diagonal(xp, spec: Spec) -> None:
-    sys = build(spec)
-    hsv = to_np(hankel_singular_values(sys))
-    assume(np.all(hsv[..., -1] > 1e-5 * hsv[..., 0]))
-    res = balanced_realization(to_xp(sys, xp))
-    bal = to_np(res.system)
-    p_b = to_np(controllability_gramian(bal))
-    q_b = to_np(observability_gramian(bal))
-    sigma = np.asarray(hsv)[..., :, None] * np.eye(spec.n)
-    assert_rel(p_b, sigma, 1e-6)
-    assert_rel(q_b, sigma, 1e-6)
-    t, t_inv = to_np(res.T), to_np(res.T_inv)
-    assert_rel(t_inv @ t, np.broadcast_to(np.eye(spec.n), t.shape), 1e-7)
+def test_balanced_gramians_equal_and_diagonal(xp) -> None:
+    @backend_settings(xp)
+    @given(specs(max_n=6))
+    def check(spec: Spec) -> None:
+        sys = build(spec)
+        hsv = to_np(hankel_singular_values(sys))
+        assume(np.all(hsv[..., -1] > 1e-5 * hsv[..., 0]))
+        res = balanced_realization(to_xp(sys, xp))
+        bal = to_np(res.system)
+        p_b = to_np(controllability_gramian(bal))
+        q_b = to_np(observability_gramian(bal))
+        sigma = np.asarray(hsv)[..., :, None] * np.eye(spec.n)
+        assert_rel(p_b, sigma, 1e-6)
+        assert_rel(q_b, sigma, 1e-6)
+        t, t_inv = to_np(res.T), to_np(res.T_inv)
+        assert_rel(t_inv @ t, np.broadcast_to(np.eye(spec.n), t.shape), 1e-7)
+
+    check()
 
 
 def test_truncation_error_within_bound_for_every_rank(xp) -> None:

@@ -18,6 +18,7 @@ from tests._helpers import (
     Spec,
     assert_close,
     assert_rel,
+    backend_settings,
     build,
     dense_np,
     specs,
@@ -26,34 +27,42 @@ from tests._helpers import (
 )
 
 
-@given(specs())
-def test_hsv_real_sorted_and_match_sqrt_eig_pq(xp, spec: Spec) -> None:
-    sys = build(spec)
-    hsv_xp = hankel_singular_values(to_xp(sys, xp))
-    hsv = to_np(hsv_xp)
-    assert hsv.shape == (*spec.batch, spec.n)
-    assert np.isrealobj(hsv)
-    assert np.all(hsv >= 0)
-    assert np.all(np.diff(hsv, axis=-1) <= 0)
-    p = to_np(controllability_gramian(sys))
-    q = to_np(observability_gramian(sys))
-    ref = np.sort(np.sqrt(np.abs(np.linalg.eigvals(p @ q))), axis=-1)[..., ::-1]
-    assert_close(hsv_xp, ref, 1e-6, xp=xp)
-    # sum_i sigma_i^2 = trace(P Q)
-    assert_rel(np.sum(hsv**2, axis=-1), np.trace(p @ q, axis1=-2, axis2=-1).real, 1e-8)
+def test_hsv_real_sorted_and_match_sqrt_eig_pq(xp) -> None:
+    @backend_settings(xp)
+    @given(specs())
+    def check(spec: Spec) -> None:
+        sys = build(spec)
+        hsv_xp = hankel_singular_values(to_xp(sys, xp))
+        hsv = to_np(hsv_xp)
+        assert hsv.shape == (*spec.batch, spec.n)
+        assert np.isrealobj(hsv)
+        assert np.all(hsv >= 0)
+        assert np.all(np.diff(hsv, axis=-1) <= 0)
+        p = to_np(controllability_gramian(sys))
+        q = to_np(observability_gramian(sys))
+        ref = np.sort(np.sqrt(np.abs(np.linalg.eigvals(p @ q))), axis=-1)[..., ::-1]
+        assert_close(hsv_xp, ref, 1e-6, xp=xp)
+        # sum_i sigma_i^2 = trace(P Q)
+        assert_rel(np.sum(hsv**2, axis=-1), np.trace(p @ q, axis1=-2, axis2=-1).real, 1e-8)
+
+    check()
 
 
-@given(specs(diagonal=False))
-def test_hsv_invariant_under_similarity(xp, spec: Spec) -> None:
-    sys = build(spec)
-    a, b, c, d = dense_np(sys)
-    rng = np.random.default_rng(spec.seed + 1)
-    t = np.eye(spec.n) + 0.5 * rng.normal(size=(spec.n, spec.n)) / np.sqrt(spec.n)
-    t_inv = np.linalg.inv(t)
-    moved = StateSpace(t_inv @ a @ t, t_inv @ b, c @ t, d)
-    h1 = hankel_singular_values(to_xp(sys, xp))
-    h2 = hankel_singular_values(to_xp(moved, xp))
-    assert_close(h2, h1, 1e-8)
+def test_hsv_invariant_under_similarity(xp) -> None:
+    @backend_settings(xp)
+    @given(specs(diagonal=False))
+    def check(spec: Spec) -> None:
+        sys = build(spec)
+        a, b, c, d = dense_np(sys)
+        rng = np.random.default_rng(spec.seed + 1)
+        t = np.eye(spec.n) + 0.5 * rng.normal(size=(spec.n, spec.n)) / np.sqrt(spec.n)
+        t_inv = np.linalg.inv(t)
+        moved = StateSpace(t_inv @ a @ t, t_inv @ b, c @ t, d)
+        h1 = hankel_singular_values(to_xp(sys, xp))
+        h2 = hankel_singular_values(to_xp(moved, xp))
+        assert_close(h2, h1, 1e-8)
+
+    check()
 
 
 def test_half_precision_hsvs_are_float32_and_finite(xp) -> None:

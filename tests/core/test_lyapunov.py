@@ -7,7 +7,16 @@ import pytest
 from hypothesis import given
 
 from compressm_core import ConditioningError, ShapeError, StabilityError, solve_discrete_lyapunov
-from tests._helpers import Spec, assert_close, assert_rel, build, dense_np, specs, to_np
+from tests._helpers import (
+    Spec,
+    assert_close,
+    assert_rel,
+    backend_settings,
+    build,
+    dense_np,
+    specs,
+    to_np,
+)
 
 
 def _q(a: np.ndarray, seed: int) -> np.ndarray:
@@ -18,25 +27,34 @@ def _q(a: np.ndarray, seed: int) -> np.ndarray:
     return g @ np.conj(np.swapaxes(g, -1, -2))
 
 
-@given(specs(max_n=10, diagonal=False))
-def test_residual_stable(xp, spec: Spec) -> None:
-    a, *_ = dense_np(build(spec))
-    q = _q(a, spec.seed)
-    x = solve_discrete_lyapunov(xp.asarray(a), xp.asarray(q))
-    x_np = to_np(x)
-    res = a @ x_np @ np.conj(np.swapaxes(a, -1, -2)) - x_np + q
-    assert_rel(res, np.zeros_like(res), 1e-9, scale=np.abs(x_np).max())
-    assert_rel(x_np, np.conj(np.swapaxes(x_np, -1, -2)), 1e-10)
+def test_residual_stable(xp) -> None:
+    @backend_settings(xp)
+    @given(specs(max_n=10, diagonal=False))
+    def check(spec: Spec) -> None:
+        a, *_ = dense_np(build(spec))
+        q = _q(a, spec.seed)
+        x = solve_discrete_lyapunov(xp.asarray(a), xp.asarray(q))
+        x_np = to_np(x)
+        res = a @ x_np @ np.conj(np.swapaxes(a, -1, -2)) - x_np + q
+        assert_rel(res, np.zeros_like(res), 1e-9, scale=np.abs(x_np).max())
+        assert_rel(x_np, np.conj(np.swapaxes(x_np, -1, -2)), 1e-10)
+
+    check()
 
 
-@given(specs(max_n=6, diagonal=False, batch=False, min_radius=1.05, max_radius=3.0))
-def test_residual_unstable(xp, spec: Spec) -> None:
+def test_residual_unstable(xp) -> None:
     """A need not be stable: any equation with a unique solution is solved."""
-    a, *_ = dense_np(build(spec))
-    q = _q(a, spec.seed)
-    x = to_np(solve_discrete_lyapunov(xp.asarray(a), xp.asarray(q)))
-    res = a @ x @ np.conj(a.T) - x + q
-    assert_rel(res, np.zeros_like(res), 1e-8, scale=np.abs(a).max() ** 2 * np.abs(x).max())
+
+    @backend_settings(xp)
+    @given(specs(max_n=6, diagonal=False, batch=False, min_radius=1.05, max_radius=3.0))
+    def check(spec: Spec) -> None:
+        a, *_ = dense_np(build(spec))
+        q = _q(a, spec.seed)
+        x = to_np(solve_discrete_lyapunov(xp.asarray(a), xp.asarray(q)))
+        res = a @ x @ np.conj(a.T) - x + q
+        assert_rel(res, np.zeros_like(res), 1e-8, scale=np.abs(a).max() ** 2 * np.abs(x).max())
+
+    check()
 
 
 def test_batch_broadcasts_q(xp) -> None:

@@ -40,17 +40,16 @@ from tests._helpers import (
 
 @st.composite
 def selective_layers(draw, *, max_batch=2, max_steps=6, max_channels=3, max_states=3):
+    """NumPy inputs of :func:`selective_inputs` of a drawn size, and a drawn ``time_block``."""
     batch = draw(st.integers(1, max_batch))
     steps = draw(st.integers(1, max_steps))
     groups = draw(st.sampled_from([None, 1, 2]))
     channels = draw(st.integers(1, max_channels)) * (groups or 1)
     states = draw(st.integers(1, max_states))
     seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    dt = rng.uniform(0.01, 1.0, size=(batch, steps, channels))
-    a = -np.exp(rng.uniform(-1.0, 1.5, size=(channels, states)))
-    bc_shape = (batch, steps, states) if groups is None else (batch, steps, groups, states)
-    b, c = rng.normal(size=bc_shape), rng.normal(size=bc_shape)
+    dt, a, b, c = selective_inputs(
+        np, groups=groups, seed=seed, batch=batch, steps=steps, channels=channels, states=states
+    )
     block = draw(st.one_of(st.none(), st.integers(1, steps + 1)))
     return dt, a, b, c, block
 
@@ -221,10 +220,10 @@ def test_low_precision_inputs_accumulate_in_float64() -> None:
     reference = selective_gramians(*(x.astype(np.float64) for x in (dt, a, b, c)))
     got = finalize_selective_statistics(stats)
     for field in ("controllability", "observability", "scores"):
-        assert_rel(getattr(got, field), getattr(reference, field), 1e-6)
+        assert_close(getattr(got, field), getattr(reference, field), 1e-6, xp=torch)
     # the means need no recursion and are summed in float64
-    assert_rel(got.surrogate.b, reference.surrogate.b, 1e-12)
-    assert_rel(got.surrogate.c, reference.surrogate.c, 1e-12)
+    assert_close(got.surrogate.b, reference.surrogate.b, 1e-12, xp=torch)
+    assert_close(got.surrogate.c, reference.surrogate.c, 1e-12, xp=torch)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
@@ -242,12 +241,15 @@ def test_float32_recursions_on_long_sequences(backend: str) -> None:
         torch = pytest.importorskip("torch")
         inputs = [torch.asarray(x) for x in inputs]
         acc = init_selective_statistics(torch.asarray(a))
+        namespace = torch
     else:
         acc = init_selective_statistics(a)
+        namespace = np
     got = finalize_selective_statistics(update_selective_statistics(acc, *inputs))
     assert got.scores.dtype == acc.count.dtype
     for field in ("controllability", "observability", "scores"):
-        assert_rel(getattr(got, field), getattr(exact, field), 1e-4)
+        want = getattr(exact, field)
+        assert_close(getattr(got, field), want, 1e-4, xp=namespace, dtype=acc.count.dtype)
 
 
 def test_selective_errors(xp) -> None:
