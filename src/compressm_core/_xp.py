@@ -24,6 +24,7 @@ __all__ = [
     "device_of",
     "finite_max",
     "from_host",
+    "hermitian_part",
     "is_complex",
     "is_cpu",
     "is_traced",
@@ -88,6 +89,11 @@ def conj(x: Array, xp: Namespace) -> Array:
 def conj_transpose(x: Array, xp: Namespace) -> Array:
     """Conjugate transpose ``x^H`` of the last two axes (``matrix_transpose`` only transposes)."""
     return conj(xp.matrix_transpose(x), xp)
+
+
+def hermitian_part(x: Array, xp: Namespace) -> Array:
+    """``(x + x^H) / 2`` of the last two axes."""
+    return (x + conj_transpose(x, xp)) / 2
 
 
 def _has_float64(xp: Namespace, device: Device) -> bool:

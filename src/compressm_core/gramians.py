@@ -43,10 +43,6 @@ def _check_horizon(horizon: int | None) -> int | None:
     return check_int(horizon, "horizon", low=1, high=2**62)
 
 
-def _hermitian_part(x: Array, xp: Namespace) -> Array:
-    return (x + _xp.conj_transpose(x, xp)) / 2
-
-
 def _cauchy(left: Array, right: Array, g: Array, horizon: int | None) -> Array:
     """``G_ij / (1 - l_i r_j)``, times ``1 - (l_i r_j)^L`` for a finite horizon ``L``.
 
@@ -171,8 +167,8 @@ def _pair(
         p = _finite_sum(a, bb, horizon, xp) if want[0] else None
         q = _finite_sum(a_h, cc, horizon, xp) if want[1] else None
     return (
-        None if p is None else _hermitian_part(p, xp),
-        None if q is None else _hermitian_part(q, xp),
+        None if p is None else _xp.hermitian_part(p, xp),
+        None if q is None else _xp.hermitian_part(q, xp),
     )
 
 

@@ -35,10 +35,6 @@ __all__ = [
 ]
 
 
-def _hermitian_part(x: Array, xp: Namespace) -> Array:
-    return (x + _xp.conj_transpose(x, xp)) / 2
-
-
 def _psd_sqrt(x: Array, xp: Namespace) -> Array:
     """Hermitian square root ``V sqrt(max(w, 0)) V^H`` of ``X = V diag(w) V^H``."""
     w, v = xp.linalg.eigh(x)
@@ -51,7 +47,7 @@ def _operator(p: Array, q: Array, xp: Namespace) -> Array:
     k = _psd_sqrt(p, xp) @ psd_factor(q, xp)
     u, s, _ = xp.linalg.svd(k, full_matrices=False)
     h = (u * xp.astype(s, u.dtype)[..., None, :]) @ _xp.conj_transpose(u, xp)
-    return _hermitian_part(h, xp)
+    return _xp.hermitian_part(h, xp)
 
 
 def _joint_namespace(first: object, second: object, xp: Namespace | None) -> Namespace | None:
@@ -250,7 +246,7 @@ def hsv_perturbation_bound(
     broadcast_shapes([info0.batch, info1.batch], "`sys_before` and `sys_after`")
     h0, h1 = _operator(p0, q0, xp), _operator(p1, q1, xp)
     work = xp.result_type(h0.dtype, h1.dtype)
-    delta = _hermitian_part(xp.astype(h1, work) - xp.astype(h0, work), xp)
+    delta = _xp.hermitian_part(xp.astype(h1, work) - xp.astype(h0, work), xp)
     bound = xp.max(xp.abs(xp.linalg.eigvalsh(delta)), axis=-1)
     return xp.astype(bound, _xp.real_dtype_of(xp.result_type(result0, result1), xp))
 
