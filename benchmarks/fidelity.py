@@ -56,7 +56,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from _results import write_results
+from _results import mean_std, write_results
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = (
@@ -267,14 +267,6 @@ def _collect(results: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.4g} ± {std:.2g}"
-
-
 def _markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Fidelity study",
@@ -301,8 +293,7 @@ def _markdown(report: dict[str, Any]) -> str:
             sizes = [statistics.fmean(s) for s in arm["sizes"]]
             test = [scale * v for v in arm["test"]]
             lines.append(
-                f"| {name} | {_mean_std(test)} | {_mean_std(sizes)} | "
-                f"{_mean_std(arm['seconds'])} |"
+                f"| {name} | {mean_std(test)} | {mean_std(sizes)} | {mean_std(arm['seconds'])} |"
             )
         lines.append("")
         for other in ("small", "full", *BASELINES):

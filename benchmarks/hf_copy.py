@@ -14,7 +14,11 @@ exactly) cover the repeated half only, so chance is ``1 / SYMBOLS`` and a loss o
     the same with ``schedule="certified"`` (the training loss passed to ``step``);
 ``compressm_late``
     the fixed steps spread over the first half of training (``warmup_fraction = 0.5``);
-``small``, ``small_certified``, ``small_late``
+``compressm_chance``
+    the certified schedule measuring learning against the chance-level loss
+    (``chance_loss = ln(SYMBOLS)``), with its deadline at half of training
+    (``warmup_fraction = 0.5``) so that it can wait for the end of the plateau;
+``small``, ``small_certified``, ``small_late``, ``small_chance``
     trained from scratch at the per-layer sizes the matching CompreSSM seed reached.
 
 Every CompreSSM run records the training loss at each cut, so the table says whether the cuts
@@ -41,7 +45,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_results
+from _results import mean_std, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYMBOLS = 8
@@ -52,11 +56,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "compressm": {},
     "compressm_certified": {"schedule": "certified"},
     "compressm_late": {"warmup_fraction": 0.5},
+    "compressm_chance": {
+        "schedule": "certified",
+        "warmup_fraction": 0.5,
+        "chance_loss": math.log(SYMBOLS),
+    },
 }
 SMALL = {
     "compressm": "small",
     "compressm_certified": "small_certified",
     "compressm_late": "small_late",
+    "compressm_chance": "small_chance",
 }
 ARMS = ("full", *VARIANTS, *SMALL.values())
 
@@ -161,11 +171,6 @@ def _pool(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
         return list(pool.map(_run, jobs))
 
 
-def _mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {spread:.3f}"
-
-
 def _markdown(report: dict[str, Any]) -> str:
     arms = report["arms"]
     lines = [
@@ -182,7 +187,7 @@ def _markdown(report: dict[str, Any]) -> str:
     for arm, runs in arms.items():
         mean_size = statistics.fmean(statistics.fmean(s) for s in runs["sizes"])
         lines.append(
-            f"| {arm} | {_mean_std(runs['test'])} | {mean_size:.1f} | "
+            f"| {arm} | {mean_std(runs['test'], '.3f', '.3f')} | {mean_size:.1f} | "
             f"{statistics.fmean(runs['seconds']):.0f} |"
         )
     lines.append("")

@@ -97,6 +97,7 @@ class ControllerBase(EventFlow[Layer]):
             num_reductions=options.num_reductions,
             learning_drop=options.learning_drop,
             rank_rtol=options.rank_rtol,
+            chance_loss=options.chance_loss,
         )
         self.schedule_kind: Schedule = options.schedule
         self._last_cut_step: int | None = None
@@ -143,6 +144,7 @@ class ControllerBase(EventFlow[Layer]):
             num_reductions=old.num_reductions,
             learning_drop=old.learning_drop,
             rank_rtol=old.rank_rtol,
+            chance_loss=old.chance_loss,
         )
         self._previous: dict[str, Any] = {}
         self._initial_parameters = self._parameter_count()
@@ -197,9 +199,10 @@ class ControllerBase(EventFlow[Layer]):
         loss : float or 0-D tensor, optional
             The training loss of this step. With it the controller knows whether learning has
             started (the loss of the last ``check_every`` steps fell by ``learning_drop`` below
-            its initial level): the certified schedule waits for it, and a cut made before it
-            raises a :class:`ReductionWarning`. Tensors are summed as they are and read on the
-            host once per ``check_every`` steps (no synchronisation at every step). Under
+            ``chance_loss``, or below its initial level): the certified schedule waits for it,
+            and a cut made before it raises a :class:`ReductionWarning`. Tensors are summed as
+            they are and read on the host once per ``check_every`` steps (no synchronisation at
+            every step). Under
             ``torch.distributed`` the certified schedule uses the mean loss of all processes
             (every process calls :meth:`step` at every step).
 
@@ -447,11 +450,12 @@ class ControllerBase(EventFlow[Layer]):
         if reduced:
             self._last_cut_step = self.num_steps
             if started is False:
-                loss, first = certify.recent_loss, certify.initial_loss
+                loss, first = certify.recent_loss, certify.reference_loss
+                level = "`chance_loss`" if certify.chance_loss is not None else "its initial level"
                 warnings.warn(
                     f"Reduction at step {self.num_steps} ({trigger}) made while the training loss "
                     f"({loss:.4g}) has not fallen by `learning_drop`={certify.learning_drop:g} "
-                    f"below its initial level ({first:.4g}); the HSVs may still reflect the "
+                    f"below {level} ({first:.4g}); the HSVs may still reflect the "
                     "initialisation. Reduce later (a larger `warmup_fraction`) or use "
                     "`schedule='certified'`.",
                     ReductionWarning,

@@ -6,8 +6,12 @@ the loss is still at its initial level and the HSVs still reflect the initialisa
 certified schedule asks two questions at every check instead:
 
 1. **Has learning started?** The mean training loss of the last ``check_every`` steps has
-   fallen by at least ``learning_drop`` (relative) below the mean of the first ``check_every``
-   steps.
+   fallen by at least ``learning_drop`` (relative) below a reference: the chance-level loss
+   ``chance_loss`` when it is given, else the mean of the first ``check_every`` steps. The
+   second reference is fooled by a quick early fall to the chance level, when a model first
+   learns the class or symbol frequencies and then sits on a plateau (a language model
+   learning to copy falls from ``ln V`` to the entropy of its symbols within a few dozen
+   steps, and learns to copy hundreds of steps later).
 2. **Is the cut stable?** Either the cut at the rank the rule asks for has been certified
    for ``window`` consecutive checks by the Weyl bound of :class:`~compressm_core.RankTracker`
    (HSVs of the current parameters, :func:`~compressm_core.hsv_perturbation_bound` between
@@ -63,6 +67,9 @@ class CertifiedSchedule:
     rank_rtol : float, optional
         Relative spread of the rule's rank over the last ``window + 1`` checks that counts as
         stable, in ``[0, 1)``.
+    chance_loss : float or None, optional
+        The reference of the learning test, the loss of a model that has learned nothing
+        (> 0); ``None``: the first interval's mean.
 
     Examples
     --------
@@ -76,6 +83,14 @@ class CertifiedSchedule:
     ...         cs.close_interval()
     >>> cs.learning_started
     True
+    >>> late = CertifiedSchedule(["ssm"], check_every=10, deadline=100, window=2,
+    ...                          num_reductions=1, learning_drop=0.2, chance_loss=2.08)
+    >>> for step in range(1, 31):  # 3.1 -> 2.08: the symbol frequencies, not learning
+    ...     late.observe_loss(3.1 if step <= 10 else 2.08)
+    ...     if late.is_check(step):
+    ...         late.close_interval()
+    >>> late.learning_started
+    False
     >>> hsv = np.array([3.0, 1.0, 0.01])
     >>> [cs.update("ssm", hsv, rank=2, bound=None if k == 0 else 0.01)[0] for k in range(3)]
     [None, None, 'certified']
@@ -91,6 +106,7 @@ class CertifiedSchedule:
         num_reductions: int,
         learning_drop: float,
         rank_rtol: float = 0.1,
+        chance_loss: float | None = None,
     ) -> None:
         layers_list = list(layers)
         self.check_every = check_int(check_every, "check_every", low=1, high=2**62)
@@ -105,6 +121,15 @@ class CertifiedSchedule:
             msg = f"`rank_rtol` must be a number in [0, 1); received {rank_rtol!r}."
             raise ValueError(msg)
         self.rank_rtol = float(rank_rtol)
+        if chance_loss is not None and not (
+            isinstance(chance_loss, (int, float))
+            and not isinstance(chance_loss, bool)
+            and math.isfinite(chance_loss)
+            and chance_loss > 0
+        ):
+            msg = f"`chance_loss` must be a positive number or None; received {chance_loss!r}."
+            raise ValueError(msg)
+        self.chance_loss = None if chance_loss is None else float(chance_loss)
         self._ranks: dict[str, list[int]] = {name: [] for name in layers_list}
         self.names = layers_list
         self.initial_loss: float | None = None
@@ -151,10 +176,21 @@ class CertifiedSchedule:
         if not math.isfinite(mean):
             return
         self.recent_loss = mean
-        if self.initial_loss is None:
+        first = self.initial_loss is None
+        if first:
             self.initial_loss = mean
-        elif mean <= (1 - self.learning_drop) * self.initial_loss:
+        if (self.chance_loss is not None or not first) and mean <= (
+            1 - self.learning_drop
+        ) * self.reference_loss:
             self._started = True
+
+    @property
+    def reference_loss(self) -> float:
+        """The loss learning is measured against: :attr:`chance_loss`, else
+        :attr:`initial_loss` (``nan`` before the first interval)."""
+        if self.chance_loss is not None:
+            return self.chance_loss
+        return math.nan if self.initial_loss is None else self.initial_loss
 
     @property
     def learning_started(self) -> bool | None:

@@ -142,6 +142,13 @@ class ReductionOptions:
     learning_drop : float, optional
         Relative fall of the mean training loss below its first ``check_every`` steps that
         counts as "learning has started", in ``(0, 1)``.
+    chance_loss : float or None, optional
+        Training loss of a model that has learned nothing beyond the data's marginal
+        statistics (> 0; for example :math:`\\ln C` for ``C`` balanced classes, or the entropy
+        of the symbol frequencies for a language model). Learning has started once the mean
+        loss falls by ``learning_drop`` below it. ``None``: the mean of the first
+        ``check_every`` steps is the reference, which a quick early fall to the chance level
+        (learning the class or symbol frequencies) passes.
     rank_rtol : float, optional
         Relative spread of the rule's rank over the last checks that counts as stable
         (certified schedule), in ``[0, 1)``.
@@ -198,6 +205,7 @@ class ReductionOptions:
     check_every: int | None = None
     certify_window: int = 3
     learning_drop: float = 0.2
+    chance_loss: float | None = None
     rank_rtol: float = 0.1
     rewarmup_steps: int = 0
     max_cut: float | None = None
@@ -265,6 +273,15 @@ class ReductionOptions:
             msg = f"`learning_drop` must be a number in (0, 1); received {drop!r}."
             raise ValueError(msg)
         store("learning_drop", float(drop))
+        chance = self.chance_loss
+        if chance is not None:
+            if isinstance(chance, bool) or not isinstance(chance, (int, float)):
+                msg = f"`chance_loss` must be a positive number or None; received {chance!r}."
+                raise TypeError(msg)
+            if not (math.isfinite(chance) and chance > 0):
+                msg = f"`chance_loss` must be a positive number or None; received {chance!r}."
+                raise ValueError(msg)
+            store("chance_loss", float(chance))
         rtol = self.rank_rtol
         if not (isinstance(rtol, (int, float)) and 0 <= rtol < 1):
             msg = f"`rank_rtol` must be a number in [0, 1); received {rtol!r}."
@@ -306,6 +323,7 @@ class ReductionKeywords(TypedDict, total=False):
     check_every: int | None
     certify_window: int
     learning_drop: float
+    chance_loss: float | None
     rank_rtol: float
     rewarmup_steps: int
     max_cut: float | None

@@ -60,6 +60,17 @@ def test_deadline_forces_the_remaining_cuts_and_warns() -> None:
     ]
 
 
+def test_chance_loss_waits_past_a_fall_to_the_chance_level() -> None:
+    ctl = CompreSSM(make(), None, chance_loss=2.0, **OPTS)
+    with pytest.warns(ReductionWarning, match=r"below `chance_loss` \(2\)"):
+        events = run(ctl, [3.1] * 10 + [2.05] * 190)  # a plateau at chance after a quick fall
+    assert [(e.step, e.trigger) for e in events] == [(200, "deadline"), (200, "deadline")]
+    ctl = CompreSSM(make(), None, chance_loss=2.0, **OPTS)
+    events = run(ctl, [3.1] * 10 + [2.05] * 30 + [1.0] * 100)
+    # learning is seen at check 50 (the interval 41-50 below 0.8 x 2.0): certified two checks on
+    assert [(e.step, e.trigger) for e in events] == [(70, "certified"), (100, "certified")]
+
+
 def test_without_a_loss_the_certificate_alone_decides() -> None:
     ctl = CompreSSM(make(), None, **OPTS)
     with warnings.catch_warnings():

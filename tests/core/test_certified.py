@@ -42,6 +42,29 @@ def test_learning_starts_when_the_interval_mean_falls_by_learning_drop() -> None
     assert cs.learning_started is True
 
 
+def test_chance_loss_is_the_reference_of_the_learning_test() -> None:
+    cs = _schedule(chance_loss=2.0)
+    assert cs.learning_started is None
+    _feed(cs, [3.1] * 10 + [2.05] * 10)  # the fall to the chance level is not learning
+    assert cs.initial_loss == pytest.approx(3.1)
+    assert cs.reference_loss == pytest.approx(2.0)
+    assert cs.learning_started is False
+    _feed(cs, [1.65] * 10)  # 17.5 % below chance: not yet
+    assert cs.learning_started is False
+    _feed(cs, [1.55] * 10)  # 22.5 % below chance
+    assert cs.learning_started is True
+    # without it the same losses count as learning at the second interval
+    other = _schedule()
+    _feed(other, [3.1] * 10 + [2.05] * 10)
+    assert other.learning_started is True
+
+
+def test_chance_loss_counts_from_the_first_interval() -> None:
+    cs = _schedule(chance_loss=2.3)
+    _feed(cs, [0.5] * 10)  # e.g. a pretrained model: below chance from the start
+    assert cs.learning_started is True
+
+
 def test_non_finite_intervals_are_ignored() -> None:
     cs = _schedule()
     _feed(cs, [float("nan")] * 10)
@@ -148,6 +171,9 @@ def test_state_dict_round_trip() -> None:
         ("rank_rtol", 1.0, "`rank_rtol` must be a number in \\[0, 1\\)"),
         ("check_every", 0, "`check_every`"),
         ("window", 0, "`certify_window`"),
+        ("chance_loss", 0.0, "`chance_loss` must be a positive number or None"),
+        ("chance_loss", float("nan"), "`chance_loss`"),
+        ("chance_loss", True, "`chance_loss`"),
     ],
 )
 def test_bad_options_name_the_argument(option: str, value: object, match: str) -> None:
