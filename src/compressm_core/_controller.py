@@ -202,9 +202,8 @@ class ControllerBase(EventFlow[Layer]):
             ``chance_loss``, or below its initial level): the certified schedule waits for it,
             and a cut made before it raises a :class:`ReductionWarning`. Tensors are summed as
             they are and read on the host once per ``check_every`` steps (no synchronisation at
-            every step). Under
-            ``torch.distributed`` the certified schedule uses the mean loss of all processes
-            (every process calls :meth:`step` at every step).
+            every step). Under ``torch.distributed`` the certified schedule uses the mean loss
+            of all processes (every process calls :meth:`step` at every step).
 
         Returns
         -------
