@@ -114,7 +114,7 @@ def shard(net, mesh, blocks, **keywords):
 
 
 def lti(rank, mesh, selection):
-    # A reduction at step 3 of AdamW training, then two more steps.
+    # A reduction at step 3 of AdamW training, then three more steps (one after a reload).
     torch.manual_seed(0)
     net = Tiny()
     shard(net, mesh, [net.lru, net.s5])
