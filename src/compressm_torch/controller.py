@@ -26,6 +26,7 @@ from compressm_core.training import (
     signature_with,
 )
 
+from . import _fsdp
 from ._distributed import all_reduce_numbers
 from ._options import check_torch_options
 from ._params import assign
@@ -77,7 +78,7 @@ class CompreSSM(ControllerBase[nn.Module]):
     Parameters
     ----------
     model : torch.nn.Module
-        The model (plain or ``torch.compile``d).
+        The model (plain, ``torch.compile``d, or sharded by FSDP2's ``fully_shard``).
     optimizer : torch.optim.Optimizer or None
         The optimizer training ``model``; ``None`` skips the optimizer surgery.
     total_steps : int
@@ -208,6 +209,8 @@ class CompreSSM(ControllerBase[nn.Module]):
         )
         found = self.layers
         self.extra_models = list(extra_models)
+        self._gathered: list[_fsdp.GatheredParameter] = []
+        self._gather([], optimizer=False)  # refuses what FSDP2 models do not support
         self._shadows = match_shadows(self.extra_models, found)
         self.seen_length: int | None = None
         self._horizon_step: int | None = None
@@ -352,7 +355,17 @@ class CompreSSM(ControllerBase[nn.Module]):
         if exact and self.lr_scheduler is not None and snap.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(snap["lr_scheduler"])
 
+    def _gather(self, names: Sequence[str], *, optimizer: bool) -> list[_fsdp.GatheredParameter]:
+        """Under FSDP2: the full parameters of the layers ``names`` in place of their shards
+        (and, with ``optimizer``, their full optimizer state); a collective."""
+        pragmatic = self.mode == "pragmatic"
+        if not _fsdp.check_supported(self.model, pragmatic=pragmatic, shadows=self.extra_models):
+            return []
+        layers = [self.layers[name] for name in names]
+        return _fsdp.gather(self.model, layers, self.optimizer if optimizer else None)
+
     def _begin_event(self, names: Sequence[str]) -> Callable[[], None]:
+        gathered = self._gathered = self._gather(names, optimizer=True)
         layers = [self.layers[name] for name in names]
         params = {id(p): p for layer in layers for p in layer.parameters()}.values()
         # values are replaced (``.data``), never changed in place: aliases are enough
@@ -384,6 +397,8 @@ class CompreSSM(ControllerBase[nn.Module]):
                     else:
                         optimizer.state.pop(param, None)
             self._generator.set_state(generator)
+            _fsdp.release(gathered, optimizer)
+            self._gathered = []
 
         self._gather_statistics()
         return undo
@@ -400,8 +415,15 @@ class CompreSSM(ControllerBase[nn.Module]):
             self._calibrate()
         recorder.all_reduce()  # the same collectives on every rank, whatever it recorded
 
-    @torch.no_grad()
     def _observe(self, name: str, layer: nn.Module) -> tuple[Any, Any, Any] | None:
+        gathered = self._gather([name], optimizer=False)
+        try:
+            return self._observe_full(name, layer)
+        finally:
+            _fsdp.release(gathered, None)
+
+    @torch.no_grad()
+    def _observe_full(self, name: str, layer: nn.Module) -> tuple[Any, Any, Any] | None:
         adapter = get_adapter(layer)
         if isinstance(adapter, SelectiveAdapter):
             self._gather_statistics()
@@ -533,6 +555,9 @@ class CompreSSM(ControllerBase[nn.Module]):
     def _end_event(self, names: Sequence[str]) -> None:
         if self._recorder is not None:
             self._recorder.reset([n for n in names if n in self._recorder.layers])
+        if self._gathered:  # FSDP2: shard the new full parameters and optimizer state
+            gathered, self._gathered = self._gathered, []
+            self._record_undo(_fsdp.reshard(gathered, self.optimizer))
 
     @torch.no_grad()
     def _calibrate(self) -> None:
