@@ -7,8 +7,9 @@
   for a few steps, in phases (the event; each step after it: the first retraces and
   recompiles, and on the CPU the second compiled again; the steady steps), each recorded as
   soon as it ends, so that a phase that does not finish within the part's time limit is
-  visible as the last one recorded. ``recompile_s`` is the time of the first three steps
-  after the event above three steady steps.
+  visible as the last one recorded, and every compilation in the log
+  (``jax_log_compiles``). ``recompile_s`` is the time of the first three steps after the
+  event above three steady steps.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from _gpu_common import Record, Skip, progress
 
 __all__ = ["jax_event", "jax_markdown", "jax_sweep"]
 
-SHAPE = {
+SHAPE: dict[str, dict[str, Any]] = {
     "full": {"batch": 16, "length": 1024, "d_model": 128, "d_states": [8, 64, 256, 512]},
     "smoke": {"batch": 2, "length": 16, "d_model": 8, "d_states": [8]},
 }
-TIMING = {"full": {"warmup": 2, "repeats": 5}, "smoke": {"warmup": 1, "repeats": 2}}
+TIMING: dict[str, dict[str, Any]] = {
+    "full": {"warmup": 2, "repeats": 5},
+    "smoke": {"warmup": 1, "repeats": 2},
+}
 EVENT = {"full": (256, 64), "smoke": (8, 2)}
 AFTER = 3  # steps after an event counted as its recompilation (a second compile was seen)
 
@@ -100,6 +104,7 @@ def jax_event(cfg: dict[str, Any], rec: Record) -> None:
     from compressm_jax import CompreSSM
     from jax_lru import Net, make_step, timed
 
+    jax.config.update("jax_log_compiles", True)  # each compilation in the log, with its time
     spec = {**SHAPE[_key(cfg)], **TIMING[_key(cfg)]}
     big, small = EVENT[_key(cfg)]
     rec["env"] = _env(jax)

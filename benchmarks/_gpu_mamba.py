@@ -33,12 +33,15 @@ from _gpu_common import (
 
 __all__ = ["mamba", "mamba1", "mamba2", "mamba_markdown", "mamba_ssm_markdown"]
 
-OURS = {
+OURS: dict[str, dict[str, Any]] = {
     "full": {"d_model": 768, "batch": 8, "length": 1024, "d_states": [128, 64, 32, 16]},
     "smoke": {"d_model": 8, "batch": 2, "length": 16, "d_states": [8, 4]},
 }
-OURS_TIMING = {"full": {"warmup": 2, "repeats": 5}, "smoke": {"warmup": 1, "repeats": 2}}
-MAMBA_SSM = {
+OURS_TIMING: dict[str, dict[str, Any]] = {
+    "full": {"warmup": 2, "repeats": 5},
+    "smoke": {"warmup": 1, "repeats": 2},
+}
+MAMBA_SSM: dict[str, dict[str, dict[str, Any]]] = {
     "mamba2": {
         "full": {
             "layers": 2, "d_model": 768, "batch": 8, "length": 2048, "headdim": 64,
@@ -80,7 +83,7 @@ def mamba(cfg: dict[str, Any], rec: Record) -> None:
 
     device = torch_device(cfg)
     shape, timing = OURS[_key(cfg)], OURS_TIMING[_key(cfg)]
-    spec = {"device": device.type, **shape, **timing}
+    spec: dict[str, Any] = {"device": device.type, **shape, **timing}
     rec["env"] = torch_env(device)
     rec["config"] = spec
     rows: dict[str, Any] = {}
@@ -133,7 +136,9 @@ def _load(kind: str) -> tuple[type, dict[str, Any]]:
     """The real layer class of ``kind`` and what was loaded; ImportError when unavailable."""
     if kind == "mamba2":
         module = importlib.import_module("mamba_ssm.modules.mamba2")
-        info = {"causal_conv1d": importlib.util.find_spec("causal_conv1d") is not None}
+        info: dict[str, Any] = {
+            "causal_conv1d": importlib.util.find_spec("causal_conv1d") is not None
+        }
         cls: type = module.Mamba2
     else:
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from functools import partial
 from typing import Any
 
 from _gpu_common import (
@@ -31,19 +32,22 @@ from _gpu_common import (
 
 __all__ = ["core", "core_markdown", "e2e", "e2e_markdown", "lru", "lru_markdown"]
 
-CORE = {
+CORE: dict[str, dict[str, Any]] = {
     "full": {"channels": 1536, "n": 16, "rank": 8, "poles": 256, "io": 256, "repeats": 5},
     "smoke": {"channels": 24, "n": 8, "rank": 4, "poles": 8, "io": 4, "repeats": 2},
 }
-SCIFAR = {
+SCIFAR: dict[str, dict[str, Any]] = {
     "full": {"d_model": 512, "layers": 6, "batch": 50, "length": 1024, "big": 384, "small": 96},
     "smoke": {"d_model": 16, "layers": 2, "batch": 2, "length": 16, "big": 16, "small": 4},
 }
-LRU_TIMING = {
+LRU_TIMING: dict[str, dict[str, Any]] = {
     "full": {"warmup": 3, "repeats": 10, "train_steps": 3, "event_repeats": 2},
     "smoke": {"warmup": 1, "repeats": 2, "train_steps": 2, "event_repeats": 1},
 }
-E2E = {"full": {"steps": 300, "pool": 4}, "smoke": {"steps": 12, "pool": 2}}
+E2E: dict[str, dict[str, Any]] = {
+    "full": {"steps": 300, "pool": 4},
+    "smoke": {"steps": 12, "pool": 2},
+}
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -211,7 +215,7 @@ def lru(cfg: dict[str, Any], rec: Record) -> None:
             for n in (s["big"], s["small"]):
                 trainer = _Trainer(_scifar_model(s, n, device), mode, device)
                 timing = time_calls(
-                    lambda tr=trainer: tr.step(batch), device, t["warmup"], t["repeats"]
+                    partial(trainer.step, batch), device, t["warmup"], t["repeats"]
                 )
                 steps[mode][str(n)] = timing
                 progress(f"lru: {mode} N = {n}: {timing['median_ms']:.4g} ms")
@@ -228,7 +232,7 @@ def lru(cfg: dict[str, Any], rec: Record) -> None:
             trainer.step(batch)
     weights = copy.deepcopy(trainer.model.state_dict())
     moments = copy.deepcopy(trainer.opt.state_dict())
-    runs = []
+    runs: list[dict[str, Any]] = []
     for _ in range(1 + t["event_repeats"]):  # the first one is a warm-up
         model = _scifar_model(s, s["big"], device)
         model.load_state_dict(weights)

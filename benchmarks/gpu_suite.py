@@ -174,7 +174,9 @@ def _pump(stream: Any, name: str, log: Any, lines: list[str]) -> None:
         print(f"[{name}] {line}", end="", flush=True)
 
 
-def run_part(part: Part, limit: float, args: argparse.Namespace, work: Path, log: Any) -> dict:
+def run_part(
+    part: Part, limit: float, args: argparse.Namespace, work: Path, log: Any
+) -> dict[str, Any]:
     """Start ``part`` in a child process, wait up to ``limit`` seconds, collect its record."""
     result = work / f"{part.name}.json"
     cmd = [
@@ -230,6 +232,7 @@ def run_part(part: Part, limit: float, args: argparse.Namespace, work: Path, log
         data = json.loads(result.read_text())
     status_file = result.with_name(result.name + ".status")
     last = next((ln.strip() for ln in reversed(lines) if ln.strip()), "no output")
+    last = last if len(last) <= 400 else last[:400] + " ..."
     record: dict[str, Any] = {
         "name": part.name,
         "seconds": seconds,
@@ -246,7 +249,7 @@ def run_part(part: Part, limit: float, args: argparse.Namespace, work: Path, log
     record["missing"] = missing_keys(part, data) if data or record["status"] == "ok" else []
     if record["status"] == "ok" and record["missing"]:
         record.update(status="failed", error="result lacks " + ", ".join(record["missing"]))
-    record["log_tail"] = lines[-30:]
+    record["log_tail"] = [ln if len(ln) <= 400 else ln[:400] + " ..." for ln in lines[-30:]]
     return record
 
 
