@@ -45,7 +45,7 @@ MAMBA_SSM: dict[str, dict[str, dict[str, Any]]] = {
     "mamba2": {
         "full": {
             "layers": 2, "d_model": 768, "batch": 8, "length": 2048, "headdim": 64,
-            "d_states": [128, 64, 16], "precision": "bf16", "warmup": 3, "repeats": 10,
+            "d_states": [128, 16], "precision": "bf16", "warmup": 3, "repeats": 10,
             "train_steps": 20, "reduce_at": 10, "reduce_to": 16,
         },
         "smoke": {

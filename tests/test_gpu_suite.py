@@ -11,6 +11,7 @@ measured.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import math
@@ -26,9 +27,12 @@ pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import gpu_suite  # noqa: E402
+_spec = importlib.util.spec_from_file_location("gpu_suite", BENCHMARKS / "gpu_suite.py")
+assert _spec is not None
+assert _spec.loader is not None
+gpu_suite = importlib.util.module_from_spec(_spec)
+sys.modules["gpu_suite"] = gpu_suite  # dataclasses look their module up
+_spec.loader.exec_module(gpu_suite)
 
 
 def _env(*extra: Path) -> dict[str, str]:
