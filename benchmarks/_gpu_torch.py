@@ -126,16 +126,18 @@ def core(cfg: dict[str, Any], rec: Record) -> None:
 
 
 def core_markdown(r: dict[str, Any]) -> list[str]:
-    c, s, lay = r["config"], r["channels"], r.get("lru_layer")
-    out = [
-        f"- {c['channels']} SISO channels, n = {c['n']}, rank {c['rank']}, "
-        f"`balanced_truncation` batched ({s['dtype']}, {r['env']['device']}): "
-        f"{s['torch_ms']:.3g} ms; SciPy looped {s['scipy_loop_ms']:.3g} ms "
-        f"({s['scipy_over_torch']:.3g}x); NumPy batched {s['numpy_batched_ms']:.3g} ms "
-        f"({s['numpy_over_torch']:.3g}x); HSVs against SciPy: max |Δσ| / σ1 = "
-        f"{s['hsv_torch_vs_scipy']['max_abs_over_s1']:.2g} (torch), "
-        f"{s['hsv_numpy_vs_scipy']['max_abs_over_s1']:.2g} (NumPy)."
-    ]
+    c, s, lay = r["config"], r.get("channels"), r.get("lru_layer")
+    out = []
+    if s is not None:
+        out.append(
+            f"- {c['channels']} SISO channels, n = {c['n']}, rank {c['rank']}, "
+            f"`balanced_truncation` batched ({s['dtype']}, {r['env']['device']}): "
+            f"{s['torch_ms']:.3g} ms; SciPy looped {s['scipy_loop_ms']:.3g} ms "
+            f"({s['scipy_over_torch']:.3g}x); NumPy batched {s['numpy_batched_ms']:.3g} ms "
+            f"({s['numpy_over_torch']:.3g}x); HSVs against SciPy: max |Δσ| / σ1 = "
+            f"{s['hsv_torch_vs_scipy']['max_abs_over_s1']:.2g} (torch), "
+            f"{s['hsv_numpy_vs_scipy']['max_abs_over_s1']:.2g} (NumPy)."
+        )
     if lay is not None:
         out.append(
             f"- One LRU layer, {lay['real_states']} real states, m = p = {c['io']}, HSVs: "

@@ -314,7 +314,7 @@ def markdown(report: dict[str, Any]) -> str:
         )
     for part in PARTS:
         r = report["parts"].get(part.name)
-        if r is None or not r["result"] or r["missing"]:
+        if r is None or "config" not in r["result"]:  # partial results are shown too
             continue
         module = importlib.import_module(part.module)
         try:

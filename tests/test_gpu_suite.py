@@ -69,6 +69,8 @@ def test_every_part_reports_ok_or_skipped_with_its_keys(smoke: tuple[dict[str, A
             for key in part.required:
                 gpu_suite.lookup(r["result"], key)  # KeyError if missing
         assert f"| {part.name} | {r['status']} |" in text
+        assert f"## {part.name}" in text  # every part's figures, stand-ins' too
+        assert "not formatted" not in text
 
 
 def test_smoke_figures_agree_with_their_definitions(smoke: tuple[dict[str, Any], str]):
