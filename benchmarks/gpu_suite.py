@@ -28,15 +28,16 @@ A part records ``ok``, ``skipped`` (with the reason: no GPU, mamba_ssm or JAX no
 no time left), ``failed`` (with the error line) or ``timeout``, and whatever it measured
 before it stopped. GPU times are CUDA-event times of single steps, medians after warm-up.
 
-``--smoke`` runs every part at toy sizes on whatever device there is (the CPU here) in well
-under a minute: the check that the suite still runs (``tests/test_gpu_suite.py``). Without
-``mamba_ssm`` its parts are then skipped with the import error and run their code path on
-stand-ins (``_mamba_stand_in.py``), recorded beside the reason.
+``--smoke`` runs every part at toy sizes on whatever device there is (the CPU here), about
+35 s of CPU time (``--jobs 2`` spreads it over two cores): the check that the suite still
+runs (``tests/test_gpu_suite.py``). Without ``mamba_ssm`` its parts are then skipped with
+the import error and run their code path on stand-ins (``_mamba_stand_in.py``), recorded
+beside the reason.
 
 Usage::
 
     python benchmarks/gpu_suite.py --out $OUT           # on the GPU machine (gpu_run.sh)
-    python benchmarks/gpu_suite.py --smoke              # toy sizes, CPU, < 60 s
+    python benchmarks/gpu_suite.py --smoke --jobs 2     # toy sizes, CPU
     python benchmarks/gpu_suite.py --parts core lru     # a selection
 
 Writes to ``benchmarks/results`` by default (``benchmarks/results/quick`` with ``--smoke``).
