@@ -67,7 +67,10 @@ def _cast_like(name: str, value: Any, old: Any) -> jax.Array:
     """``value`` with ``old``'s dtype and placement (sharding); refuse non-finite values.
 
     A partitioning that the new shape does not fit (a sharded state axis that no longer
-    divides the mesh) becomes replication on the same mesh.
+    divides the mesh) becomes replication on the same mesh. An uncommitted ``old`` (placed on
+    the default device by JAX, not by the user) gives an uncommitted result: ``jax.jit``
+    compiles again for every change of commitment among its arguments, so a committed
+    parameter among uncommitted ones would cost a second compilation after the event.
 
     Raises
     ------
@@ -81,7 +84,7 @@ def _cast_like(name: str, value: Any, old: Any) -> jax.Array:
         raise StabilityError(msg)
     new = jnp.asarray(cast)
     sharding = getattr(old, "sharding", None)
-    if sharding is None:
+    if sharding is None or not getattr(old, "committed", True):
         return new
     placed: jax.Array
     try:  # the old placement: same devices, same partitioning

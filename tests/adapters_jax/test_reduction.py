@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -285,3 +286,43 @@ def test_reduction_is_float64_without_x64():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("commit", [False, True])
+def test_reduction_keeps_the_commitment_so_jit_compiles_once(commit):
+    """Written-back values are committed exactly when the old ones were: ``jax.jit`` compiles
+    again for every change of commitment among its arguments, so a committed value among
+    uncommitted ones cost a second compilation at the second step after an event."""
+    layer = trained_like(LRU, seed=3)
+    if commit:
+        nnx.update(layer, jax.device_put(nnx.state(layer), jax.devices()[0]))
+    assert {leaf.committed for leaf in jax.tree_util.tree_leaves(nnx.state(layer))} == {commit}
+    u = jnp.ones((2, 5, 4))
+
+    @nnx.jit
+    def energy(module, u):
+        return jnp.sum(jnp.abs(module(u)) ** 2)
+
+    energy(layer, u)
+    reduce_layer(layer, 3)
+    assert {leaf.committed for leaf in jax.tree_util.tree_leaves(nnx.state(layer))} == {commit}
+    handler = _Messages()
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            for _ in range(3):
+                energy(layer, u)
+    finally:
+        logger.removeHandler(handler)
+    compiles = [m for m in handler.messages if m.startswith("Compiling")]
+    assert len(compiles) == 1, compiles  # the reduced shapes, once
