@@ -3,7 +3,10 @@
 :class:`EventFlow` is the base of :class:`compressm_core.training.ControllerBase`: it declares
 what a framework controller implements (read, plan, write, snapshot, restore a layer), runs a
 reduction event on a set of layers as one transaction (plan every layer, then write, then resize
-the optimizer; undone whole if anything raises) and records its events.
+the optimizer; undone whole if anything raises) and records its events. The LTI layers of an
+event that share a shape are measured together, and those that also share a rank truncated
+together (:mod:`compressm_core.layer_batches`), where the controller reads their systems
+(:meth:`EventFlow._read_system`).
 """
 
 from __future__ import annotations
@@ -13,16 +16,22 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import numpy as np
 
 from ._typing import Array
 from .errors import CompressmError
 from .schedule import ReductionEvent, ReductionWarning
+from .systems import DiagonalStateSpace
 
 if TYPE_CHECKING:
     from .certified import CertifiedSchedule
+    from .layer_batches import MeasuredLayers
+    from .reduction import ReductionPlan
 
-__all__ = ["LAYER_ERRORS", "EventFlow"]
+__all__ = ["LAYER_ERRORS", "BatchedLayer", "EventFlow"]
 
 logger = logging.getLogger("compressm")
 
@@ -33,6 +42,37 @@ LAYER_ERRORS = (CompressmError, ValueError, RuntimeError)
 
 Layer = TypeVar("Layer")
 T = TypeVar("T")
+
+#: What measuring or planning one layer gave: its result or its error, and its seconds.
+Outcome = tuple[Any, float]
+
+
+@dataclass(frozen=True)
+class BatchedLayer:
+    """The context of a layer measured in a batch (what :meth:`EventFlow._plan_all` needs).
+
+    Attributes
+    ----------
+    measured : MeasuredLayers
+        The batch (shared with the layers of the same shape).
+    member : int
+        The layer's position in it.
+    system : DiagonalStateSpace
+        The layer's system as it was read.
+    hsv : numpy.ndarray
+        Its HSV profile (``measured.profile(member)``), on the host.
+    """
+
+    measured: MeasuredLayers
+    member: int
+    system: DiagonalStateSpace
+    hsv: np.ndarray[Any, Any]
+
+
+def _shape_key(sys: DiagonalStateSpace) -> tuple[Any, ...]:
+    """Systems with equal keys can be stacked: field shapes, dtypes and device."""
+    fields = tuple(None if f is None else (tuple(f.shape), str(f.dtype)) for f in sys)
+    return (*fields, str(getattr(sys.poles, "device", "")))
 
 
 class EventFlow(Generic[Layer]):
@@ -52,6 +92,8 @@ class EventFlow(Generic[Layer]):
     _previous: dict[str, Any]
     _journal: list[Callable[[], None]] | None
     _sizes_seen: dict[str, int] | None
+    selection: str
+    method: Any
 
     # -- framework parts ---------------------------------------------------------------------
 
@@ -93,6 +135,28 @@ class EventFlow(Generic[Layer]):
 
     def _resize_optimizer(self, applied: Mapping[str, tuple[Any, Any]]) -> None:
         """Bring the optimizer's state to the reduced layers: ``{name: (plan, report)}``."""
+        raise NotImplementedError
+
+    def _read_system(self, name: str, layer: Layer) -> DiagonalStateSpace | None:
+        """The system of an LTI layer, on the device where the event's maths run (float64 /
+        complex128), to be measured with the layers of the same shape in one batch; ``None``:
+        the layer is measured and planned alone (:meth:`_measure`, :meth:`_plan`)."""
+        return None
+
+    def _event_horizon(self) -> int | None:
+        """The horizon of the Gramians of this event (``None``: infinite)."""
+        return None
+
+    def _unbatched(self, name: str, layer: Layer, batched: BatchedLayer) -> Any:
+        """The context :meth:`_measure` would have returned for a layer measured in a batch
+        (to plan it alone)."""
+        raise NotImplementedError
+
+    def _batched_plan(
+        self, name: str, layer: Layer, batched: BatchedLayer, plan: ReductionPlan
+    ) -> Any:
+        """What :meth:`_plan` returns, from the layer's balanced truncation ``plan``
+        (:func:`~compressm_core.layer_batches.plan_layers`)."""
         raise NotImplementedError
 
     def _end_event(self, names: Sequence[str]) -> None:
@@ -218,34 +282,41 @@ class EventFlow(Generic[Layer]):
         the planned layers are written (each with its error check, undone on failure), then the
         optimizer follows. A layer that fails with one of ``LAYER_ERRORS`` is refused and
         left as it was; any other exception propagates and the transaction undoes the event.
+        The layers are measured and planned in batches (:meth:`_measure_all`,
+        :meth:`_plan_all`); a layer's ``seconds`` include its share of its batches.
         """
         if self._journal is None:
             return self._transaction(lambda: self._reduce_all(names), deep=True)
         chosen = list(self.layers) if names is None else list(names)
         self._record_undo(self._begin_event(chosen))
         events: dict[str, ReductionEvent] = {}
-        planned: dict[str, tuple[int, list[float], Any, float]] = {}
+        measured = self._measure_all(chosen)
+        due: dict[str, tuple[int, Any]] = {}
         for name in chosen:
-            start = time.perf_counter()
-            layer = self.layers[name]
-            old = self._layer_state_size(layer)
-            hsv: list[float] = []
-            try:
-                hsv, rank, total, context = self._measure(name, layer)
-                if not rank < self.gate * total:
-                    reason = (
-                        f"rank {rank} of {total} is not below the gate {self.gate:g} x {total}"
-                    )
-                    seconds = time.perf_counter() - start
-                    events[name] = self._event(
-                        name, "skipped", hsv=hsv, reason=reason, seconds=seconds
-                    )
-                    continue
-                plan = self._plan(name, layer, rank, context)
-            except LAYER_ERRORS as err:
-                events[name] = self._refused(name, old, err, time.perf_counter() - start, hsv)
+            outcome, seconds = measured[name]
+            if isinstance(outcome, LAYER_ERRORS):
+                old = self._layer_state_size(self.layers[name])
+                events[name] = self._refused(name, old, outcome, seconds)
                 continue
-            planned[name] = (old, hsv, plan, time.perf_counter() - start)
+            hsv, rank, total, context = outcome
+            if not rank < self.gate * total:
+                reason = f"rank {rank} of {total} is not below the gate {self.gate:g} x {total}"
+                events[name] = self._event(
+                    name, "skipped", hsv=hsv, reason=reason, seconds=seconds
+                )
+                continue
+            due[name] = (rank, context)
+        plans = self._plan_all(due)
+        planned: dict[str, tuple[int, list[float], Any, float]] = {}
+        for name in due:
+            old = self._layer_state_size(self.layers[name])
+            hsv = measured[name][0][0]
+            plan, seconds = plans[name]
+            seconds += measured[name][1]
+            if isinstance(plan, LAYER_ERRORS):
+                events[name] = self._refused(name, old, plan, seconds, hsv)
+                continue
+            planned[name] = (old, hsv, plan, seconds)
         applied: dict[str, tuple[Any, Any]] = {}
         for name, (old, hsv, plan, seconds) in planned.items():
             start = time.perf_counter()
@@ -264,6 +335,123 @@ class EventFlow(Generic[Layer]):
         ordered = [events[name] for name in chosen]
         self.history += ordered
         return ordered
+
+    def _measure_all(self, names: Sequence[str]) -> dict[str, Outcome]:
+        """Measure the layers ``names``: ``{name: (measurement or error, seconds)}``.
+
+        The systems of the layers :meth:`_read_system` reads are grouped by shape and each
+        group is measured in one batched call
+        (:func:`~compressm_core.layer_batches.measure_layers`: Gramians, factors and HSVs on the
+        systems' device, one host transfer of the HSVs for the rank decisions); a group whose
+        batched call fails with one of ``LAYER_ERRORS`` is measured again one layer at a time,
+        so the error is the failing layer's own. The others go through :meth:`_measure`. Errors
+        not in ``LAYER_ERRORS`` propagate.
+        """
+        from .layer_batches import measure_layers  # it imports the training module
+
+        out: dict[str, Outcome] = {}
+        systems: dict[str, DiagonalStateSpace] = {}
+        for name in names:
+            start = time.perf_counter()
+            layer = self.layers[name]
+            try:
+                sys = self._read_system(name, layer)
+            except LAYER_ERRORS as err:
+                out[name] = (err, time.perf_counter() - start)
+                continue
+            if sys is None:
+                out[name] = self._timed(self._measure, name, layer, start=start)
+            else:
+                systems[name] = sys
+                out[name] = (None, time.perf_counter() - start)
+        groups: dict[tuple[Any, ...], list[str]] = {}
+        for name, sys in systems.items():
+            groups.setdefault(_shape_key(sys), []).append(name)
+        horizon = self._event_horizon() if groups else None
+        for group in groups.values():
+            start = time.perf_counter()
+            try:
+                batch = measure_layers(
+                    [systems[n] for n in group], horizon=horizon, real_output=self.real_output
+                )
+            except LAYER_ERRORS:
+                for name in group:
+                    layer, read = self.layers[name], out[name][1]
+                    outcome = self._timed(self._measure, name, layer)
+                    out[name] = (outcome[0], read + outcome[1])
+                continue
+            share = (time.perf_counter() - start) / len(group)
+            for member, name in enumerate(group):
+                begin = time.perf_counter()
+                try:
+                    hsv = batch.profile(member)
+                    rank = self._target_rank(hsv)
+                    result: Any = (
+                        [float(h) for h in hsv],
+                        rank,
+                        int(hsv.shape[-1]),
+                        BatchedLayer(batch, member, systems[name], hsv),
+                    )
+                except LAYER_ERRORS as err:
+                    result = err
+                out[name] = (result, out[name][1] + share + time.perf_counter() - begin)
+        return out
+
+    def _plan_all(self, due: Mapping[str, tuple[int, Any]]) -> dict[str, Outcome]:
+        """Plan the layers ``{name: (rank, context)}``: ``{name: (plan or error, seconds)}``.
+
+        Layers measured in one batch that share a rank are truncated in one batched call
+        (:func:`~compressm_core.layer_batches.plan_layers`: one SVD, projection and
+        re-diagonalisation, no Gramian computed again) when the selection is ``"largest"``; a
+        batch that fails with one of ``LAYER_ERRORS`` is planned again one layer at a time. The
+        others go through :meth:`_plan`. Errors not in ``LAYER_ERRORS`` propagate.
+        """
+        from .layer_batches import plan_layers  # it imports the training module
+
+        out: dict[str, Outcome] = {}
+        groups: dict[tuple[int, int], list[str]] = {}
+        for name, (rank, context) in due.items():
+            if isinstance(context, BatchedLayer) and self.selection == "largest":
+                groups.setdefault((id(context.measured), rank), []).append(name)
+            else:
+                out[name] = self._timed(self._plan_one, name, rank, context)
+        for (_, rank), group in groups.items():
+            start = time.perf_counter()
+            contexts: list[BatchedLayer] = [due[n][1] for n in group]
+            try:
+                plans = plan_layers(
+                    contexts[0].measured,
+                    [c.member for c in contexts],
+                    rank,
+                    method=self.method,
+                )
+            except LAYER_ERRORS:
+                for name in group:
+                    out[name] = self._timed(self._plan_one, name, rank, due[name][1])
+                continue
+            share = (time.perf_counter() - start) / len(group)
+            for name, context, plan in zip(group, contexts, plans, strict=True):
+                layer = self.layers[name]
+                outcome = self._timed(self._batched_plan, name, layer, context, plan)
+                out[name] = (outcome[0], outcome[1] + share)
+        return out
+
+    def _plan_one(self, name: str, rank: int, context: Any) -> Any:
+        layer = self.layers[name]
+        if isinstance(context, BatchedLayer):
+            context = self._unbatched(name, layer, context)
+        return self._plan(name, layer, rank, context)
+
+    @staticmethod
+    def _timed(work: Callable[..., Any], *args: Any, start: float | None = None) -> Outcome:
+        """``(work(*args), seconds)``, or ``(error, seconds)`` if it raised one of
+        ``LAYER_ERRORS``; the seconds count from ``start`` (default: now)."""
+        start = time.perf_counter() if start is None else start
+        try:
+            result = work(*args)
+        except LAYER_ERRORS as err:
+            result = err
+        return result, time.perf_counter() - start
 
     def _event(
         self, name: str, status: str, old: int | None = None, new: int | None = None, **kw: Any
