@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import numpy as np
 
@@ -30,8 +31,9 @@ if TYPE_CHECKING:
     from .certified import CertifiedSchedule
     from .layer_batches import MeasuredLayers
     from .reduction import ReductionPlan
+    from .training import Selection
 
-__all__ = ["LAYER_ERRORS", "BatchedLayer", "EventFlow"]
+__all__ = ["BATCH_BYTES", "LAYER_ERRORS", "BatchedLayer", "EventFlow"]
 
 logger = logging.getLogger("compressm")
 
@@ -69,10 +71,25 @@ class BatchedLayer:
     hsv: np.ndarray[Any, Any]
 
 
-def _shape_key(sys: DiagonalStateSpace) -> tuple[Any, ...]:
-    """Systems with equal keys can be stacked: field shapes, dtypes and device."""
-    fields = tuple(None if f is None else (tuple(f.shape), str(f.dtype)) for f in sys)
-    return (*fields, str(getattr(sys.poles, "device", "")))
+#: Largest stacked ``n x n`` array of a batch of layers measured together, in bytes
+#: (complex128); a larger batch is split, so an event's memory stays that of a few layers.
+BATCH_BYTES = 2**28
+
+
+def _batches(systems: Mapping[str, DiagonalStateSpace]) -> list[list[str]]:
+    """The names of ``systems`` in batches that can be stacked (equal field shapes, dtypes and
+    device), in their order, each below ``BATCH_BYTES`` per ``n x n`` array."""
+    groups: dict[tuple[Any, ...], list[list[str]]] = {}
+    for name, sys in systems.items():
+        fields = tuple(None if f is None else (tuple(f.shape), str(f.dtype)) for f in sys)
+        key = (*fields, str(getattr(sys.poles, "device", "")))
+        n = 2 * int(sys.poles.shape[-1])  # the real realization's size, at most
+        size = 16 * n * n * math.prod(int(k) for k in sys.poles.shape[:-1])
+        chunks = groups.setdefault(key, [[]])
+        if chunks[-1] and (len(chunks[-1]) + 1) * size > BATCH_BYTES:
+            chunks.append([])
+        chunks[-1].append(name)
+    return [chunk for chunks in groups.values() for chunk in chunks]
 
 
 class EventFlow(Generic[Layer]):
@@ -92,8 +109,8 @@ class EventFlow(Generic[Layer]):
     _previous: dict[str, Any]
     _journal: list[Callable[[], None]] | None
     _sizes_seen: dict[str, int] | None
-    selection: str
-    method: Any
+    selection: Selection
+    method: Literal["sqrt", "bfsr"]
 
     # -- framework parts ---------------------------------------------------------------------
 
@@ -135,6 +152,10 @@ class EventFlow(Generic[Layer]):
 
     def _resize_optimizer(self, applied: Mapping[str, tuple[Any, Any]]) -> None:
         """Bring the optimizer's state to the reduced layers: ``{name: (plan, report)}``."""
+        raise NotImplementedError
+
+    def _target_rank(self, hsv: Array) -> int:
+        """The rank the mode asks for (:class:`~compressm_core.training.ControllerBase`)."""
         raise NotImplementedError
 
     def _read_system(self, name: str, layer: Layer) -> DiagonalStateSpace | None:
@@ -282,7 +303,7 @@ class EventFlow(Generic[Layer]):
         the planned layers are written (each with its error check, undone on failure), then the
         optimizer follows. A layer that fails with one of ``LAYER_ERRORS`` is refused and
         left as it was; any other exception propagates and the transaction undoes the event.
-        The layers are measured and planned in batches (:meth:`_measure_all`,
+        The layers are measured and planned in batches (:meth:`_measure_batches`,
         :meth:`_plan_all`); a layer's ``seconds`` include its share of its batches.
         """
         if self._journal is None:
@@ -290,33 +311,32 @@ class EventFlow(Generic[Layer]):
         chosen = list(self.layers) if names is None else list(names)
         self._record_undo(self._begin_event(chosen))
         events: dict[str, ReductionEvent] = {}
-        measured = self._measure_all(chosen)
-        due: dict[str, tuple[int, Any]] = {}
-        for name in chosen:
-            outcome, seconds = measured[name]
-            if isinstance(outcome, LAYER_ERRORS):
-                old = self._layer_state_size(self.layers[name])
-                events[name] = self._refused(name, old, outcome, seconds)
-                continue
-            hsv, rank, total, context = outcome
-            if not rank < self.gate * total:
-                reason = f"rank {rank} of {total} is not below the gate {self.gate:g} x {total}"
-                events[name] = self._event(
-                    name, "skipped", hsv=hsv, reason=reason, seconds=seconds
-                )
-                continue
-            due[name] = (rank, context)
-        plans = self._plan_all(due)
         planned: dict[str, tuple[int, list[float], Any, float]] = {}
-        for name in due:
-            old = self._layer_state_size(self.layers[name])
-            hsv = measured[name][0][0]
-            plan, seconds = plans[name]
-            seconds += measured[name][1]
-            if isinstance(plan, LAYER_ERRORS):
-                events[name] = self._refused(name, old, plan, seconds, hsv)
-                continue
-            planned[name] = (old, hsv, plan, seconds)
+        for measured in self._measure_batches(chosen):  # one batch's arrays alive at a time
+            due: dict[str, tuple[int, Any]] = {}
+            for name, (outcome, seconds) in measured.items():
+                if isinstance(outcome, LAYER_ERRORS):
+                    old = self._layer_state_size(self.layers[name])
+                    events[name] = self._refused(name, old, outcome, seconds)
+                    continue
+                hsv, rank, total, context = outcome
+                if not rank < self.gate * total:
+                    reason = (
+                        f"rank {rank} of {total} is not below the gate {self.gate:g} x {total}"
+                    )
+                    events[name] = self._event(
+                        name, "skipped", hsv=hsv, reason=reason, seconds=seconds
+                    )
+                    continue
+                due[name] = (rank, context)
+            for name, (plan, seconds) in self._plan_all(due).items():
+                old = self._layer_state_size(self.layers[name])
+                hsv, measuring = measured[name][0][0], measured[name][1]
+                if isinstance(plan, LAYER_ERRORS):
+                    events[name] = self._refused(name, old, plan, seconds + measuring, hsv)
+                    continue
+                planned[name] = (old, hsv, plan, seconds + measuring)
+        planned = {name: planned[name] for name in chosen if name in planned}
         applied: dict[str, tuple[Any, Any]] = {}
         for name, (old, hsv, plan, seconds) in planned.items():
             start = time.perf_counter()
@@ -336,66 +356,67 @@ class EventFlow(Generic[Layer]):
         self.history += ordered
         return ordered
 
-    def _measure_all(self, names: Sequence[str]) -> dict[str, Outcome]:
-        """Measure the layers ``names``: ``{name: (measurement or error, seconds)}``.
+    def _measure_batches(self, names: Sequence[str]) -> Iterator[dict[str, Outcome]]:
+        """Measure the layers ``names``, one batch after another: ``{name: (measurement or
+        error, seconds)}`` per batch.
 
-        The systems of the layers :meth:`_read_system` reads are grouped by shape and each
-        group is measured in one batched call
-        (:func:`~compressm_core.layer_batches.measure_layers`: Gramians, factors and HSVs on the
-        systems' device, one host transfer of the HSVs for the rank decisions); a group whose
-        batched call fails with one of ``LAYER_ERRORS`` is measured again one layer at a time,
-        so the error is the failing layer's own. The others go through :meth:`_measure`. Errors
-        not in ``LAYER_ERRORS`` propagate.
+        The systems of the layers :meth:`_read_system` reads are grouped by shape (at most
+        ``BATCH_BYTES`` per stacked ``n x n`` array) and each group is measured in one batched
+        call (:func:`~compressm_core.layer_batches.measure_layers`: Gramian factors, SVD and
+        HSVs on the systems' device, one host transfer of the HSVs for the rank decisions); a
+        group whose batched call fails with one of ``LAYER_ERRORS`` is measured again one layer
+        at a time, so the error is the failing layer's own. The other layers go through
+        :meth:`_measure`, in the first batch. Errors not in ``LAYER_ERRORS`` propagate.
         """
         from .layer_batches import measure_layers  # it imports the training module
 
-        out: dict[str, Outcome] = {}
-        systems: dict[str, DiagonalStateSpace] = {}
+        alone: dict[str, Outcome] = {}
+        systems: dict[str, tuple[DiagonalStateSpace, float]] = {}
         for name in names:
             start = time.perf_counter()
             layer = self.layers[name]
             try:
                 sys = self._read_system(name, layer)
             except LAYER_ERRORS as err:
-                out[name] = (err, time.perf_counter() - start)
+                alone[name] = (err, time.perf_counter() - start)
                 continue
             if sys is None:
-                out[name] = self._timed(self._measure, name, layer, start=start)
+                alone[name] = self._timed(self._measure, name, layer, start=start)
             else:
-                systems[name] = sys
-                out[name] = (None, time.perf_counter() - start)
-        groups: dict[tuple[Any, ...], list[str]] = {}
-        for name, sys in systems.items():
-            groups.setdefault(_shape_key(sys), []).append(name)
-        horizon = self._event_horizon() if groups else None
-        for group in groups.values():
+                systems[name] = (sys, time.perf_counter() - start)
+        if alone:
+            yield alone
+        horizon = self._event_horizon() if systems else None
+        for group in _batches({name: sys for name, (sys, _) in systems.items()}):
+            out: dict[str, Outcome] = {}
             start = time.perf_counter()
             try:
                 batch = measure_layers(
-                    [systems[n] for n in group], horizon=horizon, real_output=self.real_output
+                    [systems[n][0] for n in group], horizon=horizon, real_output=self.real_output
                 )
             except LAYER_ERRORS:
                 for name in group:
-                    layer, read = self.layers[name], out[name][1]
-                    outcome = self._timed(self._measure, name, layer)
-                    out[name] = (outcome[0], read + outcome[1])
+                    outcome, seconds = self._timed(self._measure, name, self.layers[name])
+                    out[name] = (outcome, systems[name][1] + seconds)
+                yield out
                 continue
             share = (time.perf_counter() - start) / len(group)
             for member, name in enumerate(group):
                 begin = time.perf_counter()
                 try:
                     hsv = batch.profile(member)
-                    rank = self._target_rank(hsv)
                     result: Any = (
                         [float(h) for h in hsv],
-                        rank,
+                        self._target_rank(hsv),
                         int(hsv.shape[-1]),
-                        BatchedLayer(batch, member, systems[name], hsv),
+                        BatchedLayer(batch, member, systems[name][0], hsv),
                     )
                 except LAYER_ERRORS as err:
                     result = err
-                out[name] = (result, out[name][1] + share + time.perf_counter() - begin)
-        return out
+                seconds = systems[name][1] + share + time.perf_counter() - begin
+                out[name] = (result, seconds)
+            del batch
+            yield out
 
     def _plan_all(self, due: Mapping[str, tuple[int, Any]]) -> dict[str, Outcome]:
         """Plan the layers ``{name: (rank, context)}``: ``{name: (plan or error, seconds)}``.
