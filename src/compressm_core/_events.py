@@ -158,6 +158,11 @@ class EventFlow(Generic[Layer]):
         """The rank the mode asks for (:class:`~compressm_core.training.ControllerBase`)."""
         raise NotImplementedError
 
+    def _cuts_expected(self) -> bool:
+        """Whether most layers of an event are expected to be cut (then their measurement keeps
+        the singular vectors the truncation needs; otherwise only the HSVs are computed first)."""
+        return True
+
     def _read_system(self, name: str, layer: Layer) -> DiagonalStateSpace | None:
         """The system of an LTI layer, on the device where the event's maths run (float64 /
         complex128), to be measured with the layers of the same shape in one batch; ``None``:
@@ -392,7 +397,10 @@ class EventFlow(Generic[Layer]):
             start = time.perf_counter()
             try:
                 batch = measure_layers(
-                    [systems[n][0] for n in group], horizon=horizon, real_output=self.real_output
+                    [systems[n][0] for n in group],
+                    horizon=horizon,
+                    real_output=self.real_output,
+                    vectors=self._cuts_expected(),
                 )
             except LAYER_ERRORS:
                 for name in group:

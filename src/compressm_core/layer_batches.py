@@ -43,9 +43,10 @@ class MeasuredLayers(NamedTuple):
         ``2n``-state realizations.
     controllability, observability : (k, ..., n, n) array
         Gramian factors ``Lc``, ``Lo`` with :math:`P = L_c L_c^H`, :math:`Q = L_o L_o^H`.
-    svd : tuple of arrays
+    svd : tuple of arrays or None
         ``(U, s, V^H)`` with :math:`L_o^H L_c = U \\operatorname{diag}(s) V^H`, on the
-        systems' device.
+        systems' device; ``None`` if measured without ``vectors`` (:func:`plan_layers` then
+        computes the SVD of its members).
     hsv : (k, ..., n) numpy.ndarray
         Every member's Hankel singular values :math:`s_i(L_o^H L_c)`, descending, on the host
         (one transfer for the whole stack), in the real dtype of the systems' precision.
@@ -60,7 +61,7 @@ class MeasuredLayers(NamedTuple):
     system: DiagonalStateSpace | StateSpace
     controllability: Array
     observability: Array
-    svd: tuple[Array, Array, Array]
+    svd: tuple[Array, Array, Array] | None
     hsv: np.ndarray[Any, Any]
     horizon: int | None
     real_output: bool
@@ -78,6 +79,7 @@ def measure_layers(
     *,
     horizon: int | None = None,
     real_output: bool = False,
+    vectors: bool = True,
 ) -> MeasuredLayers:
     """Measure ``k`` layer systems of one shape in one batched call.
 
@@ -98,6 +100,9 @@ def measure_layers(
         Finite-horizon Gramians over ``horizon`` steps.
     real_output : bool, optional
         Measure the real realization of each layer's output ``Re(C x)``.
+    vectors : bool, optional
+        Keep the singular vectors too (default), so :func:`plan_layers` computes no SVD;
+        ``False``: only the singular values (cheaper when few members will be truncated).
 
     Returns
     -------
@@ -143,8 +148,10 @@ def measure_layers(
         )
     )
     f = _factors(stacked, horizon, real_output, None)
-    svd = f.xp.linalg.svd(_xp.conj_transpose(f.lo, f.xp) @ f.lc, full_matrices=False)
-    hsv = f.xp.astype(svd[1], _xp.real_dtype_of(f.result, f.xp))
+    product = _xp.conj_transpose(f.lo, f.xp) @ f.lc
+    svd = f.xp.linalg.svd(product, full_matrices=False) if vectors else None
+    hsv = f.xp.linalg.svdvals(product) if svd is None else svd[1]
+    hsv = f.xp.astype(hsv, _xp.real_dtype_of(f.result, f.xp))
     return MeasuredLayers(
         f.system,
         f.lc,
@@ -168,8 +175,8 @@ def plan_layers(
     """Balanced truncations of the ``members`` of ``measured`` to one ``rank``, in one batch.
 
     The batched counterpart of :func:`plan_reduction` with ``selection="largest"``: with the
-    SVD :math:`L_o^H L_c = U \\Sigma V^H` of :func:`measure_layers` (nothing is computed
-    again), every member is projected with
+    SVD :math:`L_o^H L_c = U \\Sigma V^H` of :func:`measure_layers` (computed here for the
+    members if it was measured without ``vectors``), every member is projected with
     :math:`T = L_c V_r \\Sigma_r^{-1/2}`, :math:`T^{-1} = \\Sigma_r^{-1/2} U_r^H L_o^H` and
     re-diagonalised, and its bound is
     :math:`\\max_b 2 \\sum_{i > r} \\sigma_{b, i} + c\\, n\\, \\varepsilon\\, \\sigma_{b, 1}`
@@ -237,7 +244,10 @@ def plan_layers(
 
     lc, lo = pick(measured.controllability), pick(measured.observability)
     system = type(measured.system)(*(pick(x) for x in measured.system))
-    u, s, vh = (pick(x) for x in measured.svd)
+    if measured.svd is None:
+        u, s, vh = xp.linalg.svd(_xp.conj_transpose(lo, xp) @ lc, full_matrices=False)
+    else:
+        u, s, vh = (pick(x) for x in measured.svd)
     factors = _Factors(system, lc, lo, n, xp, measured.result)
     reduced, _, _ = _projected(factors, (u, s, vh), rank, method)
     diag = rediagonalize(reduced, real_output=measured.real_output, max_condition=max_condition)

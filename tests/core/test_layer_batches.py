@@ -82,10 +82,12 @@ def _backend(name: str):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", ["sqrt", "bfsr"])
 @pytest.mark.parametrize("channels", [None, 3])
-def test_batched_truncation_equals_plan_reduction(backend, method, channels):
+@pytest.mark.parametrize("vectors", [True, False])
+def test_batched_truncation_equals_plan_reduction(backend, method, channels, vectors):
     xp = _backend(backend)
     systems = [to_xp(s, xp) for s in _layers(2, 4, channels=channels)]
-    measured = measure_layers(systems)
+    measured = measure_layers(systems, vectors=vectors)
+    assert (measured.svd is None) == (not vectors)
     members, rank = [3, 0, 2], 3
     plans = plan_layers(measured, members, rank, method=method)
     assert len(plans) == len(members)
