@@ -252,3 +252,28 @@ def test_batches_are_split_to_bound_the_memory_of_an_event(monkeypatch):
         np.testing.assert_allclose(b.hsv, a.hsv, rtol=1e-12)
     for x, y in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_event_runs_its_maths_on_the_device_in_float64(monkeypatch):
+    model, _ = make("lru")
+    on_host = copy.deepcopy(model)
+    model.cuda()
+    seen = []
+    measure = layer_batches.measure_layers
+
+    def spy(systems, **kwargs):
+        seen.extend((s.poles.device.type, s.poles.dtype, s.b.dtype) for s in systems)
+        return measure(systems, **kwargs)
+
+    monkeypatch.setattr(layer_batches, "measure_layers", spy)
+    events = CompreSSM(model, None, total_steps=10, mode="fixed", fraction=0.5).reduce()
+    monkeypatch.undo()
+    assert seen == [("cuda", torch.complex128, torch.complex128)] * 3
+    reference = CompreSSM(on_host, None, total_steps=10, mode="fixed", fraction=0.5).reduce()
+    for got, want in zip(events, reference, strict=True):
+        assert (got.status, got.new_rank) == (want.status, want.new_rank) == ("reduced", 8)
+        np.testing.assert_allclose(got.hsv, want.hsv, rtol=1e-9)
+    for x, y in zip(model.parameters(), on_host.parameters(), strict=True):
+        assert x.is_cuda
+        torch.testing.assert_close(x.cpu(), y, rtol=1e-5, atol=1e-6)
