@@ -423,15 +423,14 @@ class EventFlow(Generic[Layer]):
                     result = err
                 seconds = systems[name][1] + share + time.perf_counter() - begin
                 out[name] = (result, seconds)
-            del batch
             yield out
 
     def _plan_all(self, due: Mapping[str, tuple[int, Any]]) -> dict[str, Outcome]:
         """Plan the layers ``{name: (rank, context)}``: ``{name: (plan or error, seconds)}``.
 
         Layers measured in one batch that share a rank are truncated in one batched call
-        (:func:`~compressm_core.layer_batches.plan_layers`: one SVD, projection and
-        re-diagonalisation, no Gramian computed again) when the selection is ``"largest"``; a
+        (:func:`~compressm_core.layer_batches.plan_layers`: projection and re-diagonalisation,
+        no Gramian computed again) when the selection is ``"largest"``; a
         batch that fails with one of ``LAYER_ERRORS`` is planned again one layer at a time. The
         others go through :meth:`_plan`. Errors not in ``LAYER_ERRORS`` propagate.
         """

@@ -1,12 +1,12 @@
 """Measure and truncate the layers of one reduction event together, in batched calls.
 
 A reduction event reads every layer's system; :func:`measure_layers` stacks the systems of the
-layers that share a shape and computes their Gramian factors and Hankel singular values in one
-batched call on their device (one host transfer of the HSVs for the rank decisions), and
-:func:`plan_layers` truncates the members that share a rank in one batched SVD, projection and
-re-diagonalisation. The results agree with the one-layer path
-(:func:`~compressm_core.reduction.layer_hsv`, :func:`~compressm_core.reduction.plan_reduction`)
-up to rounding.
+layers that share a shape and computes their Gramian factors, the SVD of their product and the
+Hankel singular values in one batched call on their device (one host transfer of the HSVs for
+the rank decisions), and :func:`plan_layers` truncates the members that share a rank in one
+batched projection and re-diagonalisation, without computing a Gramian again. The results
+agree with the one-layer path (:func:`~compressm_core.reduction.layer_hsv`,
+:func:`~compressm_core.reduction.plan_reduction`) up to rounding.
 """
 
 from __future__ import annotations
