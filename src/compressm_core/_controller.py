@@ -462,6 +462,11 @@ class ControllerBase(EventFlow[Layer]):
                 )
         return events
 
+    def _cuts_expected(self) -> bool:
+        """A fixed fraction, or a certified cut, reduces every layer of an event (below the
+        gate); a tolerance decides by the HSVs, so later events often skip layers."""
+        return self.mode != "tolerance" or self.schedule_kind == "certified"
+
     def _target_rank(self, hsv: Array) -> int:
         """The rank the mode asks for, floored by ``min_rank`` and ``max_cut`` (before the
         gate)."""

@@ -3,26 +3,37 @@
 :class:`EventFlow` is the base of :class:`compressm_core.training.ControllerBase`: it declares
 what a framework controller implements (read, plan, write, snapshot, restore a layer), runs a
 reduction event on a set of layers as one transaction (plan every layer, then write, then resize
-the optimizer; undone whole if anything raises) and records its events.
+the optimizer; undone whole if anything raises) and records its events. The LTI layers of an
+event that share a shape are measured together, and those that also share a rank truncated
+together (:mod:`compressm_core.layer_batches`), where the controller reads their systems
+(:meth:`EventFlow._read_system`).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+import numpy as np
 
 from ._typing import Array
 from .errors import CompressmError
 from .schedule import ReductionEvent, ReductionWarning
+from .systems import DiagonalStateSpace
 
 if TYPE_CHECKING:
     from .certified import CertifiedSchedule
+    from .layer_batches import MeasuredLayers
+    from .reduction import ReductionPlan
+    from .training import Selection
 
-__all__ = ["LAYER_ERRORS", "EventFlow"]
+__all__ = ["BATCH_BYTES", "LAYER_ERRORS", "BatchedLayer", "EventFlow"]
 
 logger = logging.getLogger("compressm")
 
@@ -33,6 +44,52 @@ LAYER_ERRORS = (CompressmError, ValueError, RuntimeError)
 
 Layer = TypeVar("Layer")
 T = TypeVar("T")
+
+#: What measuring or planning one layer gave: its result or its error, and its seconds.
+Outcome = tuple[Any, float]
+
+
+@dataclass(frozen=True)
+class BatchedLayer:
+    """The context of a layer measured in a batch (what :meth:`EventFlow._plan_all` needs).
+
+    Attributes
+    ----------
+    measured : MeasuredLayers
+        The batch (shared with the layers of the same shape).
+    member : int
+        The layer's position in it.
+    system : DiagonalStateSpace
+        The layer's system as it was read.
+    hsv : numpy.ndarray
+        Its HSV profile (``measured.profile(member)``), on the host.
+    """
+
+    measured: MeasuredLayers
+    member: int
+    system: DiagonalStateSpace
+    hsv: np.ndarray[Any, Any]
+
+
+#: Largest stacked ``n x n`` array of a batch of layers measured together, in bytes
+#: (complex128); a larger batch is split, so an event's memory stays that of a few layers.
+BATCH_BYTES = 2**28
+
+
+def _batches(systems: Mapping[str, DiagonalStateSpace]) -> list[list[str]]:
+    """The names of ``systems`` in batches that can be stacked (equal field shapes, dtypes and
+    device), in their order, each below ``BATCH_BYTES`` per ``n x n`` array."""
+    groups: dict[tuple[Any, ...], list[list[str]]] = {}
+    for name, sys in systems.items():
+        fields = tuple(None if f is None else (tuple(f.shape), str(f.dtype)) for f in sys)
+        key = (*fields, str(getattr(sys.poles, "device", "")))
+        n = 2 * int(sys.poles.shape[-1])  # the real realization's size, at most
+        size = 16 * n * n * math.prod(int(k) for k in sys.poles.shape[:-1])
+        chunks = groups.setdefault(key, [[]])
+        if chunks[-1] and (len(chunks[-1]) + 1) * size > BATCH_BYTES:
+            chunks.append([])
+        chunks[-1].append(name)
+    return [chunk for chunks in groups.values() for chunk in chunks]
 
 
 class EventFlow(Generic[Layer]):
@@ -52,6 +109,8 @@ class EventFlow(Generic[Layer]):
     _previous: dict[str, Any]
     _journal: list[Callable[[], None]] | None
     _sizes_seen: dict[str, int] | None
+    selection: Selection
+    method: Literal["sqrt", "bfsr"]
 
     # -- framework parts ---------------------------------------------------------------------
 
@@ -93,6 +152,37 @@ class EventFlow(Generic[Layer]):
 
     def _resize_optimizer(self, applied: Mapping[str, tuple[Any, Any]]) -> None:
         """Bring the optimizer's state to the reduced layers: ``{name: (plan, report)}``."""
+        raise NotImplementedError
+
+    def _target_rank(self, hsv: Array) -> int:
+        """The rank the mode asks for (:class:`~compressm_core.training.ControllerBase`)."""
+        raise NotImplementedError
+
+    def _cuts_expected(self) -> bool:
+        """Whether most layers of an event are expected to be cut (then their measurement keeps
+        the singular vectors the truncation needs; otherwise only the HSVs are computed first)."""
+        return True
+
+    def _read_system(self, name: str, layer: Layer) -> DiagonalStateSpace | None:
+        """The system of an LTI layer, on the device where the event's maths run (float64 /
+        complex128), to be measured with the layers of the same shape in one batch; ``None``:
+        the layer is measured and planned alone (:meth:`_measure`, :meth:`_plan`)."""
+        return None
+
+    def _event_horizon(self) -> int | None:
+        """The horizon of the Gramians of this event (``None``: infinite)."""
+        return None
+
+    def _unbatched(self, name: str, layer: Layer, batched: BatchedLayer) -> Any:
+        """The context :meth:`_measure` would have returned for a layer measured in a batch
+        (to plan it alone)."""
+        raise NotImplementedError
+
+    def _batched_plan(
+        self, name: str, layer: Layer, batched: BatchedLayer, plan: ReductionPlan
+    ) -> Any:
+        """What :meth:`_plan` returns, from the layer's balanced truncation ``plan``
+        (:func:`~compressm_core.layer_batches.plan_layers`)."""
         raise NotImplementedError
 
     def _end_event(self, names: Sequence[str]) -> None:
@@ -218,6 +308,8 @@ class EventFlow(Generic[Layer]):
         the planned layers are written (each with its error check, undone on failure), then the
         optimizer follows. A layer that fails with one of ``LAYER_ERRORS`` is refused and
         left as it was; any other exception propagates and the transaction undoes the event.
+        The layers are measured and planned in batches (:meth:`_measure_batches`,
+        :meth:`_plan_all`); a layer's ``seconds`` include its share of its batches.
         """
         if self._journal is None:
             return self._transaction(lambda: self._reduce_all(names), deep=True)
@@ -225,27 +317,31 @@ class EventFlow(Generic[Layer]):
         self._record_undo(self._begin_event(chosen))
         events: dict[str, ReductionEvent] = {}
         planned: dict[str, tuple[int, list[float], Any, float]] = {}
-        for name in chosen:
-            start = time.perf_counter()
-            layer = self.layers[name]
-            old = self._layer_state_size(layer)
-            hsv: list[float] = []
-            try:
-                hsv, rank, total, context = self._measure(name, layer)
+        for measured in self._measure_batches(chosen):  # one batch's arrays alive at a time
+            due: dict[str, tuple[int, Any]] = {}
+            for name, (outcome, seconds) in measured.items():
+                if isinstance(outcome, LAYER_ERRORS):
+                    old = self._layer_state_size(self.layers[name])
+                    events[name] = self._refused(name, old, outcome, seconds)
+                    continue
+                hsv, rank, total, context = outcome
                 if not rank < self.gate * total:
                     reason = (
                         f"rank {rank} of {total} is not below the gate {self.gate:g} x {total}"
                     )
-                    seconds = time.perf_counter() - start
                     events[name] = self._event(
                         name, "skipped", hsv=hsv, reason=reason, seconds=seconds
                     )
                     continue
-                plan = self._plan(name, layer, rank, context)
-            except LAYER_ERRORS as err:
-                events[name] = self._refused(name, old, err, time.perf_counter() - start, hsv)
-                continue
-            planned[name] = (old, hsv, plan, time.perf_counter() - start)
+                due[name] = (rank, context)
+            for name, (plan, seconds) in self._plan_all(due).items():
+                old = self._layer_state_size(self.layers[name])
+                hsv, measuring = measured[name][0][0], measured[name][1]
+                if isinstance(plan, LAYER_ERRORS):
+                    events[name] = self._refused(name, old, plan, seconds + measuring, hsv)
+                    continue
+                planned[name] = (old, hsv, plan, seconds + measuring)
+        planned = {name: planned[name] for name in chosen if name in planned}
         applied: dict[str, tuple[Any, Any]] = {}
         for name, (old, hsv, plan, seconds) in planned.items():
             start = time.perf_counter()
@@ -264,6 +360,126 @@ class EventFlow(Generic[Layer]):
         ordered = [events[name] for name in chosen]
         self.history += ordered
         return ordered
+
+    def _measure_batches(self, names: Sequence[str]) -> Iterator[dict[str, Outcome]]:
+        """Measure the layers ``names``, one batch after another: ``{name: (measurement or
+        error, seconds)}`` per batch.
+
+        The systems of the layers :meth:`_read_system` reads are grouped by shape (at most
+        ``BATCH_BYTES`` per stacked ``n x n`` array) and each group is measured in one batched
+        call (:func:`~compressm_core.layer_batches.measure_layers`: Gramian factors, SVD and
+        HSVs on the systems' device, one host transfer of the HSVs for the rank decisions); a
+        group whose batched call fails with one of ``LAYER_ERRORS`` is measured again one layer
+        at a time, so the error is the failing layer's own. The other layers go through
+        :meth:`_measure`, in the first batch. Errors not in ``LAYER_ERRORS`` propagate.
+        """
+        from .layer_batches import measure_layers  # it imports the training module
+
+        alone: dict[str, Outcome] = {}
+        systems: dict[str, tuple[DiagonalStateSpace, float]] = {}
+        for name in names:
+            start = time.perf_counter()
+            layer = self.layers[name]
+            try:
+                sys = self._read_system(name, layer)
+            except LAYER_ERRORS as err:
+                alone[name] = (err, time.perf_counter() - start)
+                continue
+            if sys is None:
+                alone[name] = self._timed(self._measure, name, layer, start=start)
+            else:
+                systems[name] = (sys, time.perf_counter() - start)
+        if alone:
+            yield alone
+        horizon = self._event_horizon() if systems else None
+        for group in _batches({name: sys for name, (sys, _) in systems.items()}):
+            out: dict[str, Outcome] = {}
+            start = time.perf_counter()
+            try:
+                batch = measure_layers(
+                    [systems[n][0] for n in group],
+                    horizon=horizon,
+                    real_output=self.real_output,
+                    vectors=self._cuts_expected(),
+                )
+            except LAYER_ERRORS:
+                for name in group:
+                    outcome, seconds = self._timed(self._measure, name, self.layers[name])
+                    out[name] = (outcome, systems[name][1] + seconds)
+                yield out
+                continue
+            share = (time.perf_counter() - start) / len(group)
+            for member, name in enumerate(group):
+                begin = time.perf_counter()
+                try:
+                    hsv = batch.profile(member)
+                    result: Any = (
+                        [float(h) for h in hsv],
+                        self._target_rank(hsv),
+                        int(hsv.shape[-1]),
+                        BatchedLayer(batch, member, systems[name][0], hsv),
+                    )
+                except LAYER_ERRORS as err:
+                    result = err
+                seconds = systems[name][1] + share + time.perf_counter() - begin
+                out[name] = (result, seconds)
+            yield out
+
+    def _plan_all(self, due: Mapping[str, tuple[int, Any]]) -> dict[str, Outcome]:
+        """Plan the layers ``{name: (rank, context)}``: ``{name: (plan or error, seconds)}``.
+
+        Layers measured in one batch that share a rank are truncated in one batched call
+        (:func:`~compressm_core.layer_batches.plan_layers`: projection and re-diagonalisation,
+        no Gramian computed again) when the selection is ``"largest"``; a
+        batch that fails with one of ``LAYER_ERRORS`` is planned again one layer at a time. The
+        others go through :meth:`_plan`. Errors not in ``LAYER_ERRORS`` propagate.
+        """
+        from .layer_batches import plan_layers  # it imports the training module
+
+        out: dict[str, Outcome] = {}
+        groups: dict[tuple[int, int], list[str]] = {}
+        for name, (rank, context) in due.items():
+            if isinstance(context, BatchedLayer) and self.selection == "largest":
+                groups.setdefault((id(context.measured), rank), []).append(name)
+            else:
+                out[name] = self._timed(self._plan_one, name, rank, context)
+        for (_, rank), group in groups.items():
+            start = time.perf_counter()
+            contexts: list[BatchedLayer] = [due[n][1] for n in group]
+            try:
+                plans = plan_layers(
+                    contexts[0].measured,
+                    [c.member for c in contexts],
+                    rank,
+                    method=self.method,
+                )
+            except LAYER_ERRORS:
+                for name in group:
+                    out[name] = self._timed(self._plan_one, name, rank, due[name][1])
+                continue
+            share = (time.perf_counter() - start) / len(group)
+            for name, context, plan in zip(group, contexts, plans, strict=True):
+                layer = self.layers[name]
+                outcome = self._timed(self._batched_plan, name, layer, context, plan)
+                out[name] = (outcome[0], outcome[1] + share)
+        return out
+
+    def _plan_one(self, name: str, rank: int, context: Any) -> Any:
+        layer = self.layers[name]
+        if isinstance(context, BatchedLayer):
+            context = self._unbatched(name, layer, context)
+        return self._plan(name, layer, rank, context)
+
+    @staticmethod
+    def _timed(work: Callable[..., Any], *args: Any, start: float | None = None) -> Outcome:
+        """``(work(*args), seconds)``, or ``(error, seconds)`` if it raised one of
+        ``LAYER_ERRORS``; the seconds count from ``start`` (default: now)."""
+        start = time.perf_counter() if start is None else start
+        try:
+            result = work(*args)
+        except LAYER_ERRORS as err:
+            result = err
+        return result, time.perf_counter() - start
 
     def _event(
         self, name: str, status: str, old: int | None = None, new: int | None = None, **kw: Any

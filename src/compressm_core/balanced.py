@@ -117,33 +117,41 @@ def _rank_for_batch(s: Array, tau: float, energy: Literal["sum", "squared"]) -> 
     return max(select_rank(row, tau=tau, energy=energy) for row in hsv)
 
 
-def _truncate(
+class _Factors(NamedTuple):
+    """The promoted system (the real ``2n``-state one with ``real_output``), its Gramian
+    factors ``Lc``, ``Lo`` and the dtype of results: everything of a balanced truncation that
+    does not depend on the rank."""
+
+    system: StateSpace | DiagonalStateSpace
+    lc: Array
+    lo: Array
+    n: int
+    xp: Namespace
+    result: object
+
+
+def _factors(
     sys: StateSpace | DiagonalStateSpace,
-    rank: int | None,
-    tau: float | None,
-    energy: Literal["sum", "squared"],
-    method: str,
     horizon: int | None,
     real_output: bool,
     xp: Namespace | None,
-) -> tuple[StateSpace, Array, Array, Array, Array, Namespace, object, int]:
-    if method not in ("sqrt", "bfsr"):
-        msg = f"`method` must be 'sqrt' or 'bfsr'; received {method!r}."
-        raise ValueError(msg)
+) -> _Factors:
     p, q, system, info, xp, result = prepared_gramians(
         sys, horizon=horizon, real_output=real_output, xp=xp
     )
     if info.n == 0:
         msg = "`sys` must have at least one state to balance; received a system with n = 0."
         raise ShapeError(msg)
-    if rank is not None:
-        rank = check_int(rank, "rank", low=1, high=info.n)
-    lc, lo = psd_factor(p, xp), psd_factor(q, xp)
-    u, s, vh = xp.linalg.svd(_xp.conj_transpose(lo, xp) @ lc, full_matrices=False)
-    r = rank if rank is not None else info.n if tau is None else _rank_for_batch(s, tau, energy)
-    traced = _xp.is_traced(s)
-    if not traced:
-        _check_numerical_rank(s, r, xp)
+    return _Factors(system, psd_factor(p, xp), psd_factor(q, xp), info.n, xp, result)
+
+
+def _projected(
+    f: _Factors, svd: tuple[Array, Array, Array], r: int, method: str
+) -> tuple[StateSpace, Array, Array]:
+    """The system projected onto the leading ``r`` balanced states, ``T`` and ``T_inv``, in
+    the result dtype; ``svd`` is ``svd(Lo^H Lc)``."""
+    xp, lc, lo = f.xp, f.lc, f.lo
+    u, s, vh = svd
     lc_v = lc @ _xp.conj_transpose(vh, xp)[..., :, :r]
     u_r, lc_v = _normalize_phases(u[..., :, :r], lc_v, xp)
     if method == "sqrt":
@@ -156,18 +164,42 @@ def _truncate(
         y_h = _xp.conj_transpose(y_basis, xp)
         t = x_basis
         t_inv = xp.linalg.solve(y_h @ x_basis, y_h)
-    reduced = _project(system, t, t_inv, xp)
-    real = _xp.real_dtype_of(result, xp)
+    reduced = _project(f.system, t, t_inv, xp)
     return (
-        StateSpace(*(None if f is None else xp.astype(f, result) for f in reduced)),
-        xp.astype(s, real),
-        xp.astype(t, result),
-        xp.astype(t_inv, result),
-        s,
-        xp,
-        real,
-        r,
+        StateSpace(*(None if x is None else xp.astype(x, f.result) for x in reduced)),
+        xp.astype(t, f.result),
+        xp.astype(t_inv, f.result),
     )
+
+
+def _check_method(method: str) -> None:
+    if method not in ("sqrt", "bfsr"):
+        msg = f"`method` must be 'sqrt' or 'bfsr'; received {method!r}."
+        raise ValueError(msg)
+
+
+def _truncate(
+    sys: StateSpace | DiagonalStateSpace,
+    rank: int | None,
+    tau: float | None,
+    energy: Literal["sum", "squared"],
+    method: str,
+    horizon: int | None,
+    real_output: bool,
+    xp: Namespace | None,
+) -> tuple[StateSpace, Array, Array, Array, Namespace, int]:
+    _check_method(method)
+    f = _factors(sys, horizon, real_output, xp)
+    xp = f.xp
+    if rank is not None:
+        rank = check_int(rank, "rank", low=1, high=f.n)
+    u, s, vh = xp.linalg.svd(_xp.conj_transpose(f.lo, xp) @ f.lc, full_matrices=False)
+    r = rank if rank is not None else f.n if tau is None else _rank_for_batch(s, tau, energy)
+    if not _xp.is_traced(s):
+        _check_numerical_rank(s, r, xp)
+    reduced, t, t_inv = _projected(f, (u, s, vh), r, method)
+    real = _xp.real_dtype_of(f.result, xp)
+    return reduced, xp.astype(s, real), t, t_inv, xp, r
 
 
 def balanced_truncation(
@@ -278,7 +310,7 @@ def balanced_truncation(
         raise TypeError(msg)
     if tau is not None:
         tau = check_tau(tau)
-    reduced, hsv, t, t_inv, _, xp, _, r = _truncate(
+    reduced, hsv, t, t_inv, xp, r = _truncate(
         sys, rank, tau, energy, method, horizon, real_output, xp
     )
     return BalancedTruncation(reduced, hsv, hankel_error_bound(hsv, r, xp=xp), t, t_inv)
@@ -321,7 +353,7 @@ def balanced_realization(
     ConditioningError
         If the system is not minimal (a zero HSV).
     """
-    reduced, hsv, t, t_inv, _, _, _, _ = _truncate(
+    reduced, hsv, t, t_inv, _, _ = _truncate(
         sys, None, None, "sum", "sqrt", horizon, real_output, xp
     )
     return BalancedRealization(reduced, hsv, t, t_inv)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, TypeVar
 
 from ._controller import ControllerBase
+from ._events import BatchedLayer
 from ._summary import relative_bound
 from .checks import check_fraction, check_int
 
@@ -30,6 +31,7 @@ __all__ = [
     "MODES",
     "SCHEDULES",
     "SELECTIONS",
+    "BatchedLayer",
     "ControllerBase",
     "Mode",
     "ReductionKeywords",

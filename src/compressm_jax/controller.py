@@ -7,16 +7,18 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from compressm_core import DiagonalStateSpace, hankel_singular_values
 from compressm_core.checks import check_int
-from compressm_core.layer_writes import LayerPlan
+from compressm_core.layer_writes import LayerPlan, layer_plan
 from compressm_core.layers import check_layer_sizes
 from compressm_core.rank import shared_rank_hsv
-from compressm_core.reduction import ReduceArguments
+from compressm_core.reduction import ReduceArguments, ReductionPlan
 from compressm_core.schedule import ReductionWarning
 from compressm_core.training import (
+    BatchedLayer,
     ControllerBase,
     ReductionKeywords,
     ReductionOptions,
@@ -238,6 +240,29 @@ class CompreSSM(ControllerBase[nnx.Module]):
             hankel_singular_values(sys, horizon=self.horizon, real_output=self.real_output)
         )
         return [float(h) for h in hsv], self._target_rank(hsv), int(hsv.shape[-1]), sys
+
+    def _read_system(self, name: str, layer: nnx.Module) -> DiagonalStateSpace:
+        """The layer's system in float64 on the host, where the event's batched maths run."""
+        return host_system(get_adapter(layer).to_state_space(layer))
+
+    def _event_horizon(self) -> int | None:
+        return self.horizon
+
+    def _unbatched(self, name: str, layer: nnx.Module, batched: BatchedLayer) -> Any:
+        return batched.system
+
+    def _batched_plan(
+        self, name: str, layer: nnx.Module, batched: BatchedLayer, plan: ReductionPlan
+    ) -> tuple[DiagonalStateSpace, LayerPlan]:
+        adapter = get_adapter(layer)
+        values = layer_plan(
+            plan,
+            batched.hsv,
+            from_state_space=lambda reduced: adapter.from_state_space(layer, reduced),
+            sliced=lambda indices: _sliced(layer, adapter, indices),
+            host=np.asarray,
+        )
+        return batched.system, values
 
     def _plan(
         self, name: str, layer: nnx.Module, rank: int, context: Any

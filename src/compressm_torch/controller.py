@@ -13,13 +13,14 @@ from torch import nn
 
 from compressm_core import DiagonalStateSpace, hankel_singular_values, select_state_indices
 from compressm_core.rank import shared_rank_hsv
-from compressm_core.reduction import ReduceArguments
+from compressm_core.reduction import ReduceArguments, ReductionPlan
 from compressm_core.schedule import (
     ReductionEvent,
     ReductionWarning,
     reduction_schedule,
 )
 from compressm_core.training import (
+    BatchedLayer,
     ControllerBase,
     ReductionKeywords,
     ReductionOptions,
@@ -34,7 +35,7 @@ from ._shadows import match_shadows, snapshot_shadows, sync_shadows
 from .adapters import LayerAdapter, SelectiveAdapter, get_adapter, resize_layers, state_sizes
 from .adapters import find_layers as _find_layers
 from .optim import OptimizerStatePolicy, resize_optimizer_state
-from .reduction import LayerReduction
+from .reduction import LayerReduction, _plan_values
 from .reduction import _apply as _apply_lti
 from .reduction import _plan as _plan_lti
 from .selective import (
@@ -509,6 +510,27 @@ class CompreSSM(ControllerBase[nn.Module]):
         )
         rank = self._target_rank(hsv)
         return hsv.detach().cpu().tolist(), rank, int(hsv.shape[-1]), (sys, hsv, horizon)
+
+    def _read_system(self, name: str, layer: nn.Module) -> DiagonalStateSpace | None:
+        """The system of an LTI layer (float64 / complex128 on the parameters' device, where the
+        event's batched maths then run); ``None`` for a selective layer."""
+        adapter = get_adapter(layer)
+        return adapter.to_state_space(layer) if isinstance(adapter, LayerAdapter) else None
+
+    def _event_horizon(self) -> int | None:
+        return self._resolved_horizon()
+
+    def _unbatched(self, name: str, layer: nn.Module, batched: BatchedLayer) -> Any:
+        return batched.system, torch.as_tensor(batched.hsv), batched.measured.horizon
+
+    def _batched_plan(
+        self, name: str, layer: nn.Module, batched: BatchedLayer, plan: ReductionPlan
+    ) -> _LayerPlan:
+        adapter = get_adapter(layer)
+        assert isinstance(adapter, LayerAdapter)
+        shapes = {p: tuple(v.shape) for p, v in layer.named_parameters()}
+        values = _plan_values(layer, adapter, plan, torch.as_tensor(batched.hsv))
+        return _LayerPlan(adapter, shapes, values, batched.system)
 
     def _plan(self, name: str, layer: nn.Module, rank: int, context: Any) -> _LayerPlan:
         adapter = get_adapter(layer)

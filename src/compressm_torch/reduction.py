@@ -10,7 +10,12 @@ from torch import nn
 
 from compressm_core import DiagonalStateSpace, StabilityError, h_infinity_norm
 from compressm_core.layer_writes import LayerPlan, apply_all, layer_plan, write_plan
-from compressm_core.reduction import LayerReduction, ReduceArguments, ReduceKeywords
+from compressm_core.reduction import (
+    LayerReduction,
+    ReduceArguments,
+    ReduceKeywords,
+    ReductionPlan,
+)
 from compressm_core.training import Selection, signature_with
 
 from ._params import assign, resolve
@@ -227,8 +232,16 @@ def _plan(
     def permute(n: int) -> torch.Tensor:
         return torch.randperm(n, generator=generator).to(sys.poles.device)
 
+    return _plan_values(layer, adapter, arguments.plan(sys, rank, permute), hsv)
+
+
+def _plan_values(
+    layer: nn.Module, adapter: LayerAdapter, plan: ReductionPlan, hsv: torch.Tensor
+) -> LayerPlan:
+    """The parameter values of ``layer`` that realise ``plan`` (sliced or re-parameterised);
+    nothing is written."""
     return layer_plan(
-        arguments.plan(sys, rank, permute),
+        plan,
         hsv,
         from_state_space=lambda reduced: adapter.from_state_space(layer, reduced),
         sliced=lambda indices: _sliced(layer, adapter, indices),

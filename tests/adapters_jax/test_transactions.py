@@ -1,7 +1,9 @@
 """Reduction events of the Flax NNX controller are transactions: all layers or none.
 
 Faults are injected by replacing a function the event calls (``rediagonalize``, the H-infinity
-norm of the error check, the optax-state surgery) with one that raises on a chosen call.
+norm of the error check, the optax-state surgery) with one that raises on a chosen call. The
+layers of one shape and rank are re-diagonalised in one batched call
+(:mod:`compressm_core.layer_batches`), a layer planned alone in its own.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ nnx = pytest.importorskip("flax.nnx")
 jax.config.update("jax_enable_x64", True)
 jnp = jax.numpy
 
+import compressm_core.layer_batches as layer_batches  # noqa: E402
 import compressm_core.reduction as core_reduction  # noqa: E402
 import compressm_jax.controller as controller_module  # noqa: E402
 import compressm_jax.reduction as reduction_module  # noqa: E402
@@ -23,12 +26,12 @@ from compressm_jax.controller import CompreSSM, ReductionWarning  # noqa: E402
 
 
 class Net(nnx.Module):
-    def __init__(self, layer, d_state=16):
+    def __init__(self, layer, d_state=16, second=None):
         rngs = nnx.Rngs(0)
         kw = {"r_min": 0.3, "r_max": 0.95} if layer is LRU else {}
         self.enc = nnx.Linear(2, 4, rngs=rngs)
         self.ssm0 = layer(4, d_state, rngs=rngs, **kw)
-        self.ssm1 = layer(4, d_state, rngs=rngs, **kw)
+        self.ssm1 = layer(4, second or d_state, rngs=rngs, **kw)
 
 
 def train(model, opt, n=1, seed=0):
@@ -40,8 +43,8 @@ def train(model, opt, n=1, seed=0):
         opt.update(model, grads)
 
 
-def make(layer, tx=None):
-    model = Net(layer)
+def make(layer, tx=None, second=None):
+    model = Net(layer, second=second)
     opt = nnx.Optimizer(model, tx or optax.adam(1e-2), wrt=nnx.Param)
     train(model, opt, 2)
     return model, opt
@@ -124,20 +127,24 @@ def test_failed_error_check_refuses_that_layer_and_leaves_it_unchanged(monkeypat
 
 
 @pytest.mark.parametrize("layer", [LRU, S5], ids=["lru", "s5"])
-def test_interrupted_event_restores_everything_and_is_retried(monkeypatch, layer):
-    model, opt = make(layer)
+@pytest.mark.parametrize("second", [16, 12])
+def test_interrupted_event_restores_everything_and_is_retried(monkeypatch, layer, second):
+    # layers of one size are re-diagonalised in one batched call; of two sizes in two
+    model, opt = make(layer, second=second)
     ctl = CompreSSM(model, opt, total_steps=10, mode="fixed", fraction=0.5, reduction_steps=[2])
     assert ctl.step() == []
     before = state_of(model, opt, ctl)
-    fake = failing_on({2}, KeyboardInterrupt())(core_reduction.rediagonalize)
+    calls = {1 if second == 16 else 2}  # the last call: the second layer's
+    fake = failing_on(calls, KeyboardInterrupt())(core_reduction.rediagonalize)
     monkeypatch.setattr(core_reduction, "rediagonalize", fake)
+    monkeypatch.setattr(layer_batches, "rediagonalize", fake)
     with pytest.raises(KeyboardInterrupt):
         ctl.step()
     assert_unchanged(model, opt, ctl, before)
     monkeypatch.undo()
     events = ctl.step()  # the same step again: its event is retried
     assert [(e.step, e.status) for e in events] == [(2, "reduced"), (2, "reduced")]
-    assert ctl.state_sizes == {"ssm0": 8, "ssm1": 8}
+    assert ctl.state_sizes == {"ssm0": 8, "ssm1": second // 2}
     assert_consistent(model, opt, ctl)
     train(model, opt, 1)
 

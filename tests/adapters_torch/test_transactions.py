@@ -2,7 +2,8 @@
 
 Faults are injected by replacing a function the event calls (``rediagonalize``, the H-infinity
 norm of the error check, the optimizer surgery, the index selection of selective layers) with
-one that raises on a chosen call.
+one that raises on a chosen call. The layers of one shape and rank are re-diagonalised in one
+batched call (:mod:`compressm_core.layer_batches`), a layer planned alone in its own.
 """
 
 from __future__ import annotations
@@ -13,11 +14,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import compressm_core.layer_batches as layer_batches  # noqa: E402
 import compressm_core.reduction as core_reduction  # noqa: E402
 import compressm_torch.controller as controller_module  # noqa: E402
 import compressm_torch.reduction as reduction_module  # noqa: E402
 import compressm_torch.selective as selective_module  # noqa: E402
-from compressm_torch import CompreSSM, ReductionWarning, SequenceModel, get_adapter  # noqa: E402
+from compressm_torch import (  # noqa: E402
+    CompreSSM,
+    ReductionWarning,
+    SequenceModel,
+    get_adapter,
+    reduce_model,
+)
 
 LAYERS = ["blocks.0.ssm", "blocks.1.ssm"]
 
@@ -54,6 +62,13 @@ def failing_on(calls, error):
         return fake
 
     return wrap
+
+
+def fail_rediagonalize(monkeypatch, calls, error):
+    """Make ``rediagonalize`` raise ``error`` on the given calls, batched or one layer's."""
+    fake = failing_on(calls, error)(core_reduction.rediagonalize)
+    monkeypatch.setattr(core_reduction, "rediagonalize", fake)
+    monkeypatch.setattr(layer_batches, "rediagonalize", fake)
 
 
 def state_of(model, opt, ctl):
@@ -138,21 +153,23 @@ def test_failed_error_check_refuses_that_layer_and_leaves_it_unchanged(monkeypat
 
 @pytest.mark.parametrize("layer", ["lru", "s5"])
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), ZeroDivisionError("bug")])
-def test_interrupted_event_restores_everything_and_is_retried(monkeypatch, layer, error):
+@pytest.mark.parametrize("first", [16, 12])
+def test_interrupted_event_restores_everything_and_is_retried(monkeypatch, layer, error, first):
     model, opt = make(layer)
+    # layers of one size are re-diagonalised in one batched call; of two sizes in two
+    reduce_model(model, {LAYERS[0]: first})
     train(model, opt, 2)
     ctl = CompreSSM(model, opt, total_steps=10, mode="fixed", fraction=0.5, reduction_steps=[2])
     assert ctl.step() == []
     before = state_of(model, opt, ctl)
-    fake = failing_on({2}, error)(core_reduction.rediagonalize)  # the second layer's
-    monkeypatch.setattr(core_reduction, "rediagonalize", fake)
+    fail_rediagonalize(monkeypatch, {1 if first == 16 else 2}, error)  # the last call
     with pytest.raises(type(error)):
         ctl.step()
     assert_unchanged(model, opt, ctl, before)
     monkeypatch.undo()
     events = ctl.step()  # the same step again: its event is retried
     assert [(e.step, e.status) for e in events] == [(2, "reduced"), (2, "reduced")]
-    assert ctl.state_sizes == dict.fromkeys(LAYERS, 8)
+    assert ctl.state_sizes == {LAYERS[0]: first // 2, LAYERS[1]: 8}
     assert_consistent(model, opt, ctl)
     train(model, opt, 2)
     assert ctl.step() == []
@@ -209,8 +226,7 @@ def test_interrupted_pragmatic_event_leaves_nothing_pending(monkeypatch):
     )
     ctl.report_metric(0.8)
     before = state_of(model, opt, ctl)
-    fake = failing_on({1}, KeyboardInterrupt())(core_reduction.rediagonalize)
-    monkeypatch.setattr(core_reduction, "rediagonalize", fake)
+    fail_rediagonalize(monkeypatch, {1}, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         ctl.step()
     assert_unchanged(model, opt, ctl, before)
