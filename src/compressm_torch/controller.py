@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,10 +28,10 @@ from compressm_core.training import (
 
 from . import _fsdp
 from ._distributed import all_reduce_numbers
+from ._journal import journal_layers, restore_training, snapshot_training
 from ._options import check_torch_options
-from ._params import assign
 from ._shadows import match_shadows, snapshot_shadows, sync_shadows
-from .adapters import LayerAdapter, SelectiveAdapter, get_adapter, resize_layers, state_sizes
+from .adapters import LayerAdapter, SelectiveAdapter, get_adapter
 from .adapters import find_layers as _find_layers
 from .optim import OptimizerStatePolicy, resize_optimizer_state
 from .reduction import LayerReduction, _plan_values
@@ -323,38 +322,12 @@ class CompreSSM(ControllerBase[nn.Module]):
         return self.seen_length
 
     def _snapshot(self) -> dict[str, Any]:
-        return {
-            "sizes": state_sizes(self.model),
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "optimizer": None
-            if self.optimizer is None
-            else copy.deepcopy(self.optimizer.state_dict()),
-            "lr_scheduler": None
-            if self.lr_scheduler is None
-            else copy.deepcopy(self.lr_scheduler.state_dict()),
-            "extra_models": [
-                (state_sizes(m), {k: v.detach().clone() for k, v in m.state_dict().items()})
-                for m in self.extra_models
-            ],
-        }
+        return snapshot_training(self.model, self.optimizer, self.lr_scheduler, self.extra_models)
 
     def _restore(self, snap: dict[str, Any], *, exact: bool = False) -> None:
-        resize_layers(self.model, snap["sizes"])
-        self.model.load_state_dict(snap["model"])
-        for shadow, (sizes, state) in zip(self.extra_models, snap["extra_models"], strict=True):
-            resize_layers(shadow, sizes)
-            shadow.load_state_dict(state)
-        optimizer = self.optimizer
-        if optimizer is not None:
-            groups = [
-                {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
-            ]
-            optimizer.load_state_dict(snap["optimizer"])
-            if not exact:  # the learning rates (set by the scheduler) stay where training is
-                for group, hyper in zip(optimizer.param_groups, groups, strict=True):
-                    group.update(hyper)
-        if exact and self.lr_scheduler is not None and snap.get("lr_scheduler") is not None:
-            self.lr_scheduler.load_state_dict(snap["lr_scheduler"])
+        restore_training(
+            snap, self.model, self.optimizer, self.lr_scheduler, self.extra_models, exact=exact
+        )
 
     def _gather(self, names: Sequence[str], *, optimizer: bool) -> list[_fsdp.GatheredParameter]:
         """Under FSDP2: the full parameters of the layers ``names`` in place of their shards
@@ -368,37 +341,16 @@ class CompreSSM(ControllerBase[nn.Module]):
     def _begin_event(self, names: Sequence[str]) -> Callable[[], None]:
         gathered = self._gathered = self._gather(names, optimizer=True)
         layers = [self.layers[name] for name in names]
-        params = {id(p): p for layer in layers for p in layer.parameters()}.values()
-        # values are replaced (``.data``), never changed in place: aliases are enough
-        values = [(p, p.detach(), p.grad) for p in params]
-        optimizer = self.optimizer
-        states = {}
-        if optimizer is not None:
-            states = {p: dict(optimizer.state[p]) for p in params if p in optimizer.state}
-        sizes = [(layer, self._layer_state_size(layer)) for layer in layers]
+        undo_layers = journal_layers(layers, self.optimizer, self._layer_state_size)
         generator = self._generator.get_state()
         undo_shadows = snapshot_shadows(self._shadows, names)
 
         @torch.no_grad()
         def undo() -> None:
             undo_shadows()
-            for param, value, grad in values:
-                assign(param, value)
-                param.grad = grad
-            for layer, size in sizes:
-                adapter = get_adapter(layer)
-                if isinstance(adapter, SelectiveAdapter):
-                    adapter.on_resize(layer, size)
-                elif adapter.on_resize is not None:
-                    adapter.on_resize(layer)
-            if optimizer is not None:
-                for param in params:
-                    if param in states:
-                        optimizer.state[param] = states[param]
-                    else:
-                        optimizer.state.pop(param, None)
+            undo_layers()
             self._generator.set_state(generator)
-            _fsdp.release(gathered, optimizer)
+            _fsdp.release(gathered, self.optimizer)
             self._gathered = []
 
         self._gather_statistics()
