@@ -298,7 +298,7 @@ def accumulate_chunked(
     cumulative log-sum-exp over time (:func:`_decayed_sum`): ``p`` with
     ``beta = dt^2 B^2``, ``m`` with ``beta = 1``, then ``r`` with ``beta = p``. Chunks are
     chained by the logarithms of the last ``p, m, r`` of the previous chunk (a Python loop
-    over chunks, not steps): an update costs about 35 whole-array operations per chunk instead
+    over chunks, not steps): an update costs about 30 whole-array operations per chunk instead
     of about ten per time step. Everything runs in the accumulator's precision (float64 where
     the device has it): the logarithms reach ``|S_t|`` within a chunk, and the relative error
     of a term is about ``eps |S_t|``.
@@ -318,7 +318,7 @@ def accumulate_chunked(
         log_b2 = _per_channel(_log_square(b, xp), channels, groups, xp)
         out = _per_channel(c, channels, groups, xp)
         gamma = out * out
-        twice_a = 2 * a
+        minus_twice_a = -2 * a
         start = xp.full(
             (batch, channels, int(a.shape[-1])), -xp.inf, dtype=work, device=_xp.device_of(a)
         )
@@ -329,14 +329,14 @@ def accumulate_chunked(
         sums["poles"] = sums["poles"] + xp.sum(xp.exp(step_dt * a), axis=(0, 1))
         if not gramians:
             continue
-        # S_t = log prod_{j <= t} a_j^2 <= 0, from the start of the chunk
-        drop = xp.cumulative_sum(step_dt, axis=1) * twice_a
-        shifted = (log_dt2[:, lo:hi, ...] - drop) + log_b2[:, lo:hi, ...]
+        # -S_t = -log prod_{j <= t} a_j^2 >= 0, from the start of the chunk
+        rise = xp.cumulative_sum(step_dt, axis=1) * minus_twice_a
+        shifted = (log_dt2[:, lo:hi, ...] + rise) + log_b2[:, lo:hi, ...]
         # log x_t - S_t of p (beta = b~^2), m (beta = 1) and r (beta = p: log p_t - S_t)
         rel_p = _decayed_sum(log_p, shifted, xp)
-        rel_m = _decayed_sum(log_m, -drop, xp)
+        rel_m = _decayed_sum(log_m, rise, xp)
         rel_r = _decayed_sum(log_r, rel_p, xp)
-        log_p, log_m, log_r = (drop + rel for rel in (rel_p, rel_m, rel_r))
+        log_p, log_m, log_r = (rel - rise for rel in (rel_p, rel_m, rel_r))
         weight = gamma[:, lo:hi, ...]
         sums["controllability"] = sums["controllability"] + xp.sum(xp.exp(log_p), axis=(0, 1))
         sums["observability"] = sums["observability"] + xp.sum(weight * xp.exp(log_m), axis=(0, 1))

@@ -264,7 +264,7 @@ def update_selective_statistics(
           in the inputs' precision when that is single or half precision, then folded into
           the accumulator. Not for JAX arrays.
         - ``"chunked"``: each chunk of ``time_block`` steps by cumulative log-sum-exps over
-          time in the accumulator's precision, chunks chained by a carry: about 35 whole-array
+          time in the accumulator's precision, chunks chained by a carry: about 30 whole-array
           operations per chunk, no loop over time steps (``O(L)`` work, several
           transcendental functions per sample).
         - ``"doubling"``: each chunk by a Hillis-Steele doubling scan, ``ceil(log2 T)``
@@ -317,7 +317,7 @@ def update_selective_statistics(
 
     so no backward pass over time and no stored history beyond one block is needed. Cost
     ``O(batch L D N)`` elementwise operations for ``"sequential"`` (about ten per sample and
-    mode) and ``"chunked"`` (about 35, including three cumulative log-sum-exps),
+    mode) and ``"chunked"`` (about 30, including three cumulative log-sum-exps),
     ``O(batch L D N log T)`` for ``"doubling"``. The cost is proportional to the
     number of sequences: to make it cheaper, pass a subset of the batch (every field is a sum
     over sequences, so a subset estimates the same averages from fewer samples).
