@@ -71,8 +71,9 @@ def test_methods_match_direct_recursion(xp, groups) -> None:
     c[0, 6:, ...] = 0.0
     want = _direct(dt, a, b, c)
     inputs = [to_xp(x, xp) for x in (dt, a, b, c)]
+    blocks = (4,) if is_jax_namespace(xp) else (1, 4, None)  # JAX compiles every shape
     for method in _methods(xp):
-        for block in (1, 4, None):
+        for block in blocks:
             got = _update(inputs, method, block)
             for key, value in want.items():
                 assert_close(getattr(got, key), value, 1e-12, xp=xp)
