@@ -9,7 +9,8 @@ residual block, loss ``mean(y**2)``, AdamW:
    128 (the speed-up that a reduction from 128 buys);
 2. the cost of the statistics that a reduction needs: one :class:`SelectiveRecorder` update
    (the projections recomputed from the layer's input and the streaming Gramian sums, with the
-   method that ``update_selective_statistics`` picks by default), as a share of a training step
+   method that ``update_selective_statistics`` picks by default: the loop over time on a CPU,
+   chunks on a GPU), as a share of a training step
    and of a forward pass, for the whole batch and for its first sequence only
    (``SelectiveRecorder(max_sequences=1)``, the controller's ``calibration_sequences``); the
    controller records them only during ``calibration_steps`` (default 8) steps before each
@@ -25,7 +26,7 @@ residual block, loss ``mean(y**2)``, AdamW:
 Times are medians over several steps after warm-up steps, with the CPU load of other processes
 recorded (runs disturbed by others are marked). Usage::
 
-    python benchmarks/torch_mamba.py              # CPU, about 3 minutes on 2 cores
+    python benchmarks/torch_mamba.py              # CPU, about 5 minutes on 2 cores
     python benchmarks/torch_mamba.py --quick      # smoke test
     python benchmarks/torch_mamba.py --device cuda --length 1024 --d-model 768 --batch 8
 
