@@ -8,18 +8,25 @@ residual block, loss ``mean(y**2)``, AdamW:
    {128, 64, 32, 16, 12} at a fixed ``(batch, length, d_model)``, and the ratio to ``d_state``
    128 (the speed-up that a reduction from 128 buys);
 2. the cost of the statistics that a reduction needs: one :class:`SelectiveRecorder` update
-   (the projections recomputed from the layer's input and the streaming Gramian sums), as a share
-   of a training step and of a forward pass, for the whole batch and for its first sequence
-   only (``SelectiveRecorder(max_sequences=1)``, the controller's ``calibration_sequences``);
-   the controller records them only during ``calibration_steps`` (default 8) steps before each
+   (the projections recomputed from the layer's input and the streaming Gramian sums, with the
+   method that ``update_selective_statistics`` picks by default: the loop over time on a CPU,
+   chunks on a GPU), as a share of a training step
+   and of a forward pass, for the whole batch and for its first sequence only
+   (``SelectiveRecorder(max_sequences=1)``, the controller's ``calibration_sequences``); the
+   controller records them only during ``calibration_steps`` (default 8) steps before each
    reduction;
-3. one reduction event 128 -> 16 by the controller (importance scores, slicing, optimizer
+3. the Gramian sums alone (``update_selective_statistics`` on the recorded signals) by the
+   in-place loop over time (``method="sequential"``) and by chunks in log space
+   (``method="chunked"``): time and number of tensor operations per update (counted by a
+   ``TorchDispatchMode``, views and allocations excluded: a proxy for GPU kernel launches),
+   also at a GPU layer's shape (``d_inner`` 1536, ``L`` 1024, ``d_state`` 16, one sequence);
+4. one reduction event 128 -> 16 by the controller (importance scores, slicing, optimizer
    surgery).
 
 Times are medians over several steps after warm-up steps, with the CPU load of other processes
 recorded (runs disturbed by others are marked). Usage::
 
-    python benchmarks/torch_mamba.py              # CPU, about 3 minutes on 2 cores
+    python benchmarks/torch_mamba.py              # CPU, about 5 minutes on 2 cores
     python benchmarks/torch_mamba.py --quick      # smoke test
     python benchmarks/torch_mamba.py --device cuda --length 1024 --d-model 768 --batch 8
 
@@ -39,12 +46,72 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from _cpu import BUSY_THRESHOLD, cpu_model, cpu_sample, others_share
-from compressm_torch import CompreSSM, Mamba, SelectiveRecorder
+from compressm_core import init_selective_statistics, update_selective_statistics
+from compressm_torch import CompreSSM, Mamba, SelectiveRecorder, get_adapter
 
 D_STATES = (128, 64, 32, 16, 12)
 IMPLS = {"ours": "`compressm_torch.Mamba` (pure PyTorch)", "mamba_ssm": "`mamba_ssm.Mamba`"}
+METHODS = ("sequential", "chunked")
+# a GPU layer's statistics (Mamba d_model 768): d_inner, length, d_state, one sequence
+GPU_SHAPE = {"channels": 1536, "length": 1024, "d_state": 16, "batch": 1}
+ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "lift_fresh"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the tensor operations that compute something (views and allocations excluded):
+    on a GPU each is at least one kernel launch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in ALLOCATIONS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], Any]) -> int:
+    with torch.no_grad(), OpCounter() as counter:
+        fn()
+    return counter.count
+
+
+def statistics_kernel(
+    signals: Sequence[torch.Tensor], method: str, time_block: int | None = 32
+) -> Callable[[], Any]:
+    """One ``update_selective_statistics`` call on fixed signals ``(dt, A, B, C)``."""
+    dt, a, b, c = signals
+
+    def run() -> Any:
+        stats = init_selective_statistics(a)
+        return update_selective_statistics(
+            stats, dt, a, b, c, time_block=time_block, method=method
+        )
+
+    return run
+
+
+def gpu_shape_ops() -> dict[str, Any]:
+    """Operations per update at :data:`GPU_SHAPE` (counted on the CPU: the count does not
+    depend on the device), for the default ``time_block`` 32 and for 256."""
+    torch.manual_seed(0)
+    shape = GPU_SHAPE
+    batch, length, channels = shape["batch"], shape["length"], shape["channels"]
+    dt = torch.nn.functional.softplus(torch.randn(batch, length, channels) - 3)
+    a = -torch.arange(1, shape["d_state"] + 1, dtype=torch.float32).repeat(channels, 1)
+    b, c = torch.randn(2, batch, length, shape["d_state"])
+    counts: dict[str, dict[str, int]] = {}
+    for block in (32, 256):
+        counts[str(block)] = {
+            method: count_ops(statistics_kernel((dt, a, b, c), method, block))
+            for method in (*METHODS, "doubling")
+        }
+    return {"shape": shape, "ops": counts}
 
 
 class Block(torch.nn.Module):
@@ -128,6 +195,16 @@ def step_time(impl: str, cfg: dict[str, Any], d_state: int) -> dict[str, Any]:
             lambda: recorder.record("mixer", hidden), device, 1, cfg["repeats"]
         )
         recorder.remove()
+    if impl == "ours":
+        with torch.no_grad():
+            signals = [t.float() for t in get_adapter(model.mixer).signals(model.mixer, hidden)]
+        out["statistics_kernel"] = {}
+        for method in METHODS:
+            run = statistics_kernel(signals, method)
+            out["statistics_kernel"][method] = {
+                **timed(run, device, 1, cfg["repeats"]),
+                "ops": count_ops(run),
+            }
     return out
 
 
@@ -210,6 +287,7 @@ def markdown(result: dict[str, Any]) -> str:
                 + " |"
             )
         lines.append("")
+    lines += kernel_markdown(result)
     ev = result.get("event")
     if ev is not None:
         step_big = result["sweep"]["ours"][str(ev["from"])]["step"]["seconds"]
@@ -228,6 +306,54 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def kernel_markdown(result: dict[str, Any]) -> list[str]:
+    """The Gramian sums alone, by method, and the operation counts at a GPU layer's shape."""
+    cfg = result["config"]
+    rows = result["sweep"]["ours"]
+    lines = [
+        "### The Gramian sums alone, by method",
+        "",
+        "`update_selective_statistics` on the recorded signals of the whole batch (the "
+        "recorder's update without the projections), `time_block` 32; operations = tensor "
+        "operations per update that compute something (views and allocations excluded), a "
+        "proxy for GPU kernel launches.",
+        "",
+        "| d_state | sequential [s] | sequential / step | chunked [s] | chunked / step | "
+        "operations, sequential | operations, chunked |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in cfg["d_states"]:
+        row = rows[str(n)]
+        kernel = row.get("statistics_kernel")
+        if kernel is None:
+            continue
+        step = row["step"]["seconds"]
+        seq, chunk = kernel["sequential"], kernel["chunked"]
+        lines.append(
+            f"| {n} | {seq['seconds']:.3g} | {seq['seconds'] / step:.1%} | "
+            f"{chunk['seconds']:.3g} | {chunk['seconds'] / step:.1%} | {seq['ops']} | "
+            f"{chunk['ops']} |"
+        )
+    gpu = result.get("gpu_shape_ops")
+    if gpu is not None:
+        shape = gpu["shape"]
+        lines += [
+            "",
+            f"Operations per update at a GPU layer's shape (d_inner {shape['channels']}, "
+            f"L {shape['length']}, d_state {shape['d_state']}, {shape['batch']} sequence; "
+            "counted on the CPU, the count does not depend on the device):",
+            "",
+            "| time_block | sequential | chunked | doubling |",
+            "|---|---|---|---|",
+        ]
+        for block, ops in gpu["ops"].items():
+            lines.append(
+                f"| {block} | {ops['sequential']} | {ops['chunked']} | {ops['doubling']} |"
+            )
+    lines.append("")
+    return lines
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -279,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "torch": torch.__version__,
         "sweep": sweep,
         "event": event_time(cfg),
+        "gpu_shape_ops": gpu_shape_ops(),
     }
     out = args.out or Path(__file__).resolve().parent / "results" / ("quick" if args.quick else "")
     out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from .errors import BackendCapabilityError, BackendMismatchError
 __all__ = [
     "conj",
     "conj_transpose",
+    "cumulative_logsumexp",
     "device_of",
     "finite_max",
     "from_host",
@@ -94,6 +95,33 @@ def conj_transpose(x: Array, xp: Namespace) -> Array:
 def hermitian_part(x: Array, xp: Namespace) -> Array:
     """``(x + x^H) / 2`` of the last two axes."""
     return (x + conj_transpose(x, xp)) / 2
+
+
+def cumulative_logsumexp(x: Array, axis: int, xp: Namespace) -> Array:
+    """Inclusive ``log(cumsum(exp(x)))`` along ``axis``, without forming ``exp(x)``.
+
+    ``y_t = log sum_{j <= t} exp(x_j)``; entries of ``-inf`` stand for zero terms. Native
+    routines where the namespace has one (``torch.logcumsumexp``, ``jax.lax.cumlogsumexp``,
+    ``numpy.logaddexp.accumulate``), else ``ceil(log2 T)`` levels of Hillis-Steele doubling
+    with the standard ``logaddexp``.
+    """
+    if compat.is_torch_namespace(xp):
+        return x.logcumsumexp(axis)
+    if compat.is_jax_namespace(xp):
+        return sys.modules["jax"].lax.cumlogsumexp(x, axis=axis % x.ndim)
+    if compat.is_numpy_namespace(xp):
+        return np.logaddexp.accumulate(x, axis=axis)
+    axis %= x.ndim
+    steps = int(x.shape[axis])
+    shift = 1
+    while shift < steps:
+        head = [slice(None)] * x.ndim
+        tail = [slice(None)] * x.ndim
+        head[axis], tail[axis] = slice(0, shift), slice(0, steps - shift)
+        zero = xp.full_like(x[tuple(head)], -xp.inf)
+        x = xp.logaddexp(x, xp.concat([zero, x[tuple(tail)]], axis=axis))
+        shift *= 2
+    return x
 
 
 def _has_float64(xp: Namespace, device: Device) -> bool:

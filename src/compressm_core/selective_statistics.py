@@ -20,7 +20,8 @@ surrogate (:func:`mean_lti_surrogate`). The accumulator :class:`SelectiveStatist
 :func:`merge_selective_statistics` and read by :func:`finalize_selective_statistics`; the two
 one-pass functions run that chain on one batch (the surrogate without the Gramian recursions).
 :mod:`compressm_core.importance` turns the result into one score per state index. How the
-recursions are evaluated (doubling scan or in-place loop over time) is private to
+recursions are evaluated (a loop over time, chunks in log space or a doubling scan; see
+``method`` of :func:`update_selective_statistics`) is private to
 ``compressm_core._selective_kernels``.
 """
 
@@ -28,10 +29,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from array_api_compat import is_jax_namespace
-
 from . import _xp
-from ._selective_kernels import accumulate_scan, accumulate_stepwise
+from ._selective_kernels import KERNELS, resolve_method
 from ._typing import Array, Namespace
 from ._validation import check_finite, check_int
 from .errors import ShapeError
@@ -174,6 +173,7 @@ def _accumulate(
     xp: Namespace | None,
     *,
     gramians: bool,
+    method: str = "auto",
 ) -> SelectiveStatistics:
     """Validated body of :func:`update_selective_statistics` (``gramians=False``: means only)."""
     if not isinstance(stats, SelectiveStatistics):
@@ -183,19 +183,11 @@ def _accumulate(
     _, steps, channels, states, groups = _check_inputs(dt, a, b, c, xp)
     _check_statistics(stats, channels, states)
     block = steps if time_block is None else check_int(time_block, "time_block", low=1, high=2**62)
-    sums = stats._asdict()
-    if _use_stepwise(dt, xp):
-        sums = accumulate_stepwise(
-            sums, dt, a, b, c, channels, groups, max(block, 1), xp, gramians=gramians
-        )
-    else:
-        sums = accumulate_scan(sums, dt, a, b, c, channels, groups, block, xp, gramians=gramians)
+    kernel = KERNELS[resolve_method(method, dt, stats.count.dtype, xp)]
+    sums = kernel(
+        stats._asdict(), dt, a, b, c, channels, groups, max(block, 1), xp, gramians=gramians
+    )
     return SelectiveStatistics(**sums)
-
-
-def _use_stepwise(dt: Array, xp: Namespace) -> bool:
-    """Sequential loop over time on eager backends; the doubling scan for JAX and tracing."""
-    return not (is_jax_namespace(xp) or _xp.is_traced(dt))
 
 
 def init_selective_statistics(a: Array, *, xp: Namespace | None = None) -> SelectiveStatistics:
@@ -233,6 +225,7 @@ def update_selective_statistics(
     c: Array,
     *,
     time_block: int | None = 32,
+    method: str = "auto",
     xp: Namespace | None = None,
 ) -> SelectiveStatistics:
     """Add one batch of whole sequences to the running sums (pure: returns a new accumulator).
@@ -259,13 +252,28 @@ def update_selective_statistics(
     c : (batch, L, N) or (batch, L, G, N) array
         Output projections :math:`C_t`, same layout as ``b``.
     time_block : int or None, optional
-        Steps processed together (``None``: the whole sequence). Eager NumPy, PyTorch and
-        other backends run the recursions one step at a time, in place (``O(L)`` work); a block
-        is the span whose poles are computed at once and after which the running sums are
-        folded into the accumulator. JAX and traced code evaluate the recursions of a block by
-        a doubling scan (``ceil(log2 T)`` levels) and chain blocks by a Python loop carrying
-        three ``(batch, D, N)`` states. Peak memory is a few arrays of ``(batch, T, D, N)``
-        elements.
+        Steps processed together (``None``: the whole sequence): the span whose poles are
+        computed at once, and the chunk of the ``"chunked"`` and ``"doubling"`` methods. Peak
+        memory is a few arrays of ``(batch, T, D, N)`` elements (about ten for
+        ``"chunked"``).
+    method : {"auto", "sequential", "chunked", "doubling"}, optional
+        How the recursions are evaluated; every method gives the same sums up to rounding.
+
+        - ``"sequential"``: one step at a time, in place, about ten operations per step on
+          ``(batch, D, N)`` buffers (``O(L)`` work). The sums of a block of steps are kept
+          in the inputs' precision when that is single or half precision, then folded into
+          the accumulator. Not for JAX arrays.
+        - ``"chunked"``: each chunk of ``time_block`` steps by cumulative log-sum-exps over
+          time in the accumulator's precision, chunks chained by a carry: about 30 whole-array
+          operations per chunk, no loop over time steps (``O(L)`` work, several
+          transcendental functions per sample).
+        - ``"doubling"``: each chunk by a Hillis-Steele doubling scan, ``ceil(log2 T)``
+          levels of products (``O(L log T)`` work), no loop over time steps.
+        - ``"auto"`` (default): ``"doubling"`` for JAX and traced arrays, ``"sequential"``
+          for arrays in host memory (on a CPU the cost is the arithmetic, which the loop
+          minimises), ``"chunked"`` for arrays on an accelerator with float64 sums (there a
+          loop over time costs one kernel launch per operation and step), ``"sequential"``
+          on devices without float64.
     xp : array_namespace, optional
         Namespace override.
 
@@ -280,14 +288,22 @@ def update_selective_statistics(
         If the shapes of ``dt``, ``a``, ``b``, ``c`` and ``stats`` disagree.
     TypeError
         If an input is complex.
+    ValueError
+        If ``method`` is not one of the names above.
+    BackendCapabilityError
+        If ``method="sequential"`` is asked for JAX arrays.
 
     Notes
     -----
     Precision: the sums are accumulated in ``stats``' dtype. With float32 (or half precision)
-    inputs and a float64 accumulator, the per-step recursions run in float32 and are folded
-    into the float64 sums once per block; every recursion is a contraction with non-negative
-    terms, so the relative error stays near float32 rounding (about 1e-6) however long the
-    sequence. Pass float64 inputs for float64 throughout.
+    inputs and a float64 accumulator, the per-step recursions of ``"sequential"`` run in
+    float32 and are folded into the float64 sums once per block; every recursion is a
+    contraction with non-negative terms, so the relative error stays near float32 rounding
+    (about 1e-6) however long the sequence. Pass float64 inputs for float64 throughout. The
+    other methods run in the accumulator's precision. ``"chunked"`` works with logarithms of
+    magnitude up to :math:`|S| = 2 |A| \\sum_{t \\in \\text{chunk}} \\Delta_t`, which costs a
+    relative error of about :math:`\\epsilon |S|` (``1e-13`` at :math:`|S| = 10^3` in
+    float64); it never exponentiates a quantity that can overflow.
 
     Only shapes are checked: no value is read back from the device, so the update can run in
     forward hooks of a training loop without synchronisation. Non-finite inputs propagate into
@@ -300,12 +316,13 @@ def update_selective_statistics(
         \\sum_s p_s q_s = \\sum_t C_t^2\\, r_t, \\quad r_t = a_t^2 r_{t-1} + p_t,
 
     so no backward pass over time and no stored history beyond one block is needed. Cost
-    ``O(batch L D N)`` elementwise operations on eager backends (about ten per sample and
-    mode), ``O(batch L D N log T)`` for the doubling scan. The cost is proportional to the
+    ``O(batch L D N)`` elementwise operations for ``"sequential"`` (about ten per sample and
+    mode) and ``"chunked"`` (about 30, including three cumulative log-sum-exps),
+    ``O(batch L D N log T)`` for ``"doubling"``. The cost is proportional to the
     number of sequences: to make it cheaper, pass a subset of the batch (every field is a sum
     over sequences, so a subset estimates the same averages from fewer samples).
     """
-    return _accumulate(stats, dt, a, b, c, time_block, xp, gramians=True)
+    return _accumulate(stats, dt, a, b, c, time_block, xp, gramians=True, method=method)
 
 
 def merge_selective_statistics(
@@ -402,6 +419,7 @@ def selective_gramians(
     c: Array,
     *,
     time_block: int | None = 32,
+    method: str = "auto",
     xp: Namespace | None = None,
 ) -> SelectiveGramians:
     """Time-averaged Gramian diagonals and per-mode Hankel scores of a selective layer.
@@ -441,8 +459,10 @@ def selective_gramians(
     c : (batch, L, N) or (batch, L, G, N) array
         Output projections, same layout as ``b``.
     time_block : int or None, optional
-        Steps evaluated together by the doubling scan (see
-        :func:`update_selective_statistics`); ``None`` for the whole sequence.
+        Steps evaluated together (see :func:`update_selective_statistics`); ``None`` for the
+        whole sequence.
+    method : {"auto", "sequential", "chunked", "doubling"}, optional
+        How the recursions are evaluated (see :func:`update_selective_statistics`).
     xp : array_namespace, optional
         Namespace override.
 
@@ -456,6 +476,8 @@ def selective_gramians(
     ------
     ShapeError
         If the shapes disagree.
+    ValueError
+        If ``method`` is not a known method.
 
     Notes
     -----
@@ -483,7 +505,9 @@ def selective_gramians(
     True
     """
     stats = init_selective_statistics(a, xp=xp)
-    stats = update_selective_statistics(stats, dt, a, b, c, time_block=time_block, xp=xp)
+    stats = update_selective_statistics(
+        stats, dt, a, b, c, time_block=time_block, method=method, xp=xp
+    )
     return finalize_selective_statistics(stats, xp=xp)
 
 

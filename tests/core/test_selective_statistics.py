@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from array_api_compat import is_jax_namespace
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -87,11 +88,14 @@ def _assert_stats_close(first: SelectiveStatistics, second: SelectiveStatistics)
 
 
 def test_selective_matches_naive_reference(xp) -> None:
+    methods = ["auto", "chunked", "doubling"] + ([] if is_jax_namespace(xp) else ["sequential"])
+
     @backend_settings(xp, jax_examples=1)
-    @given(selective_layers())
-    def check(layer) -> None:
+    @given(selective_layers(), st.sampled_from(methods))
+    def check(layer, method) -> None:
         dt, a, b, c, block = layer
-        g = selective_gramians(*(to_xp(x, xp) for x in (dt, a, b, c)), time_block=block)
+        inputs = [to_xp(x, xp) for x in (dt, a, b, c)]
+        g = selective_gramians(*inputs, time_block=block, method=method)
         p, q, scores, (poles, bbar, cbar) = _naive(dt, a, b, c)
         assert isinstance(g, SelectiveGramians)
         assert g.scores.dtype == xp.float64
@@ -101,7 +105,7 @@ def test_selective_matches_naive_reference(xp) -> None:
         assert_close(g.surrogate.poles, poles, 1e-12, xp=xp)
         assert_close(g.surrogate.b, bbar[..., None], 1e-12, xp=xp)
         assert_close(g.surrogate.c, cbar[..., None, :], 1e-12, xp=xp)
-        surrogate = mean_lti_surrogate(*(to_xp(x, xp) for x in (dt, a, b, c)), time_block=block)
+        surrogate = mean_lti_surrogate(*inputs, time_block=block)
         for got, want in zip(surrogate[:3], g.surrogate[:3], strict=True):
             assert_close(got, want, 1e-14, xp=xp)
 
@@ -316,7 +320,7 @@ def test_docstring_examples(monkeypatch: pytest.MonkeyPatch) -> None:
     assert_doctests(selective_statistics, monkeypatch)
 
 
-def test_stepwise_update_equals_doubling_scan(monkeypatch) -> None:
+def test_stepwise_update_equals_doubling_scan() -> None:
     """The eager per-step loop and the blocked doubling scan (JAX's path) give the same sums."""
     rng = np.random.default_rng(5)
     batch, steps, channels, states = 2, 37, 6, 4
@@ -325,10 +329,9 @@ def test_stepwise_update_equals_doubling_scan(monkeypatch) -> None:
     b = rng.normal(size=(batch, steps, 2, states))
     c = rng.normal(size=(batch, steps, 2, states))
     stepwise = update_selective_statistics(init_selective_statistics(a), dt, a, b, c)
-    monkeypatch.setattr(selective_statistics, "_use_stepwise", lambda dt, xp: False)
     for block in (1, 5, 32, None):
         scanned = update_selective_statistics(
-            init_selective_statistics(a), dt, a, b, c, time_block=block
+            init_selective_statistics(a), dt, a, b, c, time_block=block, method="doubling"
         )
         for got, want in zip(scanned, stepwise, strict=True):
             assert_rel(got, want, 1e-12)
