@@ -14,8 +14,6 @@ dist = pytest.importorskip("torch.distributed")
 mp = pytest.importorskip("torch.multiprocessing")
 
 from compressm_torch import (  # noqa: E402
-    LRU,
-    S5,
     CompreSSM,
     Mamba,
     SelectiveRecorder,
@@ -23,6 +21,7 @@ from compressm_torch import (  # noqa: E402
     reduce_selective_layer,
     state_sizes,
 )
+from tests.adapters_torch._tiny import Tiny  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 
@@ -116,19 +115,6 @@ def test_ranks_pool_statistics_and_agree(tmp_path):
 # different collectives fail fast instead of hanging.
 
 TIMEOUT = timedelta(seconds=20)
-
-
-class Tiny(torch.nn.Module):
-    """An LRU and an S5 layer (16 states each) and a linear read-out."""
-
-    def __init__(self):
-        super().__init__()
-        self.lru = LRU(4, 16)
-        self.s5 = S5(4, 16)
-        self.head = torch.nn.Linear(4, 1)
-
-    def forward(self, x):
-        return self.head(self.s5(self.lru(x)))
 
 
 def train_step(ddp, opt, x):

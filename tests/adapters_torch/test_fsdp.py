@@ -28,24 +28,12 @@ if not hasattr(fsdp, "fully_shard"):
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor, Shard  # noqa: E402
 
-from compressm_torch import LRU, S5, CompreSSM, SequenceModel, state_sizes  # noqa: E402
+from compressm_torch import CompreSSM, SequenceModel, state_sizes  # noqa: E402
+from tests.adapters_torch._tiny import Tiny  # noqa: E402
 
 WORLD = 2
 TIMEOUT = timedelta(seconds=60)
 LR = 1e-2
-
-
-class Tiny(torch.nn.Module):
-    """An LRU and an S5 layer (16 states each) and a linear read-out."""
-
-    def __init__(self):
-        super().__init__()
-        self.lru = LRU(4, 16)
-        self.s5 = S5(4, 16)
-        self.head = torch.nn.Linear(4, 1)
-
-    def forward(self, x):
-        return self.head(self.s5(self.lru(x))).clone()
 
 
 def options(selection):
