@@ -23,7 +23,7 @@ Usage::
     python benchmarks/event_batches.py --device cuda --shape scifar   # the GPU goal
 
 Writes ``event_batches[_<device>].json`` and ``.md`` under ``--out`` (default
-``benchmarks/results``; ``benchmarks/results/quick`` with ``--quick``). The goal of issue 18 is
+``benchmarks/results``; ``benchmarks/results/quick`` with ``--quick``). The goal is
 an event at the sCIFAR shape (6 blocks, d_model 512, d_state 384, batch 50, length 1024) of at
 most two training steps at 384 on a GPU: run ``--device cuda --shape scifar`` there.
 """
@@ -167,7 +167,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{res['speedup_cpu']:.2f}x (CPU). Events: {res['events']} "
         "(status, old rank, new rank).",
         "",
-        f"Goal (issue 18, on a GPU at the sCIFAR shape): an event of at most "
+        f"Goal (on a GPU at the sCIFAR shape): an event of at most "
         f"{GOAL_EVENT_STEPS:g} training steps at 384. "
         + (
             f"Here: {res['batched']['steps_wall']:.2f} steps (wall)."
