@@ -42,7 +42,28 @@ import numpy as np
 from ._validation import check_int
 from .certificates import RankTracker
 
-__all__ = ["CertifiedSchedule"]
+__all__ = ["CertifiedSchedule", "check_chance_loss"]
+
+
+def check_chance_loss(value: object) -> float | None:
+    """``value`` as the reference loss of the learning test: ``None`` or a finite number > 0.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is neither ``None`` nor a real number.
+    ValueError
+        If it is not finite, not positive, or a bool.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)):
+        msg = f"`chance_loss` must be a positive number or None; received {value!r}."
+        raise TypeError(msg)
+    if isinstance(value, bool) or not (math.isfinite(value) and value > 0):
+        msg = f"`chance_loss` must be a positive number or None; received {value!r}."
+        raise ValueError(msg)
+    return float(value)
 
 
 class CertifiedSchedule:
@@ -121,15 +142,7 @@ class CertifiedSchedule:
             msg = f"`rank_rtol` must be a number in [0, 1); received {rank_rtol!r}."
             raise ValueError(msg)
         self.rank_rtol = float(rank_rtol)
-        if chance_loss is not None and not (
-            isinstance(chance_loss, (int, float))
-            and not isinstance(chance_loss, bool)
-            and math.isfinite(chance_loss)
-            and chance_loss > 0
-        ):
-            msg = f"`chance_loss` must be a positive number or None; received {chance_loss!r}."
-            raise ValueError(msg)
-        self.chance_loss = None if chance_loss is None else float(chance_loss)
+        self.chance_loss = check_chance_loss(chance_loss)
         self._ranks: dict[str, list[int]] = {name: [] for name in layers_list}
         self.names = layers_list
         self.initial_loss: float | None = None

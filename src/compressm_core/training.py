@@ -25,6 +25,7 @@ from typing import Any, Literal, TypedDict, TypeVar
 from ._controller import ControllerBase
 from ._events import BatchedLayer
 from ._summary import relative_bound
+from .certified import check_chance_loss
 from .checks import check_fraction, check_int
 
 __all__ = [
@@ -275,15 +276,7 @@ class ReductionOptions:
             msg = f"`learning_drop` must be a number in (0, 1); received {drop!r}."
             raise ValueError(msg)
         store("learning_drop", float(drop))
-        chance = self.chance_loss
-        if chance is not None:
-            if isinstance(chance, bool) or not isinstance(chance, (int, float)):
-                msg = f"`chance_loss` must be a positive number or None; received {chance!r}."
-                raise TypeError(msg)
-            if not (math.isfinite(chance) and chance > 0):
-                msg = f"`chance_loss` must be a positive number or None; received {chance!r}."
-                raise ValueError(msg)
-            store("chance_loss", float(chance))
+        store("chance_loss", check_chance_loss(self.chance_loss))
         rtol = self.rank_rtol
         if not (isinstance(rtol, (int, float)) and 0 <= rtol < 1):
             msg = f"`rank_rtol` must be a number in [0, 1); received {rtol!r}."

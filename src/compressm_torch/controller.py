@@ -63,6 +63,11 @@ class _LayerPlan(NamedTuple):
     system: DiagonalStateSpace | None  # the system of an LTI layer
 
 
+def _shapes(layer: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``layer``'s parameters before an event, by name."""
+    return {p: tuple(v.shape) for p, v in layer.named_parameters()}
+
+
 class CompreSSM(ControllerBase[nn.Module]):
     """Reduce the state of a model's SSM layers during training (CompreSSM).
 
@@ -480,13 +485,11 @@ class CompreSSM(ControllerBase[nn.Module]):
     ) -> _LayerPlan:
         adapter = get_adapter(layer)
         assert isinstance(adapter, LayerAdapter)
-        shapes = {p: tuple(v.shape) for p, v in layer.named_parameters()}
         values = _plan_values(layer, adapter, plan, torch.as_tensor(batched.hsv))
-        return _LayerPlan(adapter, shapes, values, batched.system)
+        return _LayerPlan(adapter, _shapes(layer), values, batched.system)
 
     def _plan(self, name: str, layer: nn.Module, rank: int, context: Any) -> _LayerPlan:
         adapter = get_adapter(layer)
-        shapes = {p: tuple(v.shape) for p, v in layer.named_parameters()}
         if isinstance(adapter, SelectiveAdapter):
             plan = _plan_selective(
                 layer,
@@ -497,7 +500,7 @@ class CompreSSM(ControllerBase[nn.Module]):
                 aggregate=self.aggregate,
                 seed=self.seed + self.num_steps,
             )
-            return _LayerPlan(adapter, shapes, plan, None)
+            return _LayerPlan(adapter, _shapes(layer), plan, None)
         sys, hsv, horizon = context
         arguments = ReduceArguments(
             method=self.method,
@@ -506,7 +509,7 @@ class CompreSSM(ControllerBase[nn.Module]):
             horizon=horizon,
         )
         values = _plan_lti(layer, adapter, sys, hsv, rank, arguments, self._generator)
-        return _LayerPlan(adapter, shapes, values, sys)
+        return _LayerPlan(adapter, _shapes(layer), values, sys)
 
     def _apply(self, name: str, layer: nn.Module, plan: _LayerPlan) -> LayerReduction:
         if isinstance(plan.values, _SelectivePlan):
